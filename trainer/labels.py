@@ -1,0 +1,24 @@
+"""The fixed label orders every artifact of the project uses."""
+
+# HAM10000 diagnosis codes in the order of the `diagnosis` head (alphabetical, as in the
+# HAM10000 release). Recorded in every run's model card; consumers read it from there.
+DIAGNOSIS_LABELS: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+
+DIAGNOSIS_NAMES: dict[str, str] = {
+    "akiec": "actinic keratosis / intraepithelial carcinoma",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis-like lesion",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
+}
+
+# The `melanoma` head is one sigmoid unit: P(dx == "mel").
+MELANOMA_LABELS: tuple[str, ...] = ("melanoma",)
+MELANOMA_DX = "mel"
+
+# Column order of the ISIC 2018 Task 3 ground-truth and submission CSVs.
+ISIC_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+ISIC_TO_DX: dict[str, str] = {c: c.lower() for c in ISIC_COLUMNS}
+DX_TO_ISIC: dict[str, str] = {v: k for k, v in ISIC_TO_DX.items()}
