@@ -1,0 +1,293 @@
+"""The Flask app factory: ``create_app(config)`` loads the models once and wires blueprints.
+
+Config keys (defaults < ``EDGE_DEMO_<KEY>`` environment variables < the ``config`` argument):
+
+``DEVICE_BUNDLE``     required; the on-device export bundle folder
+``CLOUD_BUNDLE``      optional; the cloud export bundle folder
+``POLICY_FILE``       optional; written by ``edge-demo calibrate`` (else conservative defaults)
+``MAX_CONTENT_LENGTH`` request size limit in bytes (default 10 MB; larger -> 413 JSON)
+``MAX_PIXELS``        image pixel-count limit, checked before decoding (default 40 MP -> 413)
+``SAVE_UPLOADS_DIR``  default None: nothing uploaded is written to disk. Setting a folder is an
+                      explicit opt-in that stores every upload as ``<request_id>.<ext>``.
+``INTERPRETERS``      LiteRT interpreters per tier (default 4: one per server thread)
+``LOG_JSON``          one JSON line per request on the ``edge_demo.request`` logger (default on)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Request, current_app, g, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from .errors import EdgeDemoError, RequestError
+from .service import DEFAULT_MAX_PIXELS, DemoService
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "DEVICE_BUNDLE": None,
+    "CLOUD_BUNDLE": None,
+    "POLICY_FILE": None,
+    "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,
+    "MAX_PIXELS": DEFAULT_MAX_PIXELS,
+    "SAVE_UPLOADS_DIR": None,
+    "INTERPRETERS": 4,
+    "LOG_JSON": True,
+}
+_INT_KEYS = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "INTERPRETERS")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+request_log = logging.getLogger("edge_demo.request")
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+page = Blueprint("page", __name__)
+
+
+def env_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """``EDGE_DEMO_<KEY>`` variables for the keys of ``DEFAULT_CONFIG``."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key in DEFAULT_CONFIG:
+        raw = environ.get(f"EDGE_DEMO_{key}")
+        if raw is None or raw == "":
+            continue
+        if key in _INT_KEYS:
+            try:
+                out[key] = int(raw)
+            except ValueError as exc:
+                raise EdgeDemoError(f"EDGE_DEMO_{key} must be an integer; received {raw!r}."
+                                    ) from exc
+        elif key == "LOG_JSON":
+            out[key] = raw.strip().lower() not in ("0", "false", "no", "off")
+        else:
+            out[key] = raw
+    return out
+
+
+class InMemoryRequest(Request):
+    """Keeps uploaded files in memory (bounded by MAX_CONTENT_LENGTH): Werkzeug would spool
+    uploads over 500 kB to a temporary file, and nothing uploaded may touch the disk."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None,
+                         content_length=None):
+        return io.BytesIO()
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the app; raises ``EdgeDemoError`` (clear message) when a model cannot load."""
+    app = Flask(__name__)
+    app.request_class = InMemoryRequest
+    app.config.from_mapping(DEFAULT_CONFIG)
+    app.config.update(env_config())
+    if config:
+        app.config.update(config)
+    for key in _INT_KEYS:
+        v = app.config[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise EdgeDemoError(f"Config {key} must be a positive integer; received {v!r}.")
+    service = DemoService.from_paths(
+        app.config["DEVICE_BUNDLE"], app.config["CLOUD_BUNDLE"], app.config["POLICY_FILE"],
+        max_pixels=app.config["MAX_PIXELS"], pool_size=app.config["INTERPRETERS"])
+    save_dir = app.config["SAVE_UPLOADS_DIR"]
+    if save_dir:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    app.extensions["edge_demo"] = {"service": service, "ready": False}
+    service.warm_up()
+    app.extensions["edge_demo"]["ready"] = True
+    if app.config["LOG_JSON"] and not request_log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        request_log.addHandler(handler)
+        request_log.setLevel(logging.INFO)
+        request_log.propagate = False
+
+    app.register_blueprint(api)
+    app.register_blueprint(page)
+    app.add_url_rule("/healthz", "healthz", healthz)
+    app.add_url_rule("/readyz", "readyz", readyz)
+    app.before_request(_start_request)
+    app.after_request(_finish_request)
+    app.register_error_handler(RequestError, _request_error)
+    app.register_error_handler(EdgeDemoError, _demo_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _internal_error)
+    return app
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (which servers and test runners may swap)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _service() -> DemoService:
+    return current_app.extensions["edge_demo"]["service"]
+
+
+def error_body(status: int, code: str, message: str):
+    resp = jsonify({"error": {"code": code, "message": message,
+                              "request_id": g.get("request_id")}})
+    resp.status_code = status
+    return resp
+
+
+# --- request lifecycle and logs ---------------------------------------------------------
+def _start_request() -> None:
+    g.t0 = time.perf_counter()
+    rid = request.headers.get("X-Request-ID", "")
+    g.request_id = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+    g.tier_path = None
+
+
+def _finish_request(resp):
+    resp.headers["X-Request-ID"] = g.get("request_id", "")
+    if current_app.config["LOG_JSON"]:
+        record = {"ts": round(time.time(), 3), "event": "request", "method": request.method,
+                  "path": request.path,
+                  "status": resp.status_code,
+                  "ms": round((time.perf_counter() - g.get("t0", time.perf_counter())) * 1000,
+                              3),
+                  "request_id": g.get("request_id"), "tier_path": g.get("tier_path"),
+                  "error": g.get("error_code")}
+        request_log.info(json.dumps(record))
+    return resp
+
+
+def _request_error(exc: RequestError):
+    g.error_code = exc.code
+    return error_body(exc.status, exc.code, str(exc))
+
+
+def _demo_error(exc: EdgeDemoError):
+    g.error_code = "bad_request"
+    return error_body(400, "bad_request", str(exc))
+
+
+_HTTP_MESSAGES = {
+    404: "No such endpoint. See GET /api/v1/models, POST /api/v1/classify, GET /healthz.",
+    405: "Method not allowed for this endpoint (classify endpoints take POST with a"
+         " multipart field 'image').",
+}
+
+
+def _http_error(exc: HTTPException):
+    status = exc.code or 500
+    code = (exc.name or "error").lower().replace(" ", "_")
+    if status == 413:
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        message = (f"The upload is larger than the limit of {limit:,} bytes"
+                   f" ({limit / 1024 / 1024:.0f} MB). Send a smaller photo.")
+    else:
+        message = _HTTP_MESSAGES.get(status, exc.description or exc.name)
+    g.error_code = code
+    resp = error_body(status, code, message)
+    if status == 405 and exc.valid_methods:
+        resp.headers["Allow"] = ", ".join(exc.valid_methods)
+    return resp
+
+
+def _internal_error(exc: Exception):
+    logging.getLogger("edge_demo").exception("unhandled error (request_id=%s)",
+                                             g.get("request_id"))
+    g.error_code = "internal_error"
+    return error_body(500, "internal_error", "Internal error while classifying the image;"
+                      f" it is logged with request_id {g.get('request_id')}.")
+
+
+# --- endpoints ------------------------------------------------------------------------
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+def readyz():
+    state = current_app.extensions["edge_demo"]
+    if not state["ready"]:
+        return error_body(503, "not_ready", "Models are still loading.")
+    svc = state["service"]
+    return jsonify({"status": "ready", "device": svc.device.name,
+                    "cloud": svc.cloud.name if svc.cloud else None})
+
+
+def _upload_bytes() -> bytes:
+    ctype = request.mimetype or ""
+    if ctype != "multipart/form-data":
+        if not request.content_length and not ctype:
+            raise RequestError("The request body is empty. POST multipart/form-data with the"
+                               " photo in the field 'image'.", status=400, code="empty_body")
+        raise RequestError(f"Expected multipart/form-data with a field 'image'; received"
+                           f" Content-Type {ctype or 'none'!r}.", status=415,
+                           code="unsupported_media_type")
+    f = request.files.get("image")
+    if f is None:
+        fields = sorted(set(request.files) | set(request.form))
+        raise RequestError(f"No file in the multipart field 'image' (received fields {fields})."
+                           " Send the photo as image=@photo.jpg.", status=400,
+                           code="missing_image")
+    data = f.read()
+    _maybe_save(data)
+    return data
+
+
+def _maybe_save(data: bytes) -> None:
+    """Only with the explicit SAVE_UPLOADS_DIR opt-in; atomic write, named by request id."""
+    folder = current_app.config["SAVE_UPLOADS_DIR"]
+    if not folder or not data:
+        return
+    from PIL import Image
+
+    try:
+        fmt = Image.open(io.BytesIO(data)).format
+    except Exception:  # noqa: BLE001 - unreadable uploads are saved as .bin for inspection
+        fmt = None
+    dest = Path(folder) / f"{g.request_id}.{_EXT.get(fmt, 'bin')}"
+    fd, tmp = tempfile.mkstemp(prefix=".upload.", dir=folder)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(tmp, dest)
+
+
+@api.post("/classify")
+def classify():
+    body = _service().classify(_upload_bytes())
+    g.tier_path = body["tier_path"]
+    body["request_id"] = g.request_id
+    return jsonify(body)
+
+
+@api.post("/cloud/classify")
+def cloud_classify():
+    svc = _service()
+    if svc.cloud is None:
+        raise RequestError("No cloud tier is loaded on this server (start it with --cloud).",
+                           status=404, code="no_cloud_tier")
+    body = svc.classify_cloud(_upload_bytes())
+    g.tier_path = "cloud"
+    body["request_id"] = g.request_id
+    return jsonify(body)
+
+
+@api.get("/models")
+def models():
+    return jsonify(_service().models())
+
+
+@page.get("/")
+def index():
+    svc = _service()
+    return render_template("index.html", service=svc,
+                           defaults=svc.policy.source == "defaults")

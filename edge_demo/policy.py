@@ -1,0 +1,265 @@
+"""The explicit fallback / referral policy.
+
+Stage 1 (on the device answer): fall back to the cloud tier when
+``low_confidence``      top diagnosis probability < ``min_confidence``;
+``melanoma_uncertain``  ``mel_band_low`` <= P(melanoma) <= ``mel_band_high``;
+``second_opinion``      ``second_opinion`` is on and P(melanoma) >= ``second_opinion_above``.
+
+Stage 2 (on the final answer: the cloud's when it was asked, else the device's): refer when
+``cloud_unsure``        the cloud's top probability < ``cloud_min_confidence``;
+``fallback_unavailable`` a fallback rule fired but no cloud answer exists;
+``melanoma_risk``       P(melanoma) >= ``refer_threshold`` (unset: the tier card's threshold);
+``malignant_top``       the top diagnosis is in ``malignant_classes`` at >= ``malignant_min_prob``.
+Otherwise the advice is ``no_action`` (rule ``no_referral_rule``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PolicyError
+
+POLICY_VERSION = 1
+NO_ACTION, REFER = "no_action", "refer"
+DISCLAIMER = ("Research tool, not a diagnosis. The model can be wrong; anyone worried about a"
+              " skin lesion should see a doctor.")
+DEFAULTS_NOTE = ("No calibrated policy file is loaded: the server uses conservative default"
+                 " thresholds (more cloud fallbacks and referrals than a calibrated policy)."
+                 " Run `edge-demo calibrate` on a labelled validation split and pass --policy.")
+
+
+@dataclass(frozen=True)
+class RuleCheck:
+    """One rule evaluated on one answer: the value, the threshold and whether it fired."""
+
+    id: str
+    fired: bool
+    value: float | None
+    threshold: Any
+    op: str
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of the policy for one image."""
+
+    fallback_checks: tuple[RuleCheck, ...]
+    advice_checks: tuple[RuleCheck, ...]
+    decision: str
+    message: str
+    fallback_reason: str
+    decided_by: str
+
+    @property
+    def fallback_rules(self) -> list[str]:
+        return [c.id for c in self.fallback_checks if c.fired]
+
+    @property
+    def advice_rules(self) -> list[str]:
+        fired = [c.id for c in self.advice_checks if c.fired]
+        return fired or ["no_referral_rule"]
+
+    @property
+    def wants_fallback(self) -> bool:
+        return bool(self.fallback_rules)
+
+
+def _f(x: float) -> str:
+    return f"{x:.2f}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Thresholds of the two-stage policy (see the module docstring for the rules)."""
+
+    min_confidence: float = 0.6
+    mel_band_low: float | None = 0.15
+    mel_band_high: float | None = 0.65
+    second_opinion: bool = True
+    second_opinion_above: float = 0.65
+    cloud_min_confidence: float = 0.5
+    refer_threshold: float | None = None
+    malignant_classes: tuple[str, ...] = ("mel", "bcc", "akiec")
+    malignant_min_prob: float = 0.5
+    source: str = "defaults"
+    coverage: tuple[dict[str, Any], ...] = ()
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        for name in ("min_confidence", "second_opinion_above", "cloud_min_confidence",
+                     "malignant_min_prob", "mel_band_low", "mel_band_high", "refer_threshold"):
+            v = getattr(self, name)
+            if v is None and name in ("mel_band_low", "mel_band_high", "refer_threshold"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+                raise PolicyError(f"Policy.{name} must be a probability in [0, 1]; received"
+                                  f" {v!r}.")
+        if (self.mel_band_low is None) != (self.mel_band_high is None):
+            raise PolicyError("Set both mel_band_low and mel_band_high, or neither (no band);"
+                              f" received {self.mel_band_low!r}, {self.mel_band_high!r}.")
+        if self.mel_band_low is not None and self.mel_band_low > self.mel_band_high:
+            raise PolicyError(f"mel_band_low ({self.mel_band_low}) must be <= mel_band_high"
+                              f" ({self.mel_band_high}).")
+        object.__setattr__(self, "malignant_classes", tuple(self.malignant_classes))
+        object.__setattr__(self, "coverage", tuple(self.coverage))
+
+    # --- named constructors -----------------------------------------------------------
+    @classmethod
+    def conservative(cls, melanoma_threshold: float) -> Policy:
+        """Documented defaults around a card's melanoma threshold ``t``: band [t/2, (1+t)/2],
+        a second opinion above the band, referral at ``t``; more fallbacks than calibrated."""
+        t = float(melanoma_threshold)
+        high = round((1.0 + t) / 2.0, 4)
+        return cls(min_confidence=0.6, mel_band_low=round(t / 2.0, 4), mel_band_high=high,
+                   second_opinion=True, second_opinion_above=high, cloud_min_confidence=0.5,
+                   refer_threshold=None, malignant_min_prob=0.5, source="defaults",
+                   provenance={"note": DEFAULTS_NOTE})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Policy:
+        known = {f.name for f in dataclasses.fields(cls)} - {"source", "coverage", "provenance"}
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            k = unknown[0]
+            near = difflib.get_close_matches(k, sorted(known), n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise PolicyError(f"Unknown policy key {k!r}.{hint} Known keys: {sorted(known)}.")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        """Read a policy file written by ``edge-demo calibrate`` (or by hand)."""
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise PolicyError(f"Policy file not found: {p}. Write one with `edge-demo calibrate"
+                              " ... --out policy.json`, or leave --policy out for defaults.")
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise PolicyError(f"Cannot parse the policy file {p} as JSON ({exc}).") from exc
+        if not isinstance(doc, dict) or "policy" not in doc:
+            raise PolicyError(f"{p} is not a policy file: expected a JSON object with keys"
+                              " 'version' and 'policy'.")
+        if doc.get("version") != POLICY_VERSION:
+            raise PolicyError(f"{p} has policy version {doc.get('version')!r}; this demo reads"
+                              f" version {POLICY_VERSION}. Re-run `edge-demo calibrate`.")
+        if not isinstance(doc["policy"], dict):
+            raise PolicyError(f"{p}: 'policy' must be an object of thresholds.")
+        base = cls.from_dict(doc["policy"])
+        return dataclasses.replace(base, source=f"file:{p.name}",
+                                   coverage=tuple(doc.get("coverage") or ()),
+                                   provenance=dict(doc.get("provenance") or {}))
+
+    def thresholds(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("source", "coverage", "provenance"):
+            d.pop(k)
+        d["malignant_classes"] = list(self.malignant_classes)
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": POLICY_VERSION, "source": self.source, "policy": self.thresholds(),
+                "coverage": list(self.coverage), "provenance": self.provenance}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the policy atomically (temp file then rename)."""
+        p = Path(path).expanduser()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=2)
+                f.write("\n")
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return p
+
+    # --- the rules --------------------------------------------------------------------
+    def fallback_checks(self, device: dict[str, Any]) -> tuple[RuleCheck, ...]:
+        """Stage 1 on the device answer."""
+        top, p_top = device["top"]["label"], float(device["top"]["probability"])
+        mel = float(device["melanoma"])
+        checks = [RuleCheck(
+            "low_confidence", p_top < self.min_confidence, p_top, self.min_confidence, "<",
+            f"top diagnosis {top!r} at {_f(p_top)} is below the confidence threshold"
+            f" {_f(self.min_confidence)}")]
+        if self.mel_band_low is not None:
+            inside = self.mel_band_low <= mel <= self.mel_band_high
+            checks.append(RuleCheck(
+                "melanoma_uncertain", inside, mel, [self.mel_band_low, self.mel_band_high],
+                "in", f"melanoma probability {_f(mel)} is inside the uncertain band"
+                f" [{_f(self.mel_band_low)}, {_f(self.mel_band_high)}]"))
+        if self.second_opinion:
+            checks.append(RuleCheck(
+                "second_opinion", mel >= self.second_opinion_above, mel,
+                self.second_opinion_above, ">=", f"melanoma probability {_f(mel)} is at or"
+                f" above {_f(self.second_opinion_above)}: a second opinion is wanted"))
+        return tuple(checks)
+
+    def decide(self, device: dict[str, Any], cloud: dict[str, Any] | None = None, *,
+               device_threshold: float = 0.5, cloud_threshold: float | None = None) -> Decision:
+        """Both stages: the advice, a sentence, and every rule checked (fired or not).
+
+        ``*_threshold`` are the tiers' card thresholds, used when ``refer_threshold`` is unset.
+        """
+        fb = self.fallback_checks(device)
+        wants = any(c.fired for c in fb)
+        if wants:
+            fired = [c.text for c in fb if c.fired]
+            reason = "Sent to the cloud model: " + "; ".join(fired) + "."
+        else:
+            top = device["top"]
+            reason = (f"The device model is confident enough (top {top['label']!r} at"
+                      f" {_f(top['probability'])}); no fallback rule fired.")
+        use_cloud = wants and cloud is not None
+        final = cloud if use_cloud else device
+        by = "cloud" if use_cloud else "device"
+        thr = self.refer_threshold
+        if thr is None:
+            thr = cloud_threshold if (use_cloud and cloud_threshold is not None) \
+                else device_threshold
+        top, p_top = final["top"]["label"], float(final["top"]["probability"])
+        mel = float(final["melanoma"])
+        checks: list[RuleCheck] = []
+        if use_cloud:
+            checks.append(RuleCheck(
+                "cloud_unsure", p_top < self.cloud_min_confidence, p_top,
+                self.cloud_min_confidence, "<", f"the cloud model is also unsure (top {top!r}"
+                f" at {_f(p_top)} < {_f(self.cloud_min_confidence)})"))
+        elif wants:
+            checks.append(RuleCheck(
+                "fallback_unavailable", True, None, None, "",
+                "the device model was unsure and no cloud answer is available"))
+        checks.append(RuleCheck(
+            "melanoma_risk", mel >= thr, mel, float(thr), ">=",
+            f"melanoma risk {_f(mel)} is at or above the referral threshold {_f(thr)}"))
+        mal = top in self.malignant_classes and p_top >= self.malignant_min_prob
+        checks.append(RuleCheck(
+            "malignant_top", mal, p_top, self.malignant_min_prob, ">=",
+            f"the top diagnosis {top!r} ({_f(p_top)}) is a malignant class at >="
+            f" {_f(self.malignant_min_prob)}" if mal else
+            f"the top diagnosis {top!r} ({_f(p_top)}) is not one of"
+            f" {list(self.malignant_classes)} at >= {_f(self.malignant_min_prob)}"))
+        fired = [c for c in checks if c.fired]
+        if fired:
+            decision = REFER
+            message = (f"Refer to a dermatologist ({by} model): "
+                       + "; ".join(c.text for c in fired) + ".")
+        else:
+            decision = NO_ACTION
+            message = (f"No action suggested by the model ({by} model: melanoma risk {_f(mel)}"
+                       f" < {_f(thr)}, top diagnosis {top!r} at {_f(p_top)}).")
+        return Decision(fb, tuple(checks), decision, message, reason, by)

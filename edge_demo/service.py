@@ -1,0 +1,133 @@
+"""The classify pipeline shared by the HTTP API and ``edge-demo predict``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeDemoError
+from .imaging import decode_upload
+from .keras_tier import load_cloud_tier
+from .policy import DEFAULTS_NOTE, DISCLAIMER, Policy
+from .tiers import Tier
+
+log = logging.getLogger("edge_demo")
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000.0, 3)
+
+
+@dataclass(frozen=True)
+class DemoService:
+    """The loaded tiers and policy; built once at start-up."""
+
+    device: Tier
+    cloud: Tier | None
+    policy: Policy
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @classmethod
+    def from_paths(cls, device: str | Path, cloud: str | Path | None = None,
+                   policy: str | Path | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   pool_size: int = 1, num_threads: int = 1) -> DemoService:
+        """Load the bundles (and the policy file, else conservative defaults)."""
+        if not device:
+            raise EdgeDemoError("No device bundle given. Pass --device BUNDLE_DIR (or set"
+                                " DEVICE_BUNDLE / EDGE_DEMO_DEVICE_BUNDLE).")
+        dev = Tier.from_bundle(device, pool_size=pool_size, num_threads=num_threads)
+        cl = (load_cloud_tier(cloud, pool_size=pool_size, num_threads=num_threads)
+              if cloud else None)
+        if policy:
+            pol = Policy.load(policy)
+        else:
+            pol = Policy.conservative((cl or dev).melanoma_threshold)
+        return cls(dev, cl, pol, int(max_pixels))
+
+    def warm_up(self) -> None:
+        self.device.warm_up()
+        if self.cloud is not None:
+            self.cloud.warm_up()
+
+    def models(self) -> dict[str, Any]:
+        pol = self.policy.to_dict()
+        if self.policy.source == "defaults":
+            pol["note"] = DEFAULTS_NOTE
+        return {"device": self.device.describe(),
+                "cloud": self.cloud.describe() if self.cloud else None,
+                "policy": pol}
+
+    def _decode(self, data: bytes, timings: dict[str, float]):
+        t0 = time.perf_counter()
+        image = decode_upload(data, max_pixels=self.max_pixels)
+        timings["decode"] = _ms(t0)
+        return image
+
+    def _run(self, tier: Tier, image) -> dict[str, Any]:
+        return tier.predict(tier.prepare(image))
+
+    def classify(self, data: bytes) -> dict[str, Any]:
+        """Image bytes -> the full ``/api/v1/classify`` response body."""
+        t_all = time.perf_counter()
+        timings: dict[str, float] = {"decode": 0.0, "device": 0.0, "cloud": 0.0}
+        image = self._decode(data, timings)
+        t0 = time.perf_counter()
+        device = self._run(self.device, image)
+        timings["device"] = _ms(t0)
+        checks = self.policy.fallback_checks(device)
+        wants = any(c.fired for c in checks)
+        cloud = None
+        cloud_error = None
+        if wants and self.cloud is not None:
+            t0 = time.perf_counter()
+            try:
+                cloud = self._run(self.cloud, image)
+            except Exception as exc:  # noqa: BLE001 - a cloud failure must not fail the request
+                log.exception("cloud tier failed")
+                cloud_error = f"{type(exc).__name__}: {exc}"
+            timings["cloud"] = _ms(t0)
+        d = self.policy.decide(
+            device, cloud, device_threshold=self.device.melanoma_threshold,
+            cloud_threshold=self.cloud.melanoma_threshold if self.cloud else None)
+        reason = d.fallback_reason
+        if wants and self.cloud is None:
+            reason += " No cloud tier is configured, so the device answer stands."
+        elif cloud_error:
+            reason += f" The cloud tier failed ({cloud_error}); the device answer stands."
+        timings["total"] = _ms(t_all)
+        path = "device+cloud" if cloud is not None else "device"
+        return {
+            "device": device,
+            "fallback": {"used": cloud is not None, "wanted": wants,
+                         "rules_fired": d.fallback_rules, "reason": reason,
+                         "checks": [c.to_dict() for c in d.fallback_checks]},
+            "cloud": cloud,
+            "advice": {"decision": d.decision, "message": d.message,
+                       "rules_fired": d.advice_rules, "decided_by": d.decided_by,
+                       "checks": [c.to_dict() for c in d.advice_checks]},
+            "disclaimer": DISCLAIMER,
+            "timings_ms": timings,
+            "tier_path": path,
+            "models": {"device": self.device.summary(),
+                       "cloud": self.cloud.summary() if self.cloud else None,
+                       "policy": self.policy.source},
+        }
+
+    def classify_cloud(self, data: bytes) -> dict[str, Any]:
+        """The cloud tier alone (what a phone app calls on fallback)."""
+        if self.cloud is None:
+            raise EdgeDemoError("No cloud tier is loaded; start the server with --cloud.")
+        t_all = time.perf_counter()
+        timings: dict[str, float] = {"decode": 0.0, "cloud": 0.0}
+        image = self._decode(data, timings)
+        t0 = time.perf_counter()
+        cloud = self._run(self.cloud, image)
+        timings["cloud"] = _ms(t0)
+        timings["total"] = _ms(t_all)
+        return {"cloud": cloud, "disclaimer": DISCLAIMER, "timings_ms": timings,
+                "tier_path": "cloud", "models": {"cloud": self.cloud.summary()}}

@@ -1,0 +1,153 @@
+"""The page in a real headless Chromium against the real waitress server.
+
+Needs Debian ``chromium`` + ``chromium-driver``; when they are absent the test installs them
+(root with apt-get only, bounded by a timeout) or skips with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from demo_fixtures import jpeg_bytes, tiny_bundles
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _ensure_chromium() -> None:
+    if os.path.exists(CHROMIUM) and os.path.exists(DRIVER):
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip(f"{CHROMIUM} / {DRIVER} not found and apt-get cannot run here (not root):"
+                    " install Debian packages chromium and chromium-driver.")
+    try:
+        subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], check=True,
+                       capture_output=True, timeout=600)
+    except (subprocess.SubprocessError, OSError) as exc:
+        pytest.skip(f"installing chromium + chromium-driver with apt-get failed: {exc}")
+    if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
+        pytest.skip("apt-get ran but /usr/bin/chromium or /usr/bin/chromedriver is missing.")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    b = tiny_bundles()
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_demo", "serve", "--device", str(b["int8"]),
+             "--cloud", str(b["float32"]), "--port", str(port), "--threads", "2"],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server did not become ready:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    _ensure_chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                "--window-size=390,844"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
+    # a phone-sized viewport (headless windows have a minimum width of ~500 px)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _photo(tmp_path: Path) -> Path:
+    """A real HAM10000 photo when ../shared is present, else a synthetic JPEG."""
+    from conftest import SHARED
+
+    folder = SHARED / "data" / "ham10000_raw_600x450" / "images"
+    photos = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
+    if photos:
+        return photos[0]
+    p = tmp_path / "synthetic.jpg"
+    p.write_bytes(jpeg_bytes((600, 450)))
+    return p
+
+
+def test_upload_renders_result_without_reload(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server + "/")
+    assert "Research tool, not a diagnosis" in browser.find_element(By.ID, "disclaimer").text
+    browser.execute_script("window.__marker = 'same-page';")
+    browser.find_element(By.ID, "image-input").send_keys(str(_photo(tmp_path)))
+    WebDriverWait(browser, 10).until(
+        lambda d: d.find_element(By.ID, "preview").get_attribute("hidden") is None)
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 30).until(ec.visibility_of_element_located((By.ID, "advice")))
+    advice = browser.find_element(By.ID, "advice").text
+    assert ("Refer to a dermatologist" in advice) or ("No action suggested" in advice)
+    assert "not a diagnosis" in advice
+    assert "Melanoma risk:" in browser.find_element(By.ID, "device-risk").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#device-top li")) == 3
+    fallback = browser.find_element(By.ID, "fallback").text
+    assert "cloud" in fallback.lower()
+    assert browser.find_element(By.ID, "cloud").is_displayed()  # default policy falls back
+    assert browser.execute_script("return window.__marker;") == "same-page"  # no reload
+    assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+    shot = Path(os.environ.get("EDGE_DEMO_SCREENSHOT", tmp_path / "phone.png"))
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 0
+
+
+def test_bad_upload_shows_error(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bad = tmp_path / "notes.jpg"
+    bad.write_bytes(b"definitely not a photo" * 20)
+    browser.get(server + "/")
+    browser.find_element(By.ID, "image-input").send_keys(str(bad))
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 20).until(
+        lambda d: d.find_element(By.ID, "error").get_attribute("hidden") is None)
+    assert "not an image" in browser.find_element(By.ID, "error").text
