@@ -1,0 +1,145 @@
+"""Plain functions behind the CLI: export a run, load a bundle, run a bundle.
+
+``export_run`` writes the bundle even when validation fails (``result.passed`` is False and
+``validation.json`` says ``"passed": false``); the CLI then exits 3. Bad input raises a
+:class:`~export.errors.DermedgeError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.bundle import BUNDLE_FILES, dumps, export_card, sha256_bytes, usage_md, write_bundle
+from export.config import QuantizationConfig, Tolerances
+from export.litert import SIGNATURE, Bundle, LiteModel, load_bundle, run_tflite
+from export.rundir import Run, load_images, open_run, representative_records, validation_records
+
+__all__ = ["BundleResult", "export_run", "load_bundle", "run_tflite", "default_out",
+           "keras_predict", "QuantizationConfig", "Tolerances", "Bundle", "LiteModel"]
+
+VALIDATION_BATCH = 16
+
+
+@dataclass(frozen=True)
+class BundleResult:
+    """What ``export_run`` wrote."""
+
+    path: Path
+    mode: str
+    passed: bool | None
+    card: dict
+    report: dict
+    tflite_bytes: int
+    seconds: float
+
+    @property
+    def failed(self) -> list[str]:
+        return list(self.report.get("validation", {}).get("failed", []))
+
+
+def default_out(run: Run | str | Path, mode: str) -> Path:
+    name = run.name if isinstance(run, Run) else Path(run).name
+    return Path("exports") / f"{name}-{mode}"
+
+
+def keras_predict(model, images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """The float model's outputs by name, in batches, no progress bar."""
+    outs: dict[str, list] = {"melanoma": [], "diagnosis": []}
+    for i in range(0, len(images), batch_size):
+        res = model(np.asarray(images[i:i + batch_size], np.float32), training=False)
+        for k in outs:
+            outs[k].append(np.asarray(res[k], np.float32))
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
+               out: str | Path | None = None, *, data: str | Path | None = None,
+               split: str = "val", tolerances: Tolerances | None = None, debug: bool = False,
+               validate: bool = True, log=None) -> BundleResult:
+    """Convert ``run_dir``'s model per ``config``, validate it with LiteRT, write the bundle."""
+    from export.convert import convert_model
+    from export.validate import compare, to_markdown
+
+    t0 = time.perf_counter()
+    say = log or (lambda msg: None)
+    config = config or QuantizationConfig.float32()
+    tolerances = tolerances or Tolerances.for_mode(config.mode)
+    run = open_run(run_dir)
+    out = Path(out) if out is not None else default_out(run, config.mode)
+    if debug and config.mode != "int8":
+        from export.errors import ExportError
+
+        raise ExportError("--debug runs the int8 quantization debugger; add --int8 or drop "
+                          "--debug.")
+    # Read everything that can fail on bad input before converting anything.
+    rep = None
+    if config.mode == "int8":
+        rows = representative_records(run, config.representative_images, seed=config.seed)
+        say(f"calibration: {len(rows)} train images, stratified by class")
+        rep = load_images(rows["path"].tolist(), run.input_size)
+    val_rows, where = (validation_records(run, data, split) if validate else (None, None))
+    import tensorflow as tf
+
+    model = run.load_model()
+    say(f"converting {run.name} ({run.card.get('backbone')}) to {config.mode}")
+    conv = convert_model(model, config, rep, debug=debug)
+    report: dict = {"run": str(run.path), "mode": config.mode, "config": config.to_dict(),
+                    "data": where, "checks": conv.checks, "denylisted": conv.denylisted}
+    if conv.debug:
+        report["debug"] = conv.debug
+    if validate:
+        say(f"validating on {len(val_rows)} images from {where}")
+        images = load_images(val_rows["path"].tolist(), run.input_size)
+        float_out = keras_predict(model, images)
+        lite = LiteModel.load(conv.tflite)
+        lite_out = lite.predict(images, batch_size=VALIDATION_BATCH)
+        report["validation"] = compare(float_out, lite_out, val_rows["dx"].tolist(),
+                                       val_rows["melanoma"].to_numpy(), run.diagnosis_labels,
+                                       run.melanoma_threshold, tolerances)
+        passed = report["validation"]["passed"]
+    else:
+        report["validation"] = {"passed": None, "skipped": True, "n": 0, "gates": [],
+                                "failed": []}
+        passed = None
+    v = report["validation"]
+    summary = {"passed": passed, "n": v.get("n", 0), "data": where, "failed": v.get("failed", [])}
+    if validate:
+        summary.update({
+            "diagnosis_agreement": v["heads"]["diagnosis"]["top1_agreement"],
+            "melanoma_agreement": v["heads"]["melanoma"]["threshold_agreement"],
+            "max_abs_diff": max(v["heads"]["diagnosis"]["max_abs_diff"],
+                                v["heads"]["melanoma"]["max_abs_diff"]),
+            "delta": {k: v["metrics"]["delta"][k] for k in
+                      ("balanced_accuracy", "melanoma_auc", "melanoma_sensitivity")},
+            "tolerances": v["tolerances"]})
+    section = {"mode": config.mode, "signature": SIGNATURE,
+               "inputs": conv.io["inputs"], "outputs": conv.io["outputs"],
+               "representative_images": conv.representative_images,
+               "keep_float": list(config.keep_float),
+               "converter": {"tensorflow": tf.__version__, "path": "saved_model",
+                             "optimizations": config.mode != "float32"},
+               "checks": {k: conv.checks[k] for k in ("verified_mode", "integer_tensor_fraction",
+                                                      "ops")},
+               "validation": summary,
+               "size_bytes": len(conv.tflite), "sha256": sha256_bytes(conv.tflite)}
+    card = export_card(run.card, section)
+    files = {
+        "model.tflite": conv.tflite,
+        "labels_diagnosis.txt": "\n".join(run.diagnosis_labels) + "\n",
+        "labels_melanoma.txt": "\n".join(run.melanoma_labels) + "\n",
+        "model_card.json": dumps(card),
+        "validation.json": dumps(report),
+        "validation.md": (to_markdown(report, f"{run.name} → {config.mode}") if validate else
+                          f"# Validation: {run.name} → {config.mode}\n\n"
+                          "Skipped (--no-validate).\n"),
+        "USAGE.md": usage_md(card),
+    }
+    assert set(files) == set(BUNDLE_FILES)  # internal invariant, not user input
+    path = write_bundle(out, files)
+    say(f"wrote {path} ({len(conv.tflite):,} bytes)")
+    return BundleResult(path=path, mode=config.mode, passed=passed, card=card, report=report,
+                        tflite_bytes=len(conv.tflite), seconds=time.perf_counter() - t0)

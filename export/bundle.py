@@ -1,0 +1,180 @@
+# ruff: noqa: E501  (the USAGE.md template holds Kotlin/Swift lines as they should read)
+"""Writing the export bundle (docs/ARTIFACTS.md), atomically: temp dir next to --out, then rename."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUNDLE_FILES: tuple[str, ...] = ("model.tflite", "labels_diagnosis.txt", "labels_melanoma.txt",
+                                 "model_card.json", "validation.json", "validation.md", "USAGE.md")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def export_card(run_card: dict, export_section: dict) -> dict:
+    card = copy.deepcopy(run_card)
+    card["export"] = export_section
+    return card
+
+
+def usage_md(card: dict) -> str:
+    """The input contract and Kotlin / Swift / Python snippets, from the card's tensor details."""
+    ex = card["export"]
+    img = ex["inputs"]["image"]
+    s = card["input"]["shape"][0]
+    k = len(card["heads"]["diagnosis"]["labels"])
+    thr = card["heads"]["melanoma"]["threshold"]
+    in_dt = img["dtype"]
+    out_dt = ex["outputs"]["diagnosis"]["dtype"]
+    q = img["quantization"]
+    if in_dt == "float32":
+        feed = "float32 RGB values 0–255 exactly as the camera gives them (no normalisation)"
+    elif in_dt == "uint8" and abs(q["scale"] - 1) < 1e-6 and q["zero_point"] == 0:
+        feed = "uint8 RGB pixels 0–255 exactly as the camera gives them (scale 1, zero point 0)"
+    else:
+        feed = (f"{in_dt}: q = round(pixel / {q['scale']:.8g} + {q['zero_point']}) clipped to "
+                f"the {in_dt} range")
+    deq = ("they are float32 probabilities" if out_dt == "float32" else
+           f"they are {out_dt}: real = scale × (q − zero_point) with the scale/zero point below")
+    outs = "\n".join(
+        f"| `{n}` | {o['dtype']} | {o['shape']} | {o['quantization']['scale']:.8g} | "
+        f"{o['quantization']['zero_point']} |" for n, o in ex["outputs"].items())
+    labels = ", ".join(card["heads"]["diagnosis"]["labels"])
+    buf_kt = ("ByteBuffer.allocateDirect(1 * S * S * 3)" if in_dt != "float32"
+              else "ByteBuffer.allocateDirect(4 * S * S * 3)")
+    mq = ex["outputs"]["melanoma"]["quantization"]
+    sc, zp = f"{mq['scale']:.8g}", mq["zero_point"]
+    read_kt = {"float32": "melanoma.float",
+               "uint8": f"{sc}f * ((melanoma.get().toInt() and 0xFF) - {zp})",
+               "int8": f"{sc}f * (melanoma.get().toInt() - {zp})"}[ex["outputs"]["melanoma"]["dtype"]]
+    read_sw = {"float32": "mel.data.withUnsafeBytes { $0.load(as: Float32.self) }",
+               "uint8": f"Float({sc}) * (Float(mel.data[0]) - Float({zp}))",
+               "int8": f"Float({sc}) * (Float(Int8(bitPattern: mel.data[0])) - Float({zp}))"
+               }[ex["outputs"]["melanoma"]["dtype"]]
+    return f"""# Using this model
+
+`model.tflite` ({ex['mode']}, {ex['size_bytes']:,} bytes, sha256 `{ex['sha256'][:16]}…`) from run
+`{card.get('name')}` ({card.get('backbone')}). Validation: **{
+        'passed' if ex['validation'].get('passed') else 'FAILED' if ex['validation'].get('passed')
+        is False else 'not run'}** (see `validation.md`).
+
+## Input contract
+
+* Signature `{ex['signature']}`, one input named **`image`**, shape `[1, {s}, {s}, 3]`
+  (`{img['dtype']}`): {feed}.
+* Resize every photo like training did (`input.resize` = `{card['input'].get('resize')}`): apply
+  EXIF orientation, convert to 8-bit RGB, crop the centred square of side min(width, height),
+  resize to {s}×{s} with bilinear filtering. Normalisation happens **inside** the model.
+* Outputs, **read them by name** (never by index: TFLite does not keep the Keras order); {deq}:
+
+| output | dtype | shape | scale | zero point |
+|---|---|---|---|---|
+{outs}
+
+* `melanoma[0]` = P(melanoma); call it positive when ≥ **{thr}** (`heads.melanoma.threshold`).
+* `diagnosis[0]` = {k} probabilities in the order of `labels_diagnosis.txt`: {labels}.
+
+## Kotlin (LiteRT `Interpreter`, signature runner)
+
+```kotlin
+val interpreter = Interpreter(FileUtil.loadMappedFile(context, "model.tflite"))
+val S = {s}
+val input = {buf_kt}.order(ByteOrder.nativeOrder())
+// fill `input` with the resized RGB pixels, row-major, R,G,B per pixel ({in_dt})
+val melanoma = ByteBuffer.allocateDirect({1 if out_dt != 'float32' else 4}).order(ByteOrder.nativeOrder())
+val diagnosis = ByteBuffer.allocateDirect({k if out_dt != 'float32' else 4 * k}).order(ByteOrder.nativeOrder())
+interpreter.runSignature(mapOf("image" to input),
+                         mapOf("melanoma" to melanoma, "diagnosis" to diagnosis), "{ex['signature']}")
+melanoma.rewind()
+val pMelanoma = {read_kt}   // real = scale * (q - zeroPoint)
+val isMelanoma = pMelanoma >= {thr}f
+```
+
+## Swift (TensorFlowLite / LiteRT `SignatureRunner`)
+
+```swift
+let interpreter = try Interpreter(modelPath: Bundle.main.path(forResource: "model", ofType: "tflite")!)
+let runner = try interpreter.signatureRunner(with: "{ex['signature']}")
+try runner.allocateTensors()
+try runner.invoke(with: ["image": pixels])   // Data: {s}x{s}x3 {in_dt} RGB, row-major
+let mel = try runner.output(named: "melanoma")    // {ex['outputs']['melanoma']['dtype']}
+let dx = try runner.output(named: "diagnosis")    // {out_dt}, {k} values
+let pMelanoma = {read_sw}   // real = scale * (q - zeroPoint)
+let isMelanoma = pMelanoma >= {thr}
+```
+
+## Python (ai-edge-litert, numpy, pillow only)
+
+```bash
+python run_bundle.py BUNDLE_DIR photo.jpg   # export/snippets/run_bundle.py in dermedge
+```
+
+## Metadata
+
+Labels and normalisation are **not** embedded as TFLite metadata: the `tflite-support`
+metadata writer is unmaintained (last release 0.4.4 pins `protobuf<4`, which cannot be
+installed next to TensorFlow 2.21). The labels
+ship as `labels_diagnosis.txt` / `labels_melanoma.txt` and the contract lives in
+`model_card.json`.
+"""
+
+
+def write_bundle(out: Path, files: dict[str, bytes | str], *, overwrite: bool = True) -> Path:
+    """Write ``files`` into a temp dir next to ``out`` and rename it into place."""
+    out = Path(out).resolve()
+    if out.exists():
+        if not out.is_dir():
+            from export.errors import ExportError
+
+            raise ExportError(f"--out {out} is a file; pass a folder path for the bundle.")
+        if any(out.iterdir()) and not (out / "model_card.json").is_file():
+            from export.errors import ExportError
+
+            raise ExportError(f"--out {out} is a non-empty folder that is not an export bundle; "
+                              "refusing to replace it. Pass a new or empty folder.")
+        if not overwrite:
+            from export.errors import ExportError
+
+            raise ExportError(f"--out {out} already exists; remove it or pass another folder.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        for name, content in files.items():
+            data = content.encode("utf-8") if isinstance(content, str) else content
+            (tmp / name).write_bytes(data)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=_default) + "\n"
+
+
+def _default(x):
+    import numpy as np
+
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

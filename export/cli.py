@@ -1,0 +1,164 @@
+"""``python -m export tflite RUN [...]`` and ``python -m export bench BUNDLE [...]``.
+
+Exit codes: 0 ok, 2 bad input (nothing written), 3 validation gate failed (bundle written,
+marked failed in validation.json / model_card.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from export.config import DEFAULT_REPRESENTATIVE_IMAGES, IO_DTYPES
+from export.errors import DermedgeError
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one paragraph, exit 2 (argparse's default is also 2)
+        sub = self.prog.split()[1:]
+        raise _UsageError(f"{message}. See `python -m export {' '.join(sub + ['--help'])}`.")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="export", description="Export a trained run to validated TFLite bundles.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("tflite", help="convert a run directory to a validated TFLite bundle")
+    t.add_argument("run", help="run directory written by `trainer fit`")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--int8", dest="mode", action="append_const", const="int8",
+                      help="full-integer int8 (uint8 RGB input by default)")
+    mode.add_argument("--float16", dest="mode", action="append_const", const="float16",
+                      help="float16 weights")
+    mode.add_argument("--dynamic", dest="mode", action="append_const", const="dynamic",
+                      help="dynamic-range (int8 weights, float activations)")
+    t.add_argument("--io", choices=IO_DTYPES, default=None,
+                   help="int8 only: input/output dtype (default uint8)")
+    t.add_argument("--out", type=Path, default=None,
+                   help="bundle folder (default exports/<run name>-<mode>)")
+    t.add_argument("--representative", type=int, default=DEFAULT_REPRESENTATIVE_IMAGES,
+                   metavar="N", help="int8 calibration images from the train split (default "
+                   f"{DEFAULT_REPRESENTATIVE_IMAGES})")
+    t.add_argument("--data", type=Path, default=None,
+                   help="validate on this labelled set instead of the run's split")
+    t.add_argument("--split", default="val", help="split of splits.csv to validate on (val)")
+    t.add_argument("--tolerance", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="override a gate, e.g. diagnosis_agreement=0.97 (or NAME=none)")
+    t.add_argument("--debug", action="store_true",
+                   help="int8: run the quantization debugger, list the worst layers")
+    t.add_argument("--keep-float", nargs="+", default=[], metavar="LAYER_OR_OP",
+                   help="int8: keep these Keras layers / TFLite op types in float")
+    t.add_argument("--no-validate", action="store_true", help="skip validation (not advised)")
+    t.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    b = sub.add_parser("bench", help="LiteRT latency / size / memory of a bundle or .tflite")
+    b.add_argument("model", nargs="+", help="bundle folder(s) or .tflite file(s)")
+    b.add_argument("--runs", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return p
+
+
+def _config(args):
+    from export.config import QuantizationConfig
+
+    modes = args.mode or []
+    if len(modes) > 1:
+        got = " ".join("--" + m for m in modes)
+        raise DermedgeError(f"Choose one quantization mode; received {got}.")
+    mode = modes[0] if modes else "float32"
+    if mode == "int8":
+        return QuantizationConfig.int8(args.representative, io_dtype=args.io or "uint8",
+                                       keep_float=args.keep_float, seed=args.seed)
+    if args.io is not None:
+        raise DermedgeError(f"--io {args.io} only applies to int8 exports; a {mode} model always "
+                            "takes and returns float32. Add --int8 or drop --io.")
+    return QuantizationConfig(mode, keep_float=tuple(args.keep_float))
+
+
+def cmd_tflite(args) -> int:
+    from export.api import export_run
+    from export.config import Tolerances
+
+    config = _config(args)
+    tol = Tolerances.for_mode(config.mode).with_overrides(args.tolerance)
+    res = export_run(args.run, config, args.out, data=args.data, split=args.split,
+                     tolerances=tol, debug=args.debug, validate=not args.no_validate,
+                     log=lambda m: print(f"[export] {m}", file=sys.stderr))
+    v = res.report["validation"]
+    ex = res.card["export"]
+    print(f"{res.mode} bundle: {res.path} ({res.tflite_bytes:,} bytes, sha256 "
+          f"{ex['sha256'][:12]}, input {ex['inputs']['image']['dtype']}) in {res.seconds:.1f} s")
+    if v.get("skipped"):
+        print("validation: skipped (--no-validate)")
+        return EXIT_OK
+    h = v["heads"]
+    print(f"validation on {v['n']} images: diagnosis agreement "
+          f"{h['diagnosis']['top1_agreement']:.4f}, melanoma agreement "
+          f"{h['melanoma']['threshold_agreement']:.4f}, Δ balanced acc "
+          f"{_s(v['metrics']['delta']['balanced_accuracy'])}, Δ melanoma AUC "
+          f"{_s(v['metrics']['delta']['melanoma_auc'])}")
+    if res.report.get("debug"):
+        print("largest quantization error (rmse/scale):")
+        for r in res.report["debug"]["top"]:
+            print(f"  {r['rmse_over_scale']:.3f}  {r['op']:<16} {r['tensor'][:90]}")
+    if not res.passed:
+        print(_para("Validation FAILED: " + "; ".join(v["failed"]) + f". The bundle and its "
+                    f"report are in {res.path} (validation.json says passed=false); do not ship "
+                    "it. Retry with more --representative images, --keep-float on the worst "
+                    "layers (see --debug), or another mode."), file=sys.stderr)
+        return EXIT_GATE_FAILED
+    print("validation: passed")
+    return EXIT_OK
+
+
+def _s(x) -> str:
+    return "n/a" if x is None else f"{x:+.4f}"
+
+
+def cmd_bench(args) -> int:
+    from export.bench import bench, bench_table
+
+    results = [bench(m, runs=args.runs, warmup=args.warmup, threads=args.threads)
+               for m in args.model]
+    print(bench_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, args.json)
+    return EXIT_OK
+
+
+def _para(msg: str) -> str:
+    return textwrap.fill(" ".join(str(msg).split()), width=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``export`` / ``python -m export``; returns the exit code."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        args = build_parser().parse_args(argv)
+        return cmd_tflite(args) if args.command == "tflite" else cmd_bench(args)
+    except _UsageError as exc:
+        print(_para(f"error: {exc}"), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (DermedgeError, ValueError) as exc:
+        print(_para(f"error: {exc}"), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; no bundle was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

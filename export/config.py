@@ -1,0 +1,138 @@
+"""Typed, frozen export configuration: quantization modes and validation tolerances."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields, replace
+
+from export.errors import ExportError
+
+MODES: tuple[str, ...] = ("float32", "float16", "dynamic", "int8")
+IO_DTYPES: tuple[str, ...] = ("uint8", "int8", "float32")
+DEFAULT_REPRESENTATIVE_IMAGES = 300
+MIN_REPRESENTATIVE_IMAGES = 10
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How to convert. Build it with a named constructor: ``QuantizationConfig.int8(300)``."""
+
+    mode: str = "float32"
+    io_dtype: str = "float32"
+    representative_images: int = 0
+    keep_float: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            hint = difflib.get_close_matches(str(self.mode), MODES, n=1)
+            raise ExportError(f"Unknown quantization mode {self.mode!r}"
+                              + (f"; did you mean {hint[0]!r}?" if hint else ".")
+                              + f" Choose one of: {', '.join(MODES)}.")
+        if self.io_dtype not in IO_DTYPES:
+            raise ExportError(f"Unknown I/O dtype {self.io_dtype!r}; choose one of "
+                              f"{', '.join(IO_DTYPES)}.")
+        if self.mode != "int8":
+            if self.io_dtype != "float32":
+                raise ExportError(f"--io {self.io_dtype} only applies to int8 exports; a "
+                                  f"{self.mode} model always takes and returns float32. Add "
+                                  "--int8 or drop --io.")
+            if self.keep_float:
+                raise ExportError("--keep-float only applies to int8 exports (it keeps the named "
+                                  "layers in float inside an integer model). Add --int8 or drop "
+                                  "--keep-float.")
+        elif int(self.representative_images) < MIN_REPRESENTATIVE_IMAGES:
+            raise ExportError(
+                f"int8 calibration needs at least {MIN_REPRESENTATIVE_IMAGES} representative "
+                f"images; received representative_images={self.representative_images}. Use "
+                f"--representative {DEFAULT_REPRESENTATIVE_IMAGES} (the default) or more.")
+
+    @classmethod
+    def float32(cls) -> QuantizationConfig:
+        return cls("float32")
+
+    @classmethod
+    def float16(cls) -> QuantizationConfig:
+        """float16 weights, float32 compute and I/O (half the size)."""
+        return cls("float16")
+
+    @classmethod
+    def dynamic(cls) -> QuantizationConfig:
+        """Dynamic-range: int8 weights, float activations and I/O. Not an int8 model."""
+        return cls("dynamic")
+
+    @classmethod
+    def int8(cls, representative_images: int = DEFAULT_REPRESENTATIVE_IMAGES,
+             io_dtype: str = "uint8", keep_float: tuple[str, ...] | list[str] = (),
+             seed: int = 0) -> QuantizationConfig:
+        """Full-integer int8; uint8 RGB 0–255 input by default (raw camera pixels)."""
+        return cls("int8", io_dtype, int(representative_images), tuple(keep_float), int(seed))
+
+    @classmethod
+    def for_mode(cls, mode: str, **kwargs) -> QuantizationConfig:
+        return cls(mode, **kwargs) if kwargs else cls(mode)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["keep_float"] = list(self.keep_float)
+        return d
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Validation gates. ``*_drop`` are allowed metric drops vs float; ``None`` disables a gate."""
+
+    diagnosis_agreement: float | None = 0.98
+    melanoma_agreement: float | None = 0.98
+    balanced_accuracy_drop: float | None = 0.01
+    melanoma_auc_drop: float | None = 0.01
+    melanoma_sensitivity_drop: float | None = None
+    max_abs_diff: float | None = None
+
+    @classmethod
+    def for_mode(cls, mode: str) -> Tolerances:
+        """Defaults; a float32 conversion must also match the Keras model numerically."""
+        return cls(max_abs_diff=1e-3) if mode == "float32" else cls()
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def with_overrides(self, items: list[str] | tuple[str, ...] | dict | None) -> Tolerances:
+        """Apply ``NAME=VALUE`` strings (or a dict); ``VALUE`` may be ``none`` to disable."""
+        if not items:
+            return self
+        pairs = items.items() if isinstance(items, dict) else [_split(s) for s in items]
+        changes = {}
+        for name, value in pairs:
+            if name not in self.names():
+                hint = difflib.get_close_matches(name, self.names(), n=1)
+                raise ExportError(f"Unknown tolerance {name!r}"
+                                  + (f"; did you mean {hint[0]!r}?" if hint else ".")
+                                  + f" Known tolerances: {', '.join(self.names())}.")
+            changes[name] = _parse_value(name, value)
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {n: getattr(self, n) for n in self.names()}
+
+
+def _split(item: str) -> tuple[str, str]:
+    if "=" not in str(item):
+        raise ExportError(f"A tolerance must look like NAME=VALUE (e.g. diagnosis_agreement=0.97); "
+                          f"received {item!r}.")
+    name, value = str(item).split("=", 1)
+    return name.strip(), value.strip()
+
+
+def _parse_value(name: str, value) -> float | None:
+    if value is None or str(value).lower() in ("none", "off", ""):
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise ExportError(f"The tolerance {name} must be a number or 'none'; received "
+                          f"{value!r}.") from None
+    if not 0 <= v <= 1:
+        raise ExportError(f"The tolerance {name} must lie in [0, 1]; received {v}.")
+    return v

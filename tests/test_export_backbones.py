@@ -1,0 +1,35 @@
+"""ResNet50 and Inception-ResNet-v2 (random weights, small inputs) convert in every mode.
+
+Slow: ~13 min on a loaded 2-core CPU (IRv2 float32 alone ~2.5 min; the converter handles
+~200 MB of weights), so it sits behind ``--run-slow``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from export_fixtures import make_run_dir
+
+from export.api import QuantizationConfig, export_run, run_tflite
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore::UserWarning:tensorflow.lite.*")]
+
+
+@pytest.mark.parametrize("backbone, size", [("resnet50", 64), ("inception_resnet_v2", 75)])
+def test_big_backbones_convert_in_every_mode(tmp_path, backbone, size):
+    import numpy as np
+
+    run = make_run_dir(tmp_path, name=backbone, backbone=backbone, size=size, train=False,
+                       train_per_class=2, val_per_class=1)
+    imgs = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    sizes = {}
+    for cfg in (QuantizationConfig.float32(), QuantizationConfig.float16(),
+                QuantizationConfig.dynamic(), QuantizationConfig.int8(14)):
+        res = export_run(run, cfg, tmp_path / cfg.mode, validate=False)
+        ex = res.card["export"]
+        assert ex["checks"]["verified_mode"] == cfg.mode
+        assert set(ex["outputs"]) == {"melanoma", "diagnosis"}
+        out = run_tflite(res.path, imgs)
+        assert out["melanoma"].shape == (2, 1) and out["diagnosis"].shape == (2, 7)
+        sizes[cfg.mode] = res.tflite_bytes
+    assert sizes["int8"] < 0.3 * sizes["float32"] and sizes["float16"] < 0.6 * sizes["float32"]
