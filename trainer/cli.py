@@ -1,0 +1,155 @@
+"""``trainer`` command line: fit, evaluate, toy-data, backbones.
+
+Keras/TensorFlow are imported only inside the subcommands that need them, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from trainer.errors import DermedgeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainer",
+        description="Train and evaluate skin-lesion classifiers (see docs/ARTIFACTS.md).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    f = sub.add_parser("fit", help="train a model into a run directory",
+                       description="Train a model into a run directory. Relative paths in "
+                       "the config and on the command line resolve against the current "
+                       "directory.")
+    f.add_argument("--config", help="YAML config file (see configs/)")
+    f.add_argument("--out", required=True, help="run directory to create")
+    g = f.add_argument_group("common overrides")
+    g.add_argument("--data", help="dataset: HAM10000 folder/CSV, ISIC ground-truth CSV, or "
+                   "one folder per class")
+    g.add_argument("--layout", choices=("auto", "ham10000", "isic", "folders"))
+    g.add_argument("--backbone", help="backbone name (`trainer backbones` lists them)")
+    g.add_argument("--weights", help="'imagenet', a weights file, or 'none'")
+    g.add_argument("--input-size", type=int, help="input side in pixels")
+    g.add_argument("--epochs", type=int, help="fine-tune epochs (after the head warm-up)")
+    g.add_argument("--head-epochs", type=int, help="head warm-up epochs (backbone frozen)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="fine-tune learning rate")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--name", help="run name recorded in the model card")
+    g.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="any config key, e.g. --set train.lr=3e-4 "
+                   "(repeatable)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    f.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run for --out from its last epoch")
+    f.add_argument("--quiet", action="store_true", help="no progress bars or epoch log")
+
+    e = sub.add_parser("evaluate", help="score a run on its val/test split or another dataset")
+    e.add_argument("run", help="run directory written by `trainer fit`")
+    e.add_argument("--data", help="a labelled dataset (default: the run's own split)")
+    e.add_argument("--layout", default="auto", choices=("auto", "ham10000", "isic", "folders"))
+    e.add_argument("--images", help="image folder, when not next to the --data CSV")
+    e.add_argument("--split", default="val", choices=("val", "test", "train"),
+                   help="which split of the run's splits.csv (without --data)")
+    e.add_argument("--tta", action="store_true", help="average over flips")
+    e.add_argument("--out", help="output folder (default <run>/eval-<split>)")
+    e.add_argument("--batch-size", type=int, default=64)
+
+    t = sub.add_parser("toy-data", help="write the synthetic toy-lesion dataset")
+    t.add_argument("--out", required=True)
+    t.add_argument("--n-lesions", type=int, default=420)
+    t.add_argument("--size", type=int, default=128)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true")
+
+    sub.add_parser("backbones", help="list the backbone registry (name, size, preprocessing)")
+    return p
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from trainer.config import RunConfig
+
+    flags = {"data": args.data, "layout": args.layout, "backbone": args.backbone,
+             "weights": args.weights, "input_size": args.input_size, "epochs": args.epochs,
+             "head_epochs": args.head_epochs, "batch_size": args.batch_size, "lr": args.lr,
+             "seed": args.seed, "name": args.name}
+    if flags["weights"] is not None and flags["weights"].lower() in ("none", "null", ""):
+        flags["weights"] = "none"
+    given = args.config or args.overrides or any(v is not None for v in flags.values())
+    config = RunConfig.load(args.config, args.overrides, **flags) if (
+        given or not args.resume) else None
+
+    from trainer.fit import fit
+
+    result = fit(config, args.out, overwrite=args.overwrite, resume=args.resume,
+                 verbose=0 if args.quiet else None)
+    m = result.metrics
+    from trainer.evaluate import summary_table
+
+    print(f"\nrun written to {result.run_dir} ({result.epochs_run} epochs, best "
+          f"{result.best_epoch}, {result.wall_time_s:.0f}s); validation:")
+    print(summary_table(m))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate, summary_table
+
+    m = evaluate(args.run, data=args.data, layout=args.layout, images=args.images,
+                 split=args.split, tta=args.tta, out=args.out, batch_size=args.batch_size)
+    print(f"{m['source']} ({m['split']}):")
+    print(summary_table(m))
+    return 0
+
+
+def cmd_toy_data(args: argparse.Namespace) -> int:
+    from trainer.toy import make_toy_dataset
+
+    path = make_toy_dataset(args.out, n_lesions=args.n_lesions, size=args.size, seed=args.seed,
+                            overwrite=args.overwrite)
+    print(f"toy dataset written to {path}")
+    return 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from trainer.backbones import get_backbone, list_backbones
+
+    rows = [get_backbone(n) for n in list_backbones()]
+    width = max(len(b.name) for b in rows)
+    for b in rows:
+        mobile = "mobile" if b.mobile else "      "
+        print(f"{b.name:<{width}}  {b.default_size:>3}px  {mobile}  {b.preprocessing:<11}  "
+              f"{b.description}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "evaluate": cmd_evaluate, "toy-data": cmd_toy_data,
+            "backbones": cmd_backbones}
+
+
+def _error(message: str) -> int:
+    text = " ".join(str(message).split())
+    print(textwrap.fill(f"error: {text}", width=100, break_long_words=False,
+                        break_on_hyphens=False), file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; resume with --resume", file=sys.stderr)
+        return 130
+    except DermedgeError as e:
+        return _error(str(e))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        return _error(f"{e.strerror or e}: {e.filename or ''}. Check the path.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

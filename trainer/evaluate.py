@@ -1,0 +1,179 @@
+"""``trainer evaluate``: score a run's model on its val/test split or any labelled dataset."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from trainer.errors import DataError
+from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
+
+
+def score(records: pd.DataFrame, p_mel: np.ndarray, probs: np.ndarray, *,
+          threshold: float) -> dict[str, Any]:
+    """``trainer.metrics.classification_metrics`` for records with a ``dx`` column."""
+    from trainer.metrics import classification_metrics
+
+    index = {d: i for i, d in enumerate(DIAGNOSIS_LABELS)}
+    y = np.array([index[str(d)] for d in records["dx"]], dtype=np.int64)
+    mel = (records["dx"].astype(str).to_numpy() == MELANOMA_DX).astype(np.int64)
+    return classification_metrics(y, probs, mel, p_mel, list(DIAGNOSIS_LABELS),
+                                  mel_threshold=float(threshold))
+
+
+def choose_threshold(records: pd.DataFrame, p_mel: np.ndarray, spec: str | float) -> float:
+    """The melanoma operating threshold on a (validation) set, from ``train.melanoma_threshold``."""
+    from trainer.config import melanoma_threshold_spec
+    from trainer.metrics import threshold_for_sensitivity, threshold_youden
+
+    kind, value = melanoma_threshold_spec(spec)
+    mel = (records["dx"].astype(str).to_numpy() == MELANOMA_DX).astype(np.int64)
+    if kind == "fixed":
+        return float(value)
+    if kind == "youden":
+        t = threshold_youden(mel, p_mel)
+    else:
+        t = threshold_for_sensitivity(mel, p_mel, value)
+    # Undefined when the split has no melanoma (or only melanoma): fall back to 0.5. Kept
+    # inside (0, 1): a saturated sigmoid score of exactly 0 or 1 is not a usable threshold.
+    return float(np.clip(t, 1e-6, 1 - 1e-6)) if math.isfinite(t) else 0.5
+
+
+def write_outputs(out_dir: str | Path, records: pd.DataFrame, p_mel: np.ndarray,
+                  probs: np.ndarray, metrics: dict[str, Any], *, predictions: bool = True,
+                  report: bool = True, history: pd.DataFrame | None = None,
+                  best_epoch: int | None = None) -> None:
+    """metrics.json, predictions*.csv, report.md and plots/ under ``out_dir``."""
+    from trainer import plots
+    from trainer.data import write_isic_predictions
+    from trainer.metrics import roc_curve
+    from trainer.run import write_json_atomic, write_text_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "metrics.json", metrics)
+    if predictions:
+        ids = records["image_id"].astype(str).tolist()
+        write_isic_predictions(ids, probs, out / "predictions.csv")
+        full = pd.DataFrame({"image": ids, "dx": records["dx"].astype(str).to_numpy(),
+                             "melanoma": (records["dx"].astype(str) == MELANOMA_DX)
+                             .astype(int).to_numpy(),
+                             "p_melanoma": p_mel,
+                             "pred_dx": np.asarray(DIAGNOSIS_LABELS)[probs.argmax(axis=1)]})
+        for i, lab in enumerate(DIAGNOSIS_LABELS):
+            full[f"p_{lab}"] = probs[:, i]
+        write_text_atomic(out / "predictions_full.csv", full.to_csv(index=False))
+    if report:
+        write_text_atomic(out / "report.md", report_markdown(metrics))
+    pdir = out / "plots"
+    if history is not None and len(history):
+        plots.plot_curves(history, pdir / "curves.png", best_epoch=best_epoch)
+    labels = metrics["labels"]
+    plots.plot_confusion(metrics["confusion_matrix"], labels, pdir / "confusion_counts.png",
+                         normalize=False)
+    plots.plot_confusion(metrics["confusion_matrix"], labels, pdir / "confusion_normalized.png",
+                         normalize=True)
+    mel_true = (records["dx"].astype(str).to_numpy() == MELANOMA_DX).astype(np.int64)
+    m = metrics["melanoma"]
+    if 0 < mel_true.sum() < len(mel_true):
+        fpr, tpr, _ = roc_curve(mel_true, p_mel)
+        op = (m["sensitivity"], m["specificity"])
+    else:  # ROC undefined with one class: draw the chance line only
+        fpr, tpr, op = np.array([0.0, 1.0]), np.array([0.0, 1.0]), None
+    plots.plot_roc(fpr, tpr, pdir / "roc_melanoma.png", auc=m["auc"], operating_point=op)
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def report_markdown(m: dict[str, Any]) -> str:
+    mel = m["melanoma"]
+    lines = [
+        f"# Evaluation: {m.get('source', '')} ({m.get('split', '')}, n={m['n']}"
+        + (", TTA" if m.get("tta") else "") + ")",
+        "",
+        "| metric | value |", "|---|---|",
+        f"| accuracy | {_f(m['accuracy'])} |",
+        f"| balanced multiclass accuracy | {_f(m['balanced_accuracy'])} |",
+        f"| melanoma ROC AUC | {_f(mel['auc'])} |",
+        f"| melanoma average precision | {_f(mel['average_precision'])} |",
+        "",
+        "## Diagnosis head, per class", "",
+        "| class | recall | precision | F1 | support |", "|---|---|---|---|---|",
+    ]
+    for lab, r in m["per_class"].items():
+        lines.append(f"| {lab} | {_f(r['recall'])} | {_f(r['precision'])} | {_f(r['f1'])} "
+                     f"| {r['support']} |")
+    lines += ["", f"## Melanoma head ({mel['n_positive']} melanomas)", "",
+              "| operating point | threshold | sensitivity | specificity |", "|---|---|---|---|",
+              f"| chosen on validation | {_f(mel['threshold'], 4)} | {_f(mel['sensitivity'])} "
+              f"| {_f(mel['specificity'])} |"]
+    for target, r in mel["at_sensitivity"].items():
+        lines.append(f"| sensitivity >= {float(target):.0%} | {_f(r['threshold'], 4)} "
+                     f"| {_f(r['sensitivity'])} | {_f(r['specificity'])} |")
+    lines += ["", "## Confusion matrix (rows true, columns predicted)", "",
+              "| | " + " | ".join(m["labels"]) + " |",
+              "|---" * (len(m["labels"]) + 1) + "|"]
+    for lab, row in zip(m["labels"], m["confusion_matrix"], strict=True):
+        lines.append(f"| **{lab}** | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(m: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    mel = m["melanoma"]
+    rows = [("images", str(m["n"])), ("accuracy", _f(m["accuracy"])),
+            ("balanced accuracy", _f(m["balanced_accuracy"])),
+            ("melanoma AUC", _f(mel["auc"])), ("melanoma AP", _f(mel["average_precision"])),
+            (f"mel sens/spec @ {_f(mel['threshold'], 3)}",
+             f"{_f(mel['sensitivity'])} / {_f(mel['specificity'])}")]
+    for target, r in mel["at_sensitivity"].items():
+        rows.append((f"mel spec @ sens {float(target):.0%}", _f(r["specificity"])))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def evaluate(run_dir: str | Path, *, data: str | Path | None = None, layout: str = "auto",
+             images: str | Path | None = None, split: str = "val", tta: bool = False,
+             out: str | Path | None = None, batch_size: int = 64,
+             cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run on its ``split`` (from splits.csv) or on ``data``; writes to ``out``
+    (default ``<run>/eval-<split>`` or ``<run>/eval-<data folder name>``); returns the metrics."""
+    from trainer.data import cache_images, load_records, read_splits
+    from trainer.pipeline import predict_arrays
+    from trainer.run import load_run
+
+    run = Path(run_dir).expanduser().resolve()
+    model, card = load_run(run)
+    size = int(card["input"]["shape"][0])
+    threshold = float(card["heads"]["melanoma"]["threshold"])
+    if data is not None:
+        records = load_records(data, layout=layout, images=images)
+        source, split_name = str(Path(data).expanduser().resolve()), "all"
+        default_out = run / f"eval-{Path(data).expanduser().resolve().name}"
+    else:
+        if split not in ("train", "val", "test"):
+            raise DataError(f"Unknown split {split!r}; use val, test or train (or --data).")
+        all_records = read_splits(run / "splits.csv")
+        records = all_records[all_records["split"] == split].reset_index(drop=True)
+        if records.empty:
+            have = sorted(all_records["split"].unique())
+            raise DataError(f"The run's splits.csv has no {split!r} images (it has: "
+                            f"{', '.join(have)}). Train with data.test_fraction > 0 for a test "
+                            "split, or pass --data with a labelled test set.")
+        source, split_name = card.get("data", {}).get("source", str(run)), split
+        default_out = run / f"eval-{split}"
+    if records.empty:
+        raise DataError(f"No images to evaluate in {data}.")
+    cached = cache_images(records["path"].tolist(), size, cache_dir, progress=progress)
+    p_mel, probs = predict_arrays(model, cached, batch_size=batch_size, tta=tta)
+    metrics = score(records, p_mel, probs, threshold=threshold)
+    metrics.update({"split": split_name, "source": source, "tta": bool(tta), "run": str(run)})
+    write_outputs(Path(out).expanduser().resolve() if out else default_out, records, p_mel,
+                  probs, metrics)
+    return metrics

@@ -1,0 +1,577 @@
+"""``trainer fit``: records -> lesion-grouped splits -> cached images -> two-phase training ->
+a self-describing run directory (docs/ARTIFACTS.md).
+
+The run is built in ``<out>.partial/`` and renamed to ``<out>`` only when complete, so a failed
+run leaves no run directory. Each epoch writes ``checkpoints/last.keras`` + ``state.json``
+there; ``resume=True`` continues an interrupted run from its last completed epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from trainer.config import MAXIMISED_MONITORS, ConfigError, RunConfig
+from trainer.errors import DataError, RunDirError
+from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
+from trainer.run import (
+    CARD_SCHEMA_VERSION,
+    is_complete_run,
+    move_into_place,
+    now_iso,
+    partial_dir,
+    read_json,
+    versions,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+PHASES = ("head", "finetune")
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    card: dict[str, Any]
+    history: pd.DataFrame
+    best_epoch: int
+    epochs_run: int
+    wall_time_s: float
+
+
+# ---------------------------------------------------------------------------- preparation
+def _check_out(out: Path, work: Path, *, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise RunDirError(f"--out {out} exists and is a file; choose a folder path.")
+        if not overwrite:
+            what = "a complete run" if is_complete_run(out) else "a non-empty folder"
+            if is_complete_run(out) or any(out.iterdir()):
+                raise RunDirError(f"--out {out} already holds {what}; pass --overwrite to "
+                                  "replace it, or choose another --out.")
+    if (work / "checkpoints" / "state.json").is_file() and not overwrite:
+        raise RunDirError(f"An interrupted run for --out {out} exists at {work}. Continue it "
+                          "with --resume, or pass --overwrite to start over.")
+
+
+def _subsample(records: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
+    """At most ``limit`` rows, each class keeping its share (and at least 3 rows if it has)."""
+    if limit >= len(records):
+        return records
+    frac = limit / len(records)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for _, group in records.groupby("dx", sort=True):
+        n = min(len(group), max(3, int(round(frac * len(group)))))
+        keep.extend(rng.choice(group.index.to_numpy(), size=n, replace=False).tolist())
+    return records.loc[sorted(keep)].reset_index(drop=True)
+
+
+def prepare(config: RunConfig) -> tuple[Any, int, pd.DataFrame, str]:
+    """Cheap validation before anything heavy: backbone, size, weights file, data, splits.
+
+    Returns ``(backbone spec, input size, records with split, layout)``.
+    """
+    from trainer.backbones import get_backbone
+    from trainer.data import detect_layout, load_records, split_records
+
+    if not config.data.path:
+        raise ConfigError("No dataset given: pass --data PATH (or set data.path in the config; "
+                          "`trainer toy-data --out DIR` makes a small synthetic one).")
+    spec = get_backbone(config.model.backbone)
+    size = config.model.input_size or spec.default_size
+    if size < spec.min_size:
+        raise ConfigError(f"model.input_size={size} is too small for backbone "
+                          f"'{spec.name}' (needs >= {spec.min_size}; default "
+                          f"{spec.default_size}).")
+    w = config.model.weights
+    if w is not None and w != "imagenet" and not Path(w).is_file():
+        raise ConfigError(f"Weights file not found: {w}. Pass an existing file with --weights, "
+                          "'imagenet' (downloads the standard Keras weights) or 'none'.")
+    layout = config.data.layout
+    records = load_records(config.data.path, layout=layout, images=config.data.images)
+    if layout == "auto":
+        layout = detect_layout(config.data.path)
+    if config.data.limit:
+        records = _subsample(records, config.data.limit, config.data.split_seed)
+    if records["dx"].nunique() < 2:
+        raise DataError(f"The dataset at {config.data.path} has a single class "
+                        f"({records['dx'].iloc[0]!r}); training needs at least two.")
+    try:
+        records = split_records(records, val_fraction=config.data.val_fraction,
+                                test_fraction=config.data.test_fraction,
+                                seed=config.data.split_seed)
+    except DataError:
+        raise
+    except ValueError as e:  # bad fractions slipped past config validation
+        raise ConfigError(str(e)) from None
+    return spec, size, records, layout
+
+
+# ---------------------------------------------------------------------------- schedule
+def lr_at(config: RunConfig, epoch: int) -> float:
+    """Learning rate of global epoch ``epoch`` (0-based): head phase, then fine-tune."""
+    t = config.train
+    if epoch < t.head_epochs:
+        return t.head_lr
+    e = epoch - t.head_epochs
+    if e < t.warmup_epochs:
+        return t.lr * (e + 1) / (t.warmup_epochs + 1)
+    e -= t.warmup_epochs
+    total = max(1, t.epochs - t.warmup_epochs)
+    if t.schedule == "cosine":
+        return t.lr * 0.5 * (1 + math.cos(math.pi * e / total))
+    if t.schedule == "step":
+        return t.lr * t.step_gamma ** (e // max(1, t.step_epochs))
+    return t.lr
+
+
+def _phase_of(config: RunConfig, epoch: int) -> str:
+    return "head" if epoch < config.train.head_epochs else "finetune"
+
+
+def _gpu_visible() -> bool:
+    import keras
+
+    try:
+        return bool(keras.distribution.list_devices("gpu"))
+    except Exception:  # noqa: BLE001 - backends without device listing: assume no GPU
+        return False
+
+
+def _mixed_precision(config: RunConfig) -> bool:
+    mode = config.train.mixed_precision
+    return mode == "on" or (mode == "auto" and _gpu_visible())
+
+
+def val_loss(mel_true, p_mel, y_true, probs, *, label_smoothing: float,
+             loss_weights: dict[str, float]) -> float:
+    """The training loss formula (without class weights) on validation predictions."""
+    eps = 1e-7
+    p = np.clip(p_mel, eps, 1 - eps)
+    bce = -np.mean(mel_true * np.log(p) + (1 - mel_true) * np.log(1 - p))
+    k = probs.shape[1]
+    onehot = np.eye(k)[y_true] * (1 - label_smoothing) + label_smoothing / k
+    ce = -np.mean(np.sum(onehot * np.log(np.clip(probs, eps, 1.0)), axis=1))
+    return float(loss_weights["melanoma"] * bce + loss_weights["diagnosis"] * ce)
+
+
+# ---------------------------------------------------------------------------- callbacks
+def _callbacks(config, model, train_model, work, val_images, val_y, state, verbose, t_start):
+    import keras
+
+    from trainer.metrics import balanced_accuracy, roc_auc
+    from trainer.pipeline import MEL_INDEX, predict_arrays
+
+    ckpt = work / "checkpoints"
+    monitor = config.train.monitor
+    maximise = monitor in MAXIMISED_MONITORS
+    total = config.train.head_epochs + config.train.epochs
+    mel_true = (val_y == MEL_INDEX).astype(np.int64)
+
+    class EpochEnd(keras.callbacks.Callback):
+        """Validation metrics, history, best weights, early stopping and the checkpoint."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.time()
+            opt = train_model.optimizer
+            inner = getattr(opt, "inner_optimizer", opt)
+            inner.learning_rate = lr_at(config, epoch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            p_mel, probs = predict_arrays(model, val_images, batch_size=config.train.batch_size)
+            pred = probs.argmax(axis=1)
+            val = {
+                "val_loss": val_loss(mel_true, p_mel, val_y, probs,
+                                     label_smoothing=config.train.label_smoothing,
+                                     loss_weights=config.train.loss_weights),
+                "val_accuracy": float(np.mean(pred == val_y)),
+                "val_balanced_accuracy": balanced_accuracy(val_y, pred, len(DIAGNOSIS_LABELS)),
+                "val_melanoma_auc": roc_auc(mel_true, p_mel) if 0 < mel_true.sum() < len(
+                    mel_true) else float("nan"),
+            }
+            logs.update(val)
+            row = {"epoch": epoch + 1, "phase": _phase_of(config, epoch),
+                   "lr": lr_at(config, epoch), "loss": float(logs.get("loss", float("nan")))}
+            row.update({k: float(v) for k, v in sorted(logs.items())
+                        if not k.startswith("val_") and k != "loss"})
+            row.update(val)
+            row["time_s"] = round(time.time() - self._t0, 2)
+            state["history"].append(row)
+            pd.DataFrame(state["history"]).to_csv(work / "history.csv.tmp", index=False)
+            (work / "history.csv.tmp").replace(work / "history.csv")
+
+            value = val[monitor]
+            best = state["best_value"]
+            improved = math.isfinite(value) and (
+                best is None or (value > best if maximise else value < best))
+            if improved or state["best_epoch"] is None:
+                state["best_value"] = value if math.isfinite(value) else None
+                state["best_epoch"] = epoch + 1
+                model.save_weights(str(ckpt / "best.weights.h5"))
+            if row["phase"] == "finetune" and config.train.early_stopping_patience > 0:
+                if epoch + 1 - state["best_epoch"] >= config.train.early_stopping_patience:
+                    state["stopped_early"] = True
+                    train_model.stop_training = True
+            _save_last(model, train_model, ckpt)
+            state["epoch"] = epoch + 1
+            state["phase"] = row["phase"]
+            state["wall_time_s"] = state["wall_time_before_s"] + time.time() - t_start
+            write_json_atomic(ckpt / "state.json", _jsonable_state(state))
+            if verbose:
+                mark = " *best*" if improved else ""
+                stop = "  early stop" if state.get("stopped_early") else ""
+                print(f"epoch {epoch + 1}/{total} [{row['phase']}] lr {row['lr']:.2e} "
+                      f"loss {row.get('loss', float('nan')):.4f} val_loss {val['val_loss']:.4f} "
+                      f"val_bal_acc {val['val_balanced_accuracy']:.3f} "
+                      f"val_acc {val['val_accuracy']:.3f} "
+                      f"val_mel_auc {val['val_melanoma_auc']:.3f} ({row['time_s']:.1f}s)"
+                      f"{mark}{stop}", flush=True)
+
+    return [EpochEnd()]
+
+
+def _jsonable_state(state: dict) -> dict:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(state)
+
+
+def _build(config: RunConfig, size: int):
+    from trainer.errors import DermedgeError
+    from trainer.model import build_model
+
+    try:
+        return build_model(config.model.backbone, input_size=size,
+                           weights=config.model.weights, dropout=config.model.dropout)
+    except DermedgeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Keras raises a bare Exception on a failed download
+        if config.model.weights != "imagenet" or "fetch failure" not in str(e).lower():
+            raise
+        raise DermedgeError(f"Could not download the ImageNet weights for "
+                            f"'{config.model.backbone}' ({e}). Without internet, pass a local "
+                            "weights file with --weights PATH, or --weights none.") from None
+
+
+def _make_optimizer(config: RunConfig, lr: float):
+    import keras
+
+    t = config.train
+    wd = t.weight_decay or None
+    if t.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True,
+                                    weight_decay=wd)
+    if wd:
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=wd)
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def _compile(config: RunConfig, train_model, phase: str) -> None:
+    import keras
+
+    lr = config.train.head_lr if phase == "head" else config.train.lr
+    train_model.compile(
+        optimizer=_make_optimizer(config, lr),
+        loss={"melanoma": keras.losses.BinaryCrossentropy(),
+              "diagnosis": keras.losses.CategoricalCrossentropy(
+                  label_smoothing=config.train.label_smoothing)},
+        loss_weights=dict(config.train.loss_weights),
+    )
+
+
+def _save_last(model, train_model, ckpt: Path) -> None:
+    """``last.keras`` (the inference model: it shares every trained weight with the training
+    wrapper, whose augmentation layers hold none) + the optimizer state as ``.npz``.
+
+    Saving the training wrapper itself would be simpler, but Keras 3.15 cannot reload a
+    ``RandomShear`` layer from a ``.keras`` file.
+    """
+    tmp = ckpt / "last.tmp.keras"
+    model.save(str(tmp))
+    tmp.replace(ckpt / "last.keras")
+    opt = train_model.optimizer
+    arrays = {f"v{i:05d}": np.asarray(v) for i, v in enumerate(opt.variables)}
+    tmp = ckpt / "last_optimizer.tmp.npz"
+    np.savez(tmp, **arrays)
+    tmp.replace(ckpt / "last_optimizer.npz")
+
+
+def _restore(model, train_model, ckpt: Path, *, with_optimizer: bool) -> None:
+    """Weights (and optimizer state) of the last checkpoint into the freshly built models."""
+    model.load_weights(str(ckpt / "last.keras"))
+    if not with_optimizer:
+        return
+    opt = train_model.optimizer
+    opt.build(train_model.trainable_variables)
+    with np.load(ckpt / "last_optimizer.npz") as z:
+        src = [z[k] for k in sorted(z.files)]
+    if len(src) != len(opt.variables) or any(
+            tuple(a.shape) != tuple(v.shape) for a, v in zip(src, opt.variables, strict=True)):
+        raise RunDirError(f"The checkpoint in {ckpt} does not match this model's optimizer; "
+                          "start over with --overwrite.")
+    for dst, a in zip(opt.variables, src, strict=True):
+        dst.assign(a)
+
+
+# ---------------------------------------------------------------------------- fit
+def fit(config: RunConfig | None, out: str | Path, *, overwrite: bool = False,
+        resume: bool = False, callbacks: Sequence[Any] = (), verbose: int | None = None,
+        progress: bool | None = None) -> RunResult:
+    """Train ``config`` into the run directory ``out``; see the module docstring.
+
+    ``resume``: continue ``<out>.partial`` (``config`` may be None, else it must equal the
+    interrupted run's). ``callbacks``: extra Keras callbacks, run after the checkpoint.
+    ``verbose``: Keras verbosity (default 1 on a TTY, else 2; 0 silences the epoch log too).
+    """
+    from trainer.data import read_splits, write_splits
+
+    t_start = time.time()
+    out = Path(out).expanduser().resolve()
+    work = partial_dir(out)
+    state_path = work / "checkpoints" / "state.json"
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    if progress is None:
+        progress = bool(verbose)
+
+    if resume:
+        if not state_path.is_file():
+            raise RunDirError(f"Nothing to resume for --out {out}: no interrupted run at {work} "
+                              "(or it had not finished an epoch). Run without --resume.")
+        saved = RunConfig.from_yaml(work / "config.yaml")
+        if config is not None:
+            diff = _diff(config.resolved().to_dict(), saved.to_dict())
+            if diff:
+                raise ConfigError("--resume continues the interrupted run with its own config, "
+                                  f"but these settings differ: {'; '.join(diff[:6])}. Drop them "
+                                  "from the command line, or start over with --overwrite.")
+        config = saved
+        state = read_json(state_path)
+    else:
+        if config is None:
+            raise ConfigError("fit() needs a config unless resume=True.")
+        config = config.resolved()
+        config.validate()
+        _check_out(out, work, overwrite=overwrite)
+        state = None
+    if config.name is None:
+        import dataclasses
+
+        config = dataclasses.replace(config, name=out.name)
+
+    # Everything cheap and checkable happens before the first heavy step.
+    if resume:
+        from trainer.backbones import get_backbone
+
+        spec = get_backbone(config.model.backbone)
+        size = config.model.input_size or spec.default_size
+        records = read_splits(work / "splits.csv")
+        layout = state["layout"]
+    else:
+        spec, size, records, layout = prepare(config)
+        if work.exists():
+            shutil.rmtree(work)
+        (work / "checkpoints").mkdir(parents=True)
+    try:
+        if not resume:
+            write_splits(records, work / "splits.csv")
+            write_text_atomic(work / "config.yaml", config.to_yaml())
+            write_text_atomic(work / "labels.txt", "\n".join(DIAGNOSIS_LABELS) + "\n")
+        result = _train_and_write(config, out, work, spec, size, records, layout, state,
+                                  overwrite=overwrite, callbacks=callbacks, verbose=verbose,
+                                  progress=progress, t_start=t_start)
+    except BaseException:
+        # Keep the work dir only if it can be resumed (an epoch finished).
+        if work.exists() and not state_path.is_file():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    return result
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and k != "loss_weights":
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb and not (k == "name" and va is None):
+            out.append(f"{prefix}{k}: {vb!r} (interrupted run) vs {va!r} (now)")
+    return out
+
+
+def _train_and_write(config, out, work, spec, size, records, layout, state, *, overwrite,
+                     callbacks, verbose, progress, t_start) -> RunResult:
+    import keras
+
+    from trainer.data import cache_images
+    from trainer.evaluate import choose_threshold, score, write_outputs
+    from trainer.model import (
+        backbone_submodel,
+        build_augmenter,
+        build_model,
+        set_trainable,
+        training_model,
+    )
+    from trainer.pipeline import CachedDataset, labels_from_dx, predict_arrays
+
+    t = config.train
+    total = t.head_epochs + t.epochs
+    ckpt = work / "checkpoints"
+    train_rec = records[records["split"] == "train"].reset_index(drop=True)
+    val_rec = records[records["split"] == "val"].reset_index(drop=True)
+    train_y = labels_from_dx(train_rec["dx"])
+    val_y = labels_from_dx(val_rec["dx"])
+    if state is None:
+        state = {"version": STATE_VERSION, "epoch": 0, "phase": None, "best_epoch": None,
+                 "best_value": None, "monitor": t.monitor,
+                 "best_weights": "checkpoints/best.weights.h5", "stopped_early": False,
+                 "history": [], "layout": layout, "seed": config.seed,
+                 "split_seed": config.data.split_seed, "wall_time_before_s": 0.0,
+                 "wall_time_s": 0.0}
+    else:
+        state["wall_time_before_s"] = state.get("wall_time_s", 0.0)
+    start_epoch = int(state["epoch"])
+
+    train_images = cache_images(train_rec["path"].tolist(), size, config.data.cache_dir,
+                                workers=t.workers, progress=progress)
+    val_images = cache_images(val_rec["path"].tolist(), size, config.data.cache_dir,
+                              workers=t.workers, progress=progress)
+
+    mixed = _mixed_precision(config)
+    previous_policy = keras.mixed_precision.global_policy().name
+    try:
+        if mixed:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        # Seeds depend on where we start so a resumed run does not replay epoch 1's draws.
+        keras.utils.set_random_seed(config.seed + start_epoch)
+        model = _build(config, size)
+        if t.bn_momentum is not None:
+            for layer in backbone_submodel(model).layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = t.bn_momentum
+        a = config.augment
+        augmenter = (build_augmenter(flip=a.flip, rotation=a.rotation,
+                                     translation=a.translation, zoom=a.zoom, shear=a.shear,
+                                     brightness=a.brightness, contrast=a.contrast,
+                                     seed=config.seed) if a.enabled else None)
+        train_model = training_model(model, augmenter)
+
+        for phase in PHASES:
+            first = 0 if phase == "head" else t.head_epochs
+            last = t.head_epochs if phase == "head" else total
+            if last <= first or start_epoch >= last or state["stopped_early"]:
+                continue
+            set_trainable(model, phase, finetune_layers=t.finetune_layers,
+                          freeze_bn=t.freeze_bn)
+            _compile(config, train_model, phase)
+            begin = max(first, int(state["epoch"]))
+            if begin == start_epoch and start_epoch > 0:  # resuming in this session
+                _restore(model, train_model, ckpt,
+                         with_optimizer=state["phase"] == phase and begin > first)
+            data = CachedDataset(train_images, train_y, batch_size=t.batch_size, shuffle=True,
+                                 balance=t.class_balance, weight_method=t.class_weight_method,
+                                 resample_cap=t.resample_cap, seed=config.seed,
+                                 initial_epoch=begin, steps_per_epoch=t.steps_per_epoch,
+                                 workers=t.workers)
+            cbs = _callbacks(config, model, train_model, work, val_images, val_y, state,
+                             verbose, t_start) + list(callbacks)
+            train_model.fit(data, epochs=last, initial_epoch=begin, callbacks=cbs,
+                            verbose=verbose)
+
+        # Best weights back, then everything is measured on them.
+        best_path = ckpt / "best.weights.h5"
+        if best_path.is_file():
+            model.load_weights(str(best_path))
+        p_mel, probs = predict_arrays(model, val_images, batch_size=t.batch_size,
+                                      tta=t.tta)
+        threshold = choose_threshold(val_rec, p_mel, t.melanoma_threshold)
+        metrics = score(val_rec, p_mel, probs, threshold=threshold)
+        metrics.update({"split": "val", "source": config.data.path, "tta": bool(t.tta),
+                        "best_epoch": state["best_epoch"]})
+        history = pd.DataFrame(state["history"])
+        write_outputs(work, val_rec, p_mel, probs, metrics, predictions=False, report=False,
+                      history=history, best_epoch=state["best_epoch"])
+        if mixed:  # ship a float32 model: rebuild clean and copy the weights
+            keras.mixed_precision.set_global_policy("float32")
+            clean = build_model(config.model.backbone, input_size=size, weights=None,
+                                dropout=config.model.dropout)
+            clean.set_weights(model.get_weights())
+            model = clean
+        tmp = work / "model.tmp.keras"
+        model.save(str(tmp))
+        tmp.replace(work / "model.keras")
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    wall = state["wall_time_before_s"] + time.time() - t_start
+    card = _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed)
+    write_json_atomic(work / "model_card.json", card)
+    if not t.keep_checkpoints:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    move_into_place(work, out, overwrite=overwrite)
+    return RunResult(run_dir=out, metrics=metrics, card=card, history=history,
+                     best_epoch=state["best_epoch"], epochs_run=len(history), wall_time_s=wall)
+
+
+def _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed) -> dict:
+    import keras
+
+    from trainer.data import describe
+
+    d = describe(records)
+    mel = metrics["melanoma"]
+    return {
+        "schema_version": CARD_SCHEMA_VERSION,
+        "name": config.name,
+        "created": now_iso(),
+        "backbone": spec.name,
+        "weights": config.model.weights,
+        "input": {"name": "image", "shape": [size, size, 3], "dtype": "float32",
+                  "range": [0, 255], "color": "RGB", "resize": "center_crop_resize"},
+        "preprocessing": {"in_model": True, "mode": spec.preprocessing,
+                          "formula": spec.preprocessing_formula},
+        "heads": {
+            "melanoma": {"activation": "sigmoid", "labels": list(MELANOMA_LABELS),
+                         "threshold": float(threshold)},
+            "diagnosis": {"activation": "softmax", "labels": list(DIAGNOSIS_LABELS)},
+        },
+        "data": {"source": config.data.path, "layout": layout, "n_images": d["n_images"],
+                 "n_lesions": d.get("n_lesions"), "splits": d["splits"],
+                 "class_counts": {s: d["class_counts"][s] for s in ("train", "val", "test")}},
+        "config": config.to_dict(),
+        "training": {"epochs_run": len(state["history"]), "best_epoch": state["best_epoch"],
+                     "stopped_early": bool(state["stopped_early"]),
+                     "monitor": config.train.monitor,
+                     "wall_time_s": round(wall, 1), "backend": keras.backend.backend(),
+                     "device": "gpu" if _gpu_visible() else "cpu", "mixed_precision": mixed},
+        "metrics": {"val": {
+            "accuracy": metrics["accuracy"],
+            "balanced_accuracy": metrics["balanced_accuracy"],
+            "melanoma_auc": mel["auc"],
+            "melanoma_average_precision": mel["average_precision"],
+            "melanoma_sensitivity": mel["sensitivity"],
+            "melanoma_specificity": mel["specificity"],
+            "melanoma_threshold": mel["threshold"],
+        }},
+        "versions": versions(),
+    }
