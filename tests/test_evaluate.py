@@ -78,3 +78,21 @@ def test_evaluate_errors(trained_run, tmp_path):
         evaluate(trained_run.run_dir, split="test")
     with pytest.raises(DataError, match="does not exist"):
         evaluate(trained_run.run_dir, data=tmp_path / "missing")
+
+
+def test_operating_threshold_sits_between_scores_not_on_one():
+    """The chosen melanoma threshold keeps the optimum's decisions but no score lies on it."""
+    import numpy as np
+    import pandas as pd
+
+    from trainer.evaluate import choose_threshold
+    from trainer.metrics import sens_spec_at, threshold_youden
+
+    rng = np.random.default_rng(0)
+    dx = np.where(rng.random(200) < 0.2, "mel", "nv")
+    y = (dx == "mel").astype(int)
+    p = np.clip(rng.normal(0.3 + 0.4 * y, 0.15), 0, 1)
+    records = pd.DataFrame({"dx": dx})
+    t = choose_threshold(records, p, "youden")
+    assert not np.isclose(p, t, atol=1e-9).any()
+    assert sens_spec_at(y, p, t) == sens_spec_at(y, p, threshold_youden(y, p))

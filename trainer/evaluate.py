@@ -38,9 +38,17 @@ def choose_threshold(records: pd.DataFrame, p_mel: np.ndarray, spec: str | float
         t = threshold_youden(mel, p_mel)
     else:
         t = threshold_for_sensitivity(mel, p_mel, value)
-    # Undefined when the split has no melanoma (or only melanoma): fall back to 0.5. Kept
-    # inside (0, 1): a saturated sigmoid score of exactly 0 or 1 is not a usable threshold.
-    return float(np.clip(t, 1e-6, 1 - 1e-6)) if math.isfinite(t) else 0.5
+    if not math.isfinite(t):  # no melanoma (or only melanoma) in the split
+        return 0.5
+    # The optimum is one of the scores; move it halfway to the next lower score. Same decisions
+    # on this split, but no case sits exactly on the threshold, where float round-off (or a
+    # float16/int8 export) would flip it.
+    below = np.asarray(p_mel, dtype=np.float64)
+    below = below[below < t]
+    if below.size:
+        t = (t + float(below.max())) / 2.0
+    # Kept inside (0, 1): a saturated sigmoid score of exactly 0 or 1 is not a usable threshold.
+    return float(np.clip(t, 1e-6, 1 - 1e-6))
 
 
 def write_outputs(out_dir: str | Path, records: pd.DataFrame, p_mel: np.ndarray,

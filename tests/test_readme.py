@@ -1,0 +1,34 @@
+"""The README's first lines are the two set-up commands, and CI runs the test one verbatim."""
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_starts_with_two_setup_commands():
+    commands = _readme_commands()
+    assert len(commands) == 2
+    quickstart, tests = commands
+    assert "scripts/quickstart.sh" in quickstart
+    assert "pytest" in tests
+    for command in commands:
+        assert command.startswith("python3.11 -m venv .venv && ")
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert _readme_commands()[1] in ci
+
+
+def test_quickstart_script_exists_and_is_strict():
+    script = (REPO / "scripts" / "quickstart.sh").read_text()
+    assert "set -euo pipefail" in script
+    for step in ("trainer\" toy-data", "trainer\" fit", "trainer\" evaluate",
+                 "-m export tflite", "edge-demo\" predict"):
+        assert step in script, step
