@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import BundleError
 from .imaging import RESIZE_MODES, center_crop_resize
-from .tiers import CARD_FILE, _card_get, _read_card
+from .tiers import CARD_FILE, _card_get, _read_card, tier_answer
 
 KERAS_FILE = "model.keras"
 
@@ -71,11 +71,7 @@ class KerasTier:
         latency = (time.perf_counter() - t0) * 1000.0
         mel = float(np.asarray(out["melanoma"]).reshape(-1)[0])
         probs = np.asarray(out["diagnosis"], np.float64).reshape(-1)
-        diagnosis = {lab: float(p) for lab, p in zip(self.labels, probs, strict=True)}
-        top = max(diagnosis, key=diagnosis.__getitem__)
-        return {"melanoma": mel, "diagnosis": diagnosis,
-                "top": {"label": top, "probability": diagnosis[top]},
-                "latency_ms": round(latency, 3)}
+        return tier_answer(self.labels, mel, probs, latency)
 
     def warm_up(self) -> None:
         self.predict(np.zeros((self.image_size, self.image_size, 3), np.uint8))

@@ -80,6 +80,15 @@ def _card_get(card: dict, path: str, where: Path) -> Any:
     return node
 
 
+def tier_answer(labels, p_melanoma: float, probs, latency_ms: float) -> dict:
+    """The per-tier answer every tier returns: probabilities keyed by label, top class, latency."""
+    diagnosis = {lab: float(p) for lab, p in zip(labels, probs, strict=True)}
+    top = max(diagnosis, key=diagnosis.__getitem__)
+    return {"melanoma": float(p_melanoma), "diagnosis": diagnosis,
+            "top": {"label": top, "probability": diagnosis[top]},
+            "latency_ms": round(latency_ms, 3)}
+
+
 class Tier:
     """One export bundle, loaded once; ``predict`` is safe to call from several threads.
 
@@ -232,11 +241,7 @@ class Tier:
         latency = (time.perf_counter() - t0) * 1000.0
         mel = float(self._read("melanoma", out["melanoma"])[0])
         probs = self._read("diagnosis", out["diagnosis"])
-        diagnosis = {lab: float(p) for lab, p in zip(self.labels, probs, strict=True)}
-        top = max(diagnosis, key=diagnosis.__getitem__)
-        return {"melanoma": mel, "diagnosis": diagnosis,
-                "top": {"label": top, "probability": diagnosis[top]},
-                "latency_ms": round(latency, 3)}
+        return tier_answer(self.labels, mel, probs, latency)
 
     def warm_up(self) -> None:
         """Run every pooled interpreter once so the first request is not the slow one."""
