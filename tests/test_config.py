@@ -79,7 +79,7 @@ def test_unknown_keys_and_choices_get_suggestions(override, needle):
     ("data.val_fraction=1.5", "data.val_fraction"),
     ("train.melanoma_threshold=youdn", "melanoma_threshold"),
     ("train.melanoma_threshold=1.5", "melanoma_threshold"),
-    ("train.finetune_layers=some", "finetune_layers"),
+    ("train.finetune_layers=0", "finetune_layers"),
     ("train.loss_weights={melanoma: 1}", "loss_weights"),
     ("train", "section.key=value"),
 ])

@@ -244,6 +244,10 @@ def test_set_trainable_stages(tiny):
     assert count_params(tiny)["trainable"] == heads + int(np.prod(conv4.kernel.shape))
     assert not backbone_submodel(tiny).get_layer("block3_conv").trainable
 
+    # The same by the name of the first layer to train.
+    set_trainable(tiny, "finetune", finetune_layers="block4_conv")
+    assert count_params(tiny)["trainable"] == heads + int(np.prod(conv4.kernel.shape))
+
     set_trainable(tiny, "head")  # back again: the backbone is frozen once more
     assert count_params(tiny)["trainable"] == heads
 
@@ -253,6 +257,8 @@ def test_set_trainable_rejects_bad_arguments(tiny):
         set_trainable(tiny, "all")
     with pytest.raises(DermedgeError, match="finetune_layers"):
         set_trainable(tiny, "finetune", finetune_layers=0)
+    with pytest.raises(DermedgeError, match="Did you mean 'block4_conv'"):
+        set_trainable(tiny, "finetune", finetune_layers="block4_cnv")
 
 
 def test_head_stage_training_leaves_backbone_unchanged(tiny):

@@ -21,6 +21,7 @@ Optimizer = Literal["adam", "sgd"]
 Schedule = Literal["cosine", "step", "constant"]
 ClassBalance = Literal["weights", "resample", "both", "none"]
 MixedPrecision = Literal["auto", "on", "off"]
+Restore = Literal["best", "last", "average"]
 Monitor = Literal["val_balanced_accuracy", "val_melanoma_auc", "val_loss", "val_accuracy"]
 
 # Monitors where bigger is better; everything else is minimised.
@@ -58,6 +59,7 @@ class AugmentConfig:
     shear: float = 0.1
     brightness: float = 0.15
     contrast: float = 0.15
+    saturation: float = 0.0  # scale saturation by a factor in [1 - s, 1 + s]
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ class TrainConfig:
     step_gamma: float = 0.1
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
-    finetune_layers: Union[Literal["all"], int] = "all"  # noqa: UP007
+    # "all", a number of top backbone layers, or the name of the first backbone layer to train.
+    finetune_layers: Union[Literal["all"], int, str] = "all"  # noqa: UP007
     freeze_bn: bool = True
     # Override the backbone's BatchNorm momentum (None keeps it). Short runs from random init
     # with trainable BN need a faster one (0.9), or the moving statistics lag far behind.
@@ -87,6 +90,11 @@ class TrainConfig:
     )
     early_stopping_patience: int = 5  # fine-tune epochs without improvement; 0 disables
     monitor: Monitor = "val_balanced_accuracy"
+    # Weights the run keeps: the best epoch by `monitor` (early stopping applies), the last
+    # epoch, or the mean of the last `average_epochs` epochs' weights (checkpoint averaging:
+    # no selection on the validation split, so its scores stay honest).
+    restore: Restore = "best"
+    average_epochs: int = 3
     mixed_precision: MixedPrecision = "auto"
     melanoma_threshold: Union[str, float] = "youden"  # noqa: UP007
     tta: bool = False
@@ -188,6 +196,10 @@ class RunConfig:
         positive("train.workers", t.workers)
         positive("train.early_stopping_patience", t.early_stopping_patience, allow_zero=True)
         positive("train.resample_cap", t.resample_cap)
+        positive("train.average_epochs", t.average_epochs)
+        if t.restore == "average" and t.average_epochs > t.epochs:
+            raise ConfigError(f"`train.average_epochs` ({t.average_epochs}) exceeds the "
+                              f"fine-tune epochs ({t.epochs}); average at most train.epochs.")
         positive("model.dropout", self.model.dropout, allow_zero=True)
         if t.bn_momentum is not None and not 0 < t.bn_momentum < 1:
             raise ConfigError("`train.bn_momentum` must be in (0, 1) or null. "
@@ -198,8 +210,9 @@ class RunConfig:
             raise ConfigError("`train.label_smoothing` must be in [0, 1). "
                               f"Received: {t.label_smoothing!r}.")
         if isinstance(t.finetune_layers, int) and t.finetune_layers < 1:
-            raise ConfigError("`train.finetune_layers` must be 'all' or a positive number of "
-                              f"top backbone layers. Received: {t.finetune_layers!r}.")
+            raise ConfigError("`train.finetune_layers` must be 'all', a positive number of "
+                              "top backbone layers, or the name of the first backbone layer to "
+                              f"train. Received: {t.finetune_layers!r}.")
         if set(t.loss_weights) != {"melanoma", "diagnosis"}:
             raise ConfigError("`train.loss_weights` needs exactly the keys melanoma and "
                               f"diagnosis. Received: {sorted(t.loss_weights)}.")

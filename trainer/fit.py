@@ -221,7 +221,10 @@ def _callbacks(config, model, train_model, work, val_images, val_y, state, verbo
                 state["best_value"] = value if math.isfinite(value) else None
                 state["best_epoch"] = epoch + 1
                 model.save_weights(str(ckpt / "best.weights.h5"))
-            if row["phase"] == "finetune" and config.train.early_stopping_patience > 0:
+            if config.train.restore == "average" and epoch + 1 > total - config.train.average_epochs:
+                _accumulate_average(model, ckpt, state, epoch + 1)
+            if (row["phase"] == "finetune" and config.train.restore == "best"
+                    and config.train.early_stopping_patience > 0):
                 if epoch + 1 - state["best_epoch"] >= config.train.early_stopping_patience:
                     state["stopped_early"] = True
                     train_model.stop_training = True
@@ -241,6 +244,29 @@ def _callbacks(config, model, train_model, work, val_images, val_y, state, verbo
                       f"{mark}{stop}", flush=True)
 
     return [EpochEnd()]
+
+
+def _accumulate_average(model, ckpt: Path, state: dict, epoch: int) -> None:
+    """Add this epoch's weights to the running sum in ``average_sum.npz`` (resumable)."""
+    weights = model.get_weights()
+    done = state.setdefault("averaged_epochs", [])
+    if done:
+        with np.load(ckpt / "average_sum.npz") as z:
+            weights = [z[f"w{i:05d}"] + w for i, w in enumerate(weights)]
+    tmp = ckpt / "average_sum.tmp.npz"
+    np.savez(tmp, **{f"w{i:05d}": w for i, w in enumerate(weights)})
+    tmp.replace(ckpt / "average_sum.npz")
+    done.append(epoch)
+
+
+def _restore_final(model, ckpt: Path, state: dict, mode: str) -> None:
+    """Load the weights the run keeps (``train.restore``) into ``model``."""
+    if mode == "best" and (ckpt / "best.weights.h5").is_file():
+        model.load_weights(str(ckpt / "best.weights.h5"))
+    elif mode == "average" and state.get("averaged_epochs"):
+        n = len(state["averaged_epochs"])
+        with np.load(ckpt / "average_sum.npz") as z:
+            model.set_weights([z[f"w{i:05d}"] / n for i in range(len(z.files))])
 
 
 def _jsonable_state(state: dict) -> dict:
@@ -429,6 +455,7 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, o
         backbone_submodel,
         build_augmenter,
         build_model,
+        finetune_count,
         set_trainable,
         training_model,
     )
@@ -473,8 +500,11 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, o
         augmenter = (build_augmenter(flip=a.flip, rotation=a.rotation,
                                      translation=a.translation, zoom=a.zoom, shear=a.shear,
                                      brightness=a.brightness, contrast=a.contrast,
-                                     seed=config.seed) if a.enabled else None)
+                                     saturation=a.saturation, seed=config.seed)
+                     if a.enabled else None)
         train_model = training_model(model, augmenter)
+        if t.epochs:  # a bad train.finetune_layers fails now, not after the head epochs
+            finetune_count(model, t.finetune_layers)
 
         for phase in PHASES:
             first = 0 if phase == "head" else t.head_epochs
@@ -498,10 +528,8 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, o
             train_model.fit(data, epochs=last, initial_epoch=begin, callbacks=cbs,
                             verbose=verbose)
 
-        # Best weights back, then everything is measured on them.
-        best_path = ckpt / "best.weights.h5"
-        if best_path.is_file():
-            model.load_weights(str(best_path))
+        # The kept weights (best epoch, last, or averaged), then everything is measured on them.
+        _restore_final(model, ckpt, state, t.restore)
         p_mel, probs = predict_arrays(model, val_images, batch_size=t.batch_size,
                                       tta=t.tta)
         threshold = choose_threshold(val_rec, p_mel, t.melanoma_threshold)
@@ -561,7 +589,8 @@ def _card(config, spec, size, records, layout, state, metrics, threshold, wall, 
         "config": config.to_dict(),
         "training": {"epochs_run": len(state["history"]), "best_epoch": state["best_epoch"],
                      "stopped_early": bool(state["stopped_early"]),
-                     "monitor": config.train.monitor,
+                     "monitor": config.train.monitor, "restore": config.train.restore,
+                     "averaged_epochs": state.get("averaged_epochs", []),
                      "wall_time_s": round(wall, 1), "backend": keras.backend.backend(),
                      "device": "gpu" if _gpu_visible() else "cpu", "mixed_precision": mixed},
         "metrics": {"val": {

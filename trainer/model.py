@@ -71,6 +71,7 @@ def build_augmenter(
     shear: float = 0.1,
     brightness: float = 0.15,
     contrast: float = 0.15,
+    saturation: float = 0.0,
     seed: int | None = None,
 ) -> keras.Sequential:
     """Random geometric and photometric augmentation on 0-255 pixels, active only in training.
@@ -88,6 +89,7 @@ def build_augmenter(
         "shear": shear,
         "brightness": brightness,
         "contrast": contrast,
+        "saturation": saturation,
     }
     for name, value in factors.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -125,6 +127,10 @@ def build_augmenter(
                 contrast, value_range=(0, 255), seed=s(6), name="contrast", **common
             )
         )
+    if saturation:
+        from trainer.layers import RandomSaturationJitter
+
+        aug.append(RandomSaturationJitter(saturation, seed=s(7), name="saturation", **common))
     return keras.Sequential(aug, name="augmenter")
 
 
@@ -165,28 +171,18 @@ def set_trainable(
 ) -> None:
     """Freeze/unfreeze for a training stage; recompile afterwards.
 
-    ``"head"``: backbone frozen, heads trainable. ``"finetune"``: the top ``finetune_layers``
-    layers of the backbone (or ``"all"``) trainable; BatchNormalization layers stay frozen (so
-    they run in inference mode) when ``freeze_bn``. Preprocessing is always frozen.
+    ``"head"``: backbone frozen, heads trainable. ``"finetune"``: the backbone trainable from
+    ``finetune_layers`` up: ``"all"``, a number of top layers, or the name of the first
+    trainable layer (e.g. ``"block4_expand_conv"``: the stem and early stages stay frozen, which
+    also skips their backward pass). BatchNormalization layers stay frozen (so they run in
+    inference mode) when ``freeze_bn``. Preprocessing is always frozen.
     """
     if stage not in STAGES:
         raise DermedgeError(f"Unknown training stage '{stage}'. Use one of: {', '.join(STAGES)}.")
     backbone = backbone_submodel(model)
     body = [layer for layer in backbone.layers if not isinstance(layer, _input_layer_cls())]
     if stage == "finetune":
-        if finetune_layers == "all":
-            n = len(body)
-        elif (
-            isinstance(finetune_layers, int)
-            and not isinstance(finetune_layers, bool)
-            and finetune_layers > 0
-        ):
-            n = min(finetune_layers, len(body))
-        else:
-            raise DermedgeError(
-                "finetune_layers must be a positive integer or 'all'; "
-                f"received {finetune_layers!r}."
-            )
+        n = _n_finetune(body, finetune_layers)
     else:
         n = 0
 
@@ -202,6 +198,38 @@ def set_trainable(
     for layer in model.layers:
         if layer.name.startswith(PREPROCESS_PREFIX):
             layer.trainable = False
+
+
+def finetune_count(model: keras.Model, finetune_layers: int | str) -> int:
+    """How many top backbone layers ``finetune_layers`` makes trainable; raises on a bad spec."""
+    backbone = backbone_submodel(model)
+    body = [layer for layer in backbone.layers if not isinstance(layer, _input_layer_cls())]
+    return _n_finetune(body, finetune_layers)
+
+
+def _n_finetune(body: list, finetune_layers: int | str) -> int:
+    """How many top layers of the backbone ``body`` a ``finetune_layers`` spec makes trainable."""
+    if finetune_layers == "all":
+        return len(body)
+    if isinstance(finetune_layers, int) and not isinstance(finetune_layers, bool):
+        if finetune_layers > 0:
+            return min(finetune_layers, len(body))
+    elif isinstance(finetune_layers, str) and finetune_layers:
+        names = [layer.name for layer in body]
+        if finetune_layers in names:
+            return len(body) - names.index(finetune_layers)
+        import difflib
+
+        close = difflib.get_close_matches(finetune_layers, names, n=1, cutoff=0.6)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise DermedgeError(
+            f"finetune_layers={finetune_layers!r} is not a layer of this backbone.{hint} "
+            f"Layers run from '{names[0]}' to '{names[-1]}'."
+        )
+    raise DermedgeError(
+        "finetune_layers must be 'all', a positive number of top backbone layers, or the name "
+        f"of the first backbone layer to train; received {finetune_layers!r}."
+    )
 
 
 def _input_layer_cls():
