@@ -66,6 +66,26 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
 
     sub.add_parser("backbones", help="list the backbone registry (name, size, preprocessing)")
+
+    en = sub.add_parser("ensemble", help="combine finished runs (+ flip TTA) into one run",
+                        description="Average several finished runs' heads (and, by default, "
+                        "over four flips) in one model.keras, calibrated on the shared "
+                        "validation split: an ordinary run directory that export and the demo "
+                        "read like any other.")
+    en.add_argument("runs", nargs="+", metavar="RUN", help="member run directories (same "
+                    "input size and data split)")
+    en.add_argument("--out", required=True, help="run directory to create")
+    en.add_argument("--no-tta", action="store_true", help="members only, no flip averaging")
+    en.add_argument("--no-calibrate", action="store_true", help="skip temperature scaling")
+    en.add_argument("--name", help="name recorded in the model card")
+    en.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    ca = sub.add_parser("calibrate", help="temperature-scale a finished run's heads in place",
+                        description="Fit temperature scaling of both heads on the run's "
+                        "validation split and fold it into the head weights (for runs trained "
+                        "with train.calibrate: false). Rewrites model.keras, the melanoma "
+                        "threshold, metrics.json and the card.")
+    ca.add_argument("run", help="run directory written by `trainer fit`")
     return p
 
 
@@ -126,8 +146,38 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from trainer.ensemble import ensemble_runs
+    from trainer.evaluate import summary_table
+
+    card = ensemble_runs(args.runs, args.out, tta=not args.no_tta,
+                         calibrate=not args.no_calibrate, name=args.name,
+                         overwrite=args.overwrite)
+    e = card["ensemble"]
+    print(f"ensemble of {len(e['members'])} runs x {len(e['tta'])} views written to {args.out}; "
+          "validation:")
+    import json
+    from pathlib import Path
+
+    print(summary_table(json.loads((Path(args.out) / "metrics.json").read_text())))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from trainer.calibration import calibrate_run
+
+    c = calibrate_run(args.run)
+    t, before, after = c["temperature"], c["ece_before"], c["ece_after_crossfit"]
+    print(f"{args.run}: temperatures diagnosis {t['diagnosis']:.3f}, melanoma "
+          f"{t['melanoma']:.3f}; ECE diagnosis {before['diagnosis']:.3f} -> "
+          f"{after['diagnosis']:.3f}, melanoma {before['melanoma']:.3f} -> "
+          f"{after['melanoma']:.3f} (cross-fitted on the validation split)")
+    return 0
+
+
 COMMANDS = {"fit": cmd_fit, "evaluate": cmd_evaluate, "toy-data": cmd_toy_data,
-            "backbones": cmd_backbones}
+            "backbones": cmd_backbones,
+            "ensemble": cmd_ensemble, "calibrate": cmd_calibrate}
 
 
 def _error(message: str) -> int:

@@ -95,6 +95,8 @@ class TrainConfig:
     # no selection on the validation split, so its scores stay honest).
     restore: Restore = "best"
     average_epochs: int = 3
+    # Temperature scaling of both heads on the validation split, folded into the head weights.
+    calibrate: bool = True
     mixed_precision: MixedPrecision = "auto"
     melanoma_threshold: Union[str, float] = "youden"  # noqa: UP007
     tta: bool = False

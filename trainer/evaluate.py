@@ -25,6 +25,23 @@ def score(records: pd.DataFrame, p_mel: np.ndarray, probs: np.ndarray, *,
                                   mel_threshold=float(threshold))
 
 
+def card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of ``metrics`` that a model card carries under ``metrics.val``."""
+    mel = metrics["melanoma"]
+    return {
+        "accuracy": metrics["accuracy"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "melanoma_auc": mel["auc"],
+        "melanoma_average_precision": mel["average_precision"],
+        "melanoma_sensitivity": mel["sensitivity"],
+        "melanoma_specificity": mel["specificity"],
+        "melanoma_threshold": mel["threshold"],
+        "sensitivity_at_specificity_0.90": mel.get("sensitivity_at_specificity_0.90"),
+        "diagnosis_ece": metrics.get("diagnosis_ece"),
+        "melanoma_ece": mel.get("ece"),
+    }
+
+
 def choose_threshold(records: pd.DataFrame, p_mel: np.ndarray, spec: str | float) -> float:
     """The melanoma operating threshold on a (validation) set, from ``train.melanoma_threshold``."""
     from trainer.config import melanoma_threshold_spec

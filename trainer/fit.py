@@ -221,7 +221,8 @@ def _callbacks(config, model, train_model, work, val_images, val_y, state, verbo
                 state["best_value"] = value if math.isfinite(value) else None
                 state["best_epoch"] = epoch + 1
                 model.save_weights(str(ckpt / "best.weights.h5"))
-            if config.train.restore == "average" and epoch + 1 > total - config.train.average_epochs:
+            t = config.train
+            if t.restore == "average" and epoch + 1 > total - t.average_epochs:
                 _accumulate_average(model, ckpt, state, epoch + 1)
             if (row["phase"] == "finetune" and config.train.restore == "best"
                     and config.train.early_stopping_patience > 0):
@@ -459,7 +460,7 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, o
         set_trainable,
         training_model,
     )
-    from trainer.pipeline import CachedDataset, labels_from_dx, predict_arrays
+    from trainer.pipeline import MEL_INDEX, CachedDataset, labels_from_dx, predict_arrays
 
     t = config.train
     total = t.head_epochs + t.epochs
@@ -530,6 +531,14 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, o
 
         # The kept weights (best epoch, last, or averaged), then everything is measured on them.
         _restore_final(model, ckpt, state, t.restore)
+        calibration = None
+        if t.calibrate:  # temperatures from single-pass predictions, folded into the heads
+            from trainer.calibration import calibrate
+
+            p_mel, probs = predict_arrays(model, val_images, batch_size=t.batch_size)
+            calibration = calibrate(model, p_mel, probs, val_y, val_y == MEL_INDEX,
+                                    seed=config.seed)
+            state["calibration"] = calibration
         p_mel, probs = predict_arrays(model, val_images, batch_size=t.batch_size,
                                       tta=t.tta)
         threshold = choose_threshold(val_rec, p_mel, t.melanoma_threshold)
@@ -565,9 +574,9 @@ def _card(config, spec, size, records, layout, state, metrics, threshold, wall, 
     import keras
 
     from trainer.data import describe
+    from trainer.evaluate import card_metrics
 
     d = describe(records)
-    mel = metrics["melanoma"]
     return {
         "schema_version": CARD_SCHEMA_VERSION,
         "name": config.name,
@@ -593,14 +602,7 @@ def _card(config, spec, size, records, layout, state, metrics, threshold, wall, 
                      "averaged_epochs": state.get("averaged_epochs", []),
                      "wall_time_s": round(wall, 1), "backend": keras.backend.backend(),
                      "device": "gpu" if _gpu_visible() else "cpu", "mixed_precision": mixed},
-        "metrics": {"val": {
-            "accuracy": metrics["accuracy"],
-            "balanced_accuracy": metrics["balanced_accuracy"],
-            "melanoma_auc": mel["auc"],
-            "melanoma_average_precision": mel["average_precision"],
-            "melanoma_sensitivity": mel["sensitivity"],
-            "melanoma_specificity": mel["specificity"],
-            "melanoma_threshold": mel["threshold"],
-        }},
+        "calibration": state.get("calibration"),
+        "metrics": {"val": card_metrics(metrics)},
         "versions": versions(),
     }

@@ -1,0 +1,235 @@
+"""Temperature scaling (Guo et al., 2017) for both heads, folded into the model's weights.
+
+A head ``Dense(k, softmax|sigmoid)`` computes ``f(W x + b)``; temperature scaling replaces the
+logits ``z`` by ``z / T``. That is the same layer with ``W / T`` and ``b / T``, so the
+calibrated model has the same graph, loads without custom objects and survives every TFLite
+export mode. Argmax and ranking do not change: balanced accuracy and AUC are untouched; only
+the probabilities (and so the calibration error and any probability threshold) move.
+
+The temperatures are fitted by minimising the (unweighted) negative log-likelihood on the
+validation split, recovering the logits from the probabilities: ``log p`` for the softmax (the
+logits up to a per-row constant, which softmax ignores), ``logit(p)`` for the sigmoid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+# Clips before the logs (float64): softmax outputs may underflow to 0; a sigmoid's 1 - p needs
+# a margin from 1.
+SOFTMAX_EPS, SIGMOID_EPS = 1e-300, 1e-12
+# Temperatures searched: wide enough for any sane model, bounded so a degenerate split
+# (one class, perfect separation) cannot send T to 0 or infinity.
+T_MIN, T_MAX = 0.05, 20.0
+HEAD_LAYERS = {"diagnosis": "diagnosis", "melanoma": "melanoma"}
+
+
+def _softmax_logits(probs: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(np.asarray(probs, np.float64), SOFTMAX_EPS, 1.0))
+
+
+def _sigmoid_logits(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), SIGMOID_EPS, 1 - SIGMOID_EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def softmax_nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """NLL of ``mean over passes of softmax(logits / T)``; ``logits`` is (N, K) or (P, N, K)
+    (P passes averaged: ensemble members, flips)."""
+    p = _softmax(logits, temperature)
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-300, None))))
+
+
+def sigmoid_nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """NLL of ``mean over passes of sigmoid(logits / T)``; ``logits`` is (N,) or (P, N)."""
+    z = np.asarray(logits, np.float64)
+    if z.ndim == 1:  # one pass: the numerically stable closed form
+        z = z / temperature
+        return float(np.mean(np.logaddexp(0.0, z) - y * z))
+    p = _sigmoid(z, temperature)
+    return float(-np.mean(y * np.log(np.clip(p, 1e-300, None))
+                          + (1 - y) * np.log(np.clip(1 - p, 1e-300, None))))
+
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(logits, np.float64) / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    p = e / e.sum(axis=-1, keepdims=True)
+    return p.mean(axis=0) if p.ndim == 3 else p
+
+
+def _sigmoid(logits: np.ndarray, temperature: float) -> np.ndarray:
+    p = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64) / temperature))
+    return p.mean(axis=0) if p.ndim == 2 else p
+
+
+def _minimise(f, lo: float = T_MIN, hi: float = T_MAX, iters: int = 60) -> float:
+    """Golden-section search over log T (the NLL is unimodal in T for both heads)."""
+    a, b = math.log(lo), math.log(hi)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(math.exp(c)), f(math.exp(d))
+    for _ in range(iters):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(math.exp(c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(math.exp(d))
+    return math.exp((a + b) / 2)
+
+
+def fit_temperature_softmax(probs: np.ndarray, y: np.ndarray) -> float:
+    """T minimising the NLL of ``softmax(log probs / T)`` (averaged over passes, if ``probs``
+    is (P, N, K)) for class indices ``y``."""
+    y = np.asarray(y, np.int64).reshape(-1)
+    if len(y) == 0:
+        return 1.0
+    z = _softmax_logits(probs)
+    return _minimise(lambda t: softmax_nll(z, y, t))
+
+
+def fit_temperature_sigmoid(p: np.ndarray, y: np.ndarray) -> float:
+    """T minimising the NLL of ``sigmoid(logit(p) / T)`` (averaged over passes, if ``p`` is
+    (P, N)) for 0/1 outcomes ``y``."""
+    y = np.asarray(y, np.float64).reshape(-1)
+    if len(y) == 0 or y.min() == y.max():
+        return 1.0  # one class only: nothing to calibrate against
+    z = _sigmoid_logits(p)
+    return _minimise(lambda t: sigmoid_nll(z, y, t))
+
+
+def apply_softmax(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated (N, K) probabilities from (N, K) or (P, N, K) per-pass probabilities."""
+    return _softmax(_softmax_logits(probs), temperature)
+
+
+def apply_sigmoid(p: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated (N,) probabilities from (N,) or (P, N) per-pass probabilities."""
+    return _sigmoid(_sigmoid_logits(p), temperature)
+
+
+def fold_temperatures(heads_of, temperatures: dict[str, float]) -> None:
+    """Divide each head's kernel and bias by its temperature, in place. ``heads_of`` is a
+    model whose head layers are named ``melanoma``/``diagnosis``, or a list of such models
+    (the members of an ensemble, whose outputs are averaged)."""
+    models = heads_of if isinstance(heads_of, list | tuple) else [heads_of]
+    for model in models:
+        for head, t in temperatures.items():
+            layer = model.get_layer(HEAD_LAYERS[head])
+            kernel, bias = layer.get_weights()
+            layer.set_weights([kernel / t, bias / t])
+
+
+def calibrate(model, p_mel: np.ndarray, probs: np.ndarray, y: np.ndarray, mel: np.ndarray,
+              *, seed: int = 0) -> dict[str, Any]:
+    """Fit both temperatures on validation predictions, fold them into ``model`` (a model, or
+    the list of ensemble members whose per-pass outputs are ``p_mel`` (P, N) / ``probs``
+    (P, N, K)), and report the expected calibration error before and after.
+
+    ``ece_after`` is measured on the split the temperatures were fitted on (optimistic);
+    ``ece_after_crossfit`` fits on one half and measures on the other (two folds, seeded), an
+    honest estimate of what the fitted temperatures do on unseen images.
+    """
+    from trainer.metrics import expected_calibration_error as ece
+
+    y = np.asarray(y, np.int64).reshape(-1)
+    mel = np.asarray(mel, np.int64).reshape(-1)
+    p_mel = np.asarray(p_mel, np.float64)
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim == 2:  # one pass
+        probs, p_mel = probs[None], p_mel.reshape(1, -1)
+    t_diag = fit_temperature_softmax(probs, y)
+    t_mel = fit_temperature_sigmoid(p_mel, mel)
+
+    # Two-fold cross-fit: temperatures from one half, errors measured on the other.
+    fold = np.random.default_rng(seed).permutation(len(y)) % 2
+    cf_probs, cf_mel = np.empty(probs.shape[1:]), np.empty(p_mel.shape[1:])
+    for k in (0, 1):
+        fit_on, test_on = fold != k, fold == k
+        td = fit_temperature_softmax(probs[:, fit_on], y[fit_on])
+        tm = fit_temperature_sigmoid(p_mel[:, fit_on], mel[fit_on])
+        cf_probs[test_on] = apply_softmax(probs[:, test_on], td)
+        cf_mel[test_on] = apply_sigmoid(p_mel[:, test_on], tm)
+
+    fold_temperatures(model, {"diagnosis": t_diag, "melanoma": t_mel})
+    before_probs, before_mel = probs.mean(axis=0), p_mel.mean(axis=0)
+    after_probs, after_mel = apply_softmax(probs, t_diag), apply_sigmoid(p_mel, t_mel)
+    zd, zm = _softmax_logits(probs), _sigmoid_logits(p_mel)
+    return {
+        "method": "temperature scaling, folded into the head weights",
+        "fitted_on": "val",
+        "n": int(len(y)),
+        "temperature": {"diagnosis": t_diag, "melanoma": t_mel},
+        "ece_before": {"diagnosis": ece(before_probs, y), "melanoma": ece(before_mel, mel)},
+        "ece_after": {"diagnosis": ece(after_probs, y), "melanoma": ece(after_mel, mel)},
+        "ece_after_crossfit": {"diagnosis": ece(cf_probs, y), "melanoma": ece(cf_mel, mel)},
+        "nll_before": {"diagnosis": softmax_nll(zd, y, 1.0), "melanoma": sigmoid_nll(zm, mel, 1.0)},
+        "nll_after": {"diagnosis": softmax_nll(zd, y, t_diag),
+                      "melanoma": sigmoid_nll(zm, mel, t_mel)},
+    }
+
+
+def calibrate_run(run_dir, *, batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Calibrate a finished run that was trained with ``train.calibrate: false`` (or before
+    calibration existed): fit on its validation split, fold, and rewrite ``model.keras``, the
+    melanoma threshold, ``metrics.json`` and the card. Returns the card's calibration section."""
+    import shutil
+    from pathlib import Path
+
+    from trainer.data import cache_images, read_splits
+    from trainer.errors import RunDirError
+    from trainer.evaluate import card_metrics, choose_threshold, score, write_outputs
+    from trainer.pipeline import MEL_INDEX, labels_from_dx, predict_arrays
+    from trainer.run import load_run, move_into_place, partial_dir, write_json_atomic
+
+    run = Path(run_dir).expanduser().resolve()
+    model, card = load_run(run)
+    if card.get("calibration"):
+        t = card["calibration"]["temperature"]
+        raise RunDirError(f"{run} is already calibrated (temperatures diagnosis="
+                          f"{t['diagnosis']:.3f}, melanoma={t['melanoma']:.3f}); calibrating "
+                          "twice would fit on predictions that already use them.")
+    if card.get("backbone") == "ensemble":
+        raise RunDirError(f"{run} is an ensemble: rebuild it with `trainer ensemble` (which "
+                          "calibrates) instead.")
+    records = read_splits(run / "splits.csv")
+    val = records[records["split"] == "val"].reset_index(drop=True)
+    size = int(card["input"]["shape"][0])
+    images = cache_images(val["path"].tolist(), size, None, progress=progress)
+    y = labels_from_dx(val["dx"])
+    p_mel, probs = predict_arrays(model, images, batch_size=batch_size)
+    section = calibrate(model, p_mel, probs, y, y == MEL_INDEX,
+                        seed=int(card.get("config", {}).get("seed", 0) or 0))
+    p_mel, probs = predict_arrays(model, images, batch_size=batch_size)
+    spec = card.get("config", {}).get("train", {}).get("melanoma_threshold", "youden")
+    threshold = choose_threshold(val, p_mel, spec)
+    metrics = score(val, p_mel, probs, threshold=threshold)
+    old = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() \
+        else {}
+    metrics.update({k: old[k] for k in ("split", "source", "best_epoch") if k in old})
+    metrics["tta"] = False
+    card["calibration"] = section
+    card["heads"]["melanoma"]["threshold"] = float(threshold)
+    card.setdefault("metrics", {})["val"] = card_metrics(metrics)
+    # Rewrite a copy and swap it in: an interruption leaves the run as it was.
+    work = partial_dir(run)
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(run, work)
+    try:
+        model.save(str(work / "model.keras"))
+        write_outputs(work, val, p_mel, probs, metrics, predictions=False, report=False)
+        write_json_atomic(work / "model_card.json", card)
+        move_into_place(work, run, overwrite=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return section
