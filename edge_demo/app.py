@@ -11,6 +11,8 @@ Config keys (defaults < ``EDGE_DEMO_<KEY>`` environment variables < the ``config
                       explicit opt-in that stores every upload as ``<request_id>.<ext>``.
 ``INTERPRETERS``      LiteRT interpreters per tier (default 4: one per server thread)
 ``LOG_JSON``          one JSON line per request on the ``edge_demo.request`` logger (default on)
+``EXPLAIN_RUN``       optional; a ``trainer fit`` run directory: enables Grad-CAM heatmaps
+                      (``?explain=1``) on its float ``model.keras``; needs TensorFlow + Keras
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from flask import Blueprint, Flask, Request, current_app, g, jsonify, render_tem
 from werkzeug.exceptions import HTTPException
 
 from .errors import EdgeDemoError, RequestError
+from .explain import NOT_ENABLED, explain_head
+from .imaging import decode_upload
 from .service import DEFAULT_MAX_PIXELS, DemoService
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -42,6 +46,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "SAVE_UPLOADS_DIR": None,
     "INTERPRETERS": 4,
     "LOG_JSON": True,
+    "EXPLAIN_RUN": None,
 }
 _INT_KEYS = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "INTERPRETERS")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -100,8 +105,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     save_dir = app.config["SAVE_UPLOADS_DIR"]
     if save_dir:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-    app.extensions["edge_demo"] = {"service": service, "ready": False}
+    explainer = None
+    if app.config["EXPLAIN_RUN"]:  # imports TensorFlow only when enabled
+        from .explain import Explainer
+
+        explainer = Explainer(app.config["EXPLAIN_RUN"])
+    app.extensions["edge_demo"] = {"service": service, "ready": False, "explainer": explainer}
     service.warm_up()
+    if explainer is not None:
+        explainer.warm_up()
     app.extensions["edge_demo"]["ready"] = True
     if app.config["LOG_JSON"] and not request_log.handlers:
         handler = _StderrHandler()
@@ -261,9 +273,30 @@ def _maybe_save(data: bytes) -> None:
     os.replace(tmp, dest)
 
 
+def _explain_head() -> str | None:
+    """``?explain=`` checked before any work: 400 when malformed, 501 when not enabled."""
+    head = explain_head(request.args.get("explain"))
+    if head is not None and current_app.extensions["edge_demo"]["explainer"] is None:
+        raise RequestError(NOT_ENABLED, status=501, code="explain_not_enabled")
+    return head
+
+
+def _add_explanation(body: dict[str, Any], data: bytes, head: str, answer: dict) -> None:
+    """Grad-CAM for the class of the final ``answer`` (cloud when used, else device)."""
+    t0 = time.perf_counter()
+    image = decode_upload(data, max_pixels=_service().max_pixels)
+    explainer = current_app.extensions["edge_demo"]["explainer"]
+    body["explanation"] = explainer.explain(image, head, answer["top"]["label"])
+    body["timings_ms"]["explain"] = round((time.perf_counter() - t0) * 1000.0, 3)
+
+
 @api.post("/classify")
 def classify():
-    body = _service().classify(_upload_bytes())
+    head = _explain_head()
+    data = _upload_bytes()
+    body = _service().classify(data)
+    if head is not None:
+        _add_explanation(body, data, head, body["cloud"] or body["device"])
     g.tier_path = body["tier_path"]
     body["request_id"] = g.request_id
     return jsonify(body)
@@ -275,7 +308,11 @@ def cloud_classify():
     if svc.cloud is None:
         raise RequestError("No cloud tier is loaded on this server (start it with --cloud).",
                            status=404, code="no_cloud_tier")
-    body = svc.classify_cloud(_upload_bytes())
+    head = _explain_head()
+    data = _upload_bytes()
+    body = svc.classify_cloud(data)
+    if head is not None:
+        _add_explanation(body, data, head, body["cloud"])
     g.tier_path = "cloud"
     body["request_id"] = g.request_id
     return jsonify(body)
@@ -283,11 +320,14 @@ def cloud_classify():
 
 @api.get("/models")
 def models():
-    return jsonify(_service().models())
+    explainer = current_app.extensions["edge_demo"]["explainer"]
+    return jsonify({**_service().models(),
+                    "explain": explainer.summary() if explainer is not None else None})
 
 
 @page.get("/")
 def index():
     svc = _service()
     return render_template("index.html", service=svc,
-                           defaults=svc.policy.source == "defaults")
+                           defaults=svc.policy.source == "defaults",
+                           explainer=current_app.extensions["edge_demo"]["explainer"])

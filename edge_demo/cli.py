@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=4, help="waitress worker threads")
     s.add_argument("--max-mb", type=float, default=10.0, help="upload size limit in MB")
     s.add_argument("--save-uploads-dir", help="OPT-IN: store every upload in this folder")
+    s.add_argument("--explain", metavar="RUN_DIR", help="enable Grad-CAM heatmaps (?explain=1)"
+                   " from this `trainer fit` run directory's model.keras (needs TensorFlow)")
 
     r = sub.add_parser("predict", help="classify image files and print JSON")
     r.add_argument("--device", required=True)
@@ -60,11 +62,13 @@ def serve(args: argparse.Namespace) -> int:
     config = {"DEVICE_BUNDLE": args.device, "CLOUD_BUNDLE": args.cloud,
               "POLICY_FILE": args.policy, "INTERPRETERS": args.threads,
               "MAX_CONTENT_LENGTH": int(args.max_mb * 1024 * 1024),
-              "SAVE_UPLOADS_DIR": args.save_uploads_dir}
+              "SAVE_UPLOADS_DIR": args.save_uploads_dir, "EXPLAIN_RUN": args.explain}
     app = create_app({k: v for k, v in config.items() if v is not None})
     svc = app.extensions["edge_demo"]["service"]
+    explainer = app.extensions["edge_demo"]["explainer"]
     print(f"edge-demo: device={svc.device.name} ({svc.device.mode})"
           f" cloud={svc.cloud.name if svc.cloud else 'none'} policy={svc.policy.source}"
+          f" explain={explainer.name if explainer else 'off'}"
           f" on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     if args.save_uploads_dir:
         print(f"edge-demo: saving every upload to {args.save_uploads_dir} (opt-in)",

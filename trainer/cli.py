@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--input-size", type=int, help="input side in pixels")
     g.add_argument("--epochs", type=int, help="fine-tune epochs (after the head warm-up)")
     g.add_argument("--head-epochs", type=int, help="head warm-up epochs (backbone frozen)")
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batch-size", type=int, help="global batch (split over the replicas)")
+    g.add_argument("--distribute", metavar="MODE", help="auto (default), none, mirrored (this "
+                   "machine's GPUs), or multi-worker (machines listed in TF_CONFIG)")
     g.add_argument("--lr", type=float, help="fine-tune learning rate")
     g.add_argument("--seed", type=int)
     g.add_argument("--name", help="run name recorded in the model card")
@@ -57,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", action="store_true", help="average over flips")
     e.add_argument("--out", help="output folder (default <run>/eval-<split>)")
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--gallery", type=int, default=4, metavar="N",
+                   help="Grad-CAM gallery: N correct and N wrong cases per class in gallery/ "
+                   "(default 4)")
+    e.add_argument("--no-gallery", action="store_true", help="skip the Grad-CAM gallery")
 
     t = sub.add_parser("toy-data", help="write the synthetic toy-lesion dataset")
     t.add_argument("--out", required=True)
@@ -66,6 +72,24 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
 
     sub.add_parser("backbones", help="list the backbone registry (name, size, preprocessing)")
+
+    # --- trainer explain (Grad-CAM, trainer/explain.py) ---
+    x = sub.add_parser("explain", help="Grad-CAM heatmaps of a run's model over photos",
+                       description="Write one Grad-CAM overlay PNG per photo (the heatmap on "
+                       "the centre crop the model sees, mapped back onto the photo) and "
+                       "index.csv into --out.")
+    x.add_argument("run", help="run directory written by `trainer fit`")
+    x.add_argument("images", nargs="+", metavar="IMAGE", help="photos (JPEG/PNG)")
+    x.add_argument("--out", required=True, help="folder to write (a previous explain folder "
+                   "there is replaced)")
+    x.add_argument("--head", default="diagnosis", help="diagnosis (default) or melanoma")
+    x.add_argument("--class", dest="class_name", metavar="LABEL",
+                   help="diagnosis class to explain, e.g. mel (default: the predicted class)")
+    x.add_argument("--layer", help="backbone feature-map layer (default: the backbone's last "
+                   "conv block, e.g. top_activation for efficientnet_lite0)")
+    x.add_argument("--max-side", type=int, default=1024,
+                   help="longest side of the PNGs in pixels (default 1024)")
+    # --- end trainer explain ---
 
     en = sub.add_parser("ensemble", help="combine finished runs (+ flip TTA) into one run",
                         description="Average several finished runs' heads (and, by default, "
@@ -95,7 +119,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     flags = {"data": args.data, "layout": args.layout, "backbone": args.backbone,
              "weights": args.weights, "input_size": args.input_size, "epochs": args.epochs,
              "head_epochs": args.head_epochs, "batch_size": args.batch_size, "lr": args.lr,
-             "seed": args.seed, "name": args.name}
+             "seed": args.seed, "name": args.name, "distribute": args.distribute}
     if flags["weights"] is not None and flags["weights"].lower() in ("none", "null", ""):
         flags["weights"] = "none"
     given = args.config or args.overrides or any(v is not None for v in flags.values())
@@ -109,6 +133,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     m = result.metrics
     from trainer.evaluate import summary_table
 
+    if not result.is_chief:
+        print(f"\nworker finished; the chief writes the run to {result.run_dir}")
+        return 0
     print(f"\nrun written to {result.run_dir} ({result.epochs_run} epochs, best "
           f"{result.best_epoch}, {result.wall_time_s:.0f}s); validation:")
     print(summary_table(m))
@@ -119,7 +146,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate, summary_table
 
     m = evaluate(args.run, data=args.data, layout=args.layout, images=args.images,
-                 split=args.split, tta=args.tta, out=args.out, batch_size=args.batch_size)
+                 split=args.split, tta=args.tta, out=args.out, batch_size=args.batch_size,
+                 gallery=0 if args.no_gallery else args.gallery)
     print(f"{m['source']} ({m['split']}):")
     print(summary_table(m))
     return 0
@@ -175,8 +203,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- trainer explain ---
+def cmd_explain(args: argparse.Namespace) -> int:
+    from trainer.explain import explain_images
+
+    rows = explain_images(args.run, args.images, args.out, head=args.head,
+                          class_name=args.class_name, layer=args.layer, max_side=args.max_side)
+    for r in rows:
+        print(f"{r['png']}: {r['head']} {r['class']} p={r['probability']:.3f} "
+              f"(predicted {r['predicted']} {r['predicted_probability']:.3f})")
+    print(f"{len(rows)} heatmaps (layer {rows[0]['layer']}) written to {args.out}")
+    return 0
+# --- end trainer explain ---
+
+
 COMMANDS = {"fit": cmd_fit, "evaluate": cmd_evaluate, "toy-data": cmd_toy_data,
-            "backbones": cmd_backbones,
+            "backbones": cmd_backbones, "explain": cmd_explain,
             "ensemble": cmd_ensemble, "calibrate": cmd_calibrate}
 
 

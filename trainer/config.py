@@ -23,6 +23,8 @@ ClassBalance = Literal["weights", "resample", "both", "none"]
 MixedPrecision = Literal["auto", "on", "off"]
 Restore = Literal["best", "last", "average"]
 Monitor = Literal["val_balanced_accuracy", "val_melanoma_auc", "val_loss", "val_accuracy"]
+Distribute = Literal["auto", "none", "mirrored", "multi-worker"]  # trainer/distribute.py
+LrScaling = Literal["none", "linear", "sqrt"]
 
 # Monitors where bigger is better; everything else is minimised.
 MAXIMISED_MONITORS = frozenset({"val_balanced_accuracy", "val_melanoma_auc", "val_accuracy"})
@@ -64,7 +66,14 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch: split evenly over the replicas when distributed
+    # Data parallelism (trainer/distribute.py): auto, none, mirrored (this machine's devices),
+    # multi-worker (tf.distribute across machines, configured by TF_CONFIG).
+    distribute: Distribute = "auto"
+    # Scale head_lr and lr by batch_size / lr_reference_batch ("linear") or its square root;
+    # lr_reference_batch is the batch size the learning rates were tuned for.
+    lr_scaling: LrScaling = "none"
+    lr_reference_batch: int | None = None
     head_epochs: int = 2
     epochs: int = 15
     optimizer: Optimizer = "adam"
@@ -192,6 +201,14 @@ class RunConfig:
             raise ConfigError("`train.head_epochs` + `train.epochs` is 0: nothing to train. "
                               "Set train.epochs (fine-tune epochs) to at least 1.")
         positive("train.head_lr", t.head_lr)
+        if t.lr_reference_batch is not None:
+            positive("train.lr_reference_batch", t.lr_reference_batch)
+        elif t.lr_scaling != "none":
+            raise ConfigError(f"`train.lr_scaling={t.lr_scaling!r}` scales the learning rates by "
+                              "train.batch_size / train.lr_reference_batch, but "
+                              "train.lr_reference_batch is not set. Set it to the global batch "
+                              "your learning rates were tuned for (e.g. --set "
+                              "train.lr_reference_batch=32), or set train.lr_scaling=none.")
         positive("train.lr", t.lr)
         positive("train.warmup_epochs", t.warmup_epochs, allow_zero=True)
         positive("train.weight_decay", t.weight_decay, allow_zero=True)
@@ -244,6 +261,7 @@ FLAG_KEYS = {
     "epochs": "train.epochs",
     "head_epochs": "train.head_epochs",
     "batch_size": "train.batch_size",
+    "distribute": "train.distribute",
     "lr": "train.lr",
     "seed": "seed",
     "name": "name",

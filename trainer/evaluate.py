@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from trainer.errors import DataError
+from trainer.errors import DataError, DermedgeError
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
+
+GALLERY_PER_CLASS = 4  # Grad-CAM gallery: cases per true class and kind (issue 7)
 
 
 def score(records: pd.DataFrame, p_mel: np.ndarray, probs: np.ndarray, *,
@@ -71,8 +73,11 @@ def choose_threshold(records: pd.DataFrame, p_mel: np.ndarray, spec: str | float
 def write_outputs(out_dir: str | Path, records: pd.DataFrame, p_mel: np.ndarray,
                   probs: np.ndarray, metrics: dict[str, Any], *, predictions: bool = True,
                   report: bool = True, history: pd.DataFrame | None = None,
-                  best_epoch: int | None = None) -> None:
-    """metrics.json, predictions*.csv, report.md and plots/ under ``out_dir``."""
+                  best_epoch: int | None = None,
+                  gallery: dict[str, str] | str | None = None) -> None:
+    """metrics.json, predictions*.csv, report.md and plots/ under ``out_dir``; ``gallery``
+    (``{class: png}`` from ``trainer.explain.write_gallery``, or why it was skipped) is linked
+    from report.md."""
     from trainer import plots
     from trainer.data import write_isic_predictions
     from trainer.metrics import roc_curve
@@ -93,7 +98,7 @@ def write_outputs(out_dir: str | Path, records: pd.DataFrame, p_mel: np.ndarray,
             full[f"p_{lab}"] = probs[:, i]
         write_text_atomic(out / "predictions_full.csv", full.to_csv(index=False))
     if report:
-        write_text_atomic(out / "report.md", report_markdown(metrics))
+        write_text_atomic(out / "report.md", report_markdown(metrics, gallery=gallery))
     pdir = out / "plots"
     if history is not None and len(history):
         plots.plot_curves(history, pdir / "curves.png", best_epoch=best_epoch)
@@ -116,7 +121,7 @@ def _f(x: Any, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def report_markdown(m: dict[str, Any]) -> str:
+def report_markdown(m: dict[str, Any], *, gallery: dict[str, str] | str | None = None) -> str:
     mel = m["melanoma"]
     lines = [
         f"# Evaluation: {m.get('source', '')} ({m.get('split', '')}, n={m['n']}"
@@ -146,6 +151,7 @@ def report_markdown(m: dict[str, Any]) -> str:
               "|---" * (len(m["labels"]) + 1) + "|"]
     for lab, row in zip(m["labels"], m["confusion_matrix"], strict=True):
         lines.append(f"| **{lab}** | " + " | ".join(str(v) for v in row) + " |")
+    lines += _gallery_section(gallery)
     return "\n".join(lines) + "\n"
 
 
@@ -166,9 +172,13 @@ def summary_table(m: dict[str, Any]) -> str:
 def evaluate(run_dir: str | Path, *, data: str | Path | None = None, layout: str = "auto",
              images: str | Path | None = None, split: str = "val", tta: bool = False,
              out: str | Path | None = None, batch_size: int = 64,
-             cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+             cache_dir: str | Path | None = None, progress: bool = True,
+             gallery: int = GALLERY_PER_CLASS) -> dict[str, Any]:
     """Evaluate a run on its ``split`` (from splits.csv) or on ``data``; writes to ``out``
-    (default ``<run>/eval-<split>`` or ``<run>/eval-<data folder name>``); returns the metrics."""
+    (default ``<run>/eval-<split>`` or ``<run>/eval-<data folder name>``); returns the metrics.
+    ``gallery``: Grad-CAM cases per true class and kind (correct / wrong) in ``gallery/``; 0: none.
+    """
+    check_gallery(gallery)
     from trainer.data import cache_images, load_records, read_splits
     from trainer.pipeline import predict_arrays
     from trainer.run import load_run
@@ -199,6 +209,46 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, layout: str
     p_mel, probs = predict_arrays(model, cached, batch_size=batch_size, tta=tta)
     metrics = score(records, p_mel, probs, threshold=threshold)
     metrics.update({"split": split_name, "source": source, "tta": bool(tta), "run": str(run)})
-    write_outputs(Path(out).expanduser().resolve() if out else default_out, records, p_mel,
-                  probs, metrics)
+    out_dir = Path(out).expanduser().resolve() if out else default_out
+    shown = gallery_step(out_dir, model, card, cached, records, probs, gallery)
+    write_outputs(out_dir, records, p_mel, probs, metrics, gallery=shown)
     return metrics
+
+
+# --- Grad-CAM gallery (trainer.explain; issue 7) --------------------------------------------
+
+def check_gallery(per_class: int) -> None:
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
+        raise DermedgeError(f"gallery must be a number of cases per class >= 0 (0: no gallery);"
+                            f" received {per_class!r}.")
+
+
+def gallery_step(out_dir: Path, model, card: dict[str, Any], images: np.ndarray,
+                 records: pd.DataFrame, probs: np.ndarray,
+                 per_class: int) -> dict[str, str] | str | None:
+    """Write ``gallery/<class>.png`` (Grad-CAM needs the TensorFlow backend; under another
+    backend the report says it was skipped)."""
+    if not per_class:
+        return None
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return (f"skipped: Grad-CAM needs the TensorFlow backend, this run used "
+                f"{keras.backend.backend()!r}; rerun with KERAS_BACKEND=tensorflow.")
+    from trainer.explain import write_gallery
+
+    return write_gallery(out_dir, model, card, images, records, probs, per_class=per_class)
+
+
+def _gallery_section(gallery: dict[str, str] | str | None) -> list[str]:
+    if gallery is None:
+        return []
+    lines = ["", "## Grad-CAM gallery", ""]
+    if isinstance(gallery, str):
+        return lines + [f"Gallery {gallery}"]
+    lines.append("Per true class, the most confident correct and wrong cases; each crop is "
+                 "shown next to the Grad-CAM heatmap of the class the model predicted. Look "
+                 "for heat on the lesion, not on the skin, rulers, hairs or the vignette.")
+    lines.append("")
+    lines += [f"- [{lab}]({path})" for lab, path in gallery.items()]
+    return lines

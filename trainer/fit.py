@@ -8,6 +8,7 @@ there; ``resume=True`` continues an interrupted run from its last completed epoc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -20,13 +21,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from trainer import distribute as dist
 from trainer.config import MAXIMISED_MONITORS, ConfigError, RunConfig
 from trainer.errors import DataError, RunDirError
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
 from trainer.run import (
     CARD_SCHEMA_VERSION,
     is_complete_run,
-    move_into_place,
     now_iso,
     partial_dir,
     read_json,
@@ -48,6 +49,7 @@ class RunResult:
     best_epoch: int
     epochs_run: int
     wall_time_s: float
+    is_chief: bool = True  # False on the other workers of a multi-worker run (they write no run)
 
 
 # ---------------------------------------------------------------------------- preparation
@@ -121,7 +123,12 @@ def prepare(config: RunConfig) -> tuple[Any, int, pd.DataFrame, str]:
 
 # ---------------------------------------------------------------------------- schedule
 def lr_at(config: RunConfig, epoch: int) -> float:
-    """Learning rate of global epoch ``epoch`` (0-based): head phase, then fine-tune."""
+    """Learning rate of global epoch ``epoch`` (0-based): head phase, then fine-tune, scaled
+    for the global batch by ``train.lr_scaling``."""
+    return _schedule(config, epoch) * dist.lr_factor(config.train)
+
+
+def _schedule(config: RunConfig, epoch: int) -> float:
     t = config.train
     if epoch < t.head_epochs:
         return t.head_lr
@@ -168,7 +175,8 @@ def val_loss(mel_true, p_mel, y_true, probs, *, label_smoothing: float,
 
 
 # ---------------------------------------------------------------------------- callbacks
-def _callbacks(config, model, train_model, work, val_images, val_y, state, verbose, t_start):
+def _callbacks(config, model, train_model, work, val_images, val_y, state, verbose, t_start,
+               *, plan):
     import keras
 
     from trainer.metrics import balanced_accuracy, roc_auc
@@ -224,11 +232,12 @@ def _callbacks(config, model, train_model, work, val_images, val_y, state, verbo
             t = config.train
             if t.restore == "average" and epoch + 1 > total - t.average_epochs:
                 _accumulate_average(model, ckpt, state, epoch + 1)
-            if (row["phase"] == "finetune" and config.train.restore == "best"
-                    and config.train.early_stopping_patience > 0):
-                if epoch + 1 - state["best_epoch"] >= config.train.early_stopping_patience:
-                    state["stopped_early"] = True
-                    train_model.stop_training = True
+            stop = (row["phase"] == "finetune" and config.train.restore == "best"
+                    and config.train.early_stopping_patience > 0
+                    and epoch + 1 - state["best_epoch"] >= config.train.early_stopping_patience)
+            if dist.agree(plan, stop):  # all workers stop at the same epoch
+                state["stopped_early"] = True
+                train_model.stop_training = True
             _save_last(model, train_model, ckpt)
             state["epoch"] = epoch + 1
             state["phase"] = row["phase"]
@@ -405,6 +414,13 @@ def fit(config: RunConfig | None, out: str | Path, *, overwrite: bool = False,
         import dataclasses
 
         config = dataclasses.replace(config, name=out.name)
+    # Before anything starts TensorFlow: a multi-worker strategy must come first. Only the
+    # chief builds <out>.partial; other workers train into a private temporary directory.
+    plan = dist.plan(config)
+    work = dist.work_dir(plan, out, resume=resume)
+    state_path = work / "checkpoints" / "state.json"
+    if verbose and plan.mode != "none":
+        print(dist.summary(plan), flush=True)
 
     # Everything cheap and checkable happens before the first heavy step.
     if resume:
@@ -425,11 +441,11 @@ def fit(config: RunConfig | None, out: str | Path, *, overwrite: bool = False,
             write_text_atomic(work / "config.yaml", config.to_yaml())
             write_text_atomic(work / "labels.txt", "\n".join(DIAGNOSIS_LABELS) + "\n")
         result = _train_and_write(config, out, work, spec, size, records, layout, state,
-                                  overwrite=overwrite, callbacks=callbacks, verbose=verbose,
-                                  progress=progress, t_start=t_start)
+                                  plan=plan, overwrite=overwrite, callbacks=callbacks,
+                                  verbose=verbose, progress=progress, t_start=t_start)
     except BaseException:
-        # Keep the work dir only if it can be resumed (an epoch finished).
-        if work.exists() and not state_path.is_file():
+        # Keep the work dir only if it can be resumed (an epoch finished), and only the chief's.
+        if work.exists() and (not state_path.is_file() or not plan.is_chief):
             shutil.rmtree(work, ignore_errors=True)
         raise
     return result
@@ -446,8 +462,8 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _train_and_write(config, out, work, spec, size, records, layout, state, *, overwrite,
-                     callbacks, verbose, progress, t_start) -> RunResult:
+def _train_and_write(config, out, work, spec, size, records, layout, state, *, plan,
+                     overwrite, callbacks, verbose, progress, t_start) -> RunResult:
     import keras
 
     from trainer.data import cache_images
@@ -487,7 +503,9 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, o
 
     mixed = _mixed_precision(config)
     previous_policy = keras.mixed_precision.global_policy().name
+    scope = contextlib.ExitStack()
     try:
+        scope.enter_context(dist.scope(plan))  # models and optimizers live on every replica
         if mixed:
             keras.mixed_precision.set_global_policy("mixed_float16")
         # Seeds depend on where we start so a resumed run does not replay epoch 1's draws.
@@ -504,6 +522,7 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, o
                                      saturation=a.saturation, seed=config.seed)
                      if a.enabled else None)
         train_model = training_model(model, augmenter)
+        dist.adapt_models(plan, model, train_model)
         if t.epochs:  # a bad train.finetune_layers fails now, not after the head epochs
             finetune_count(model, t.finetune_layers)
 
@@ -519,15 +538,18 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, o
             if begin == start_epoch and start_epoch > 0:  # resuming in this session
                 _restore(model, train_model, ckpt,
                          with_optimizer=state["phase"] == phase and begin > first)
-            data = CachedDataset(train_images, train_y, batch_size=t.batch_size, shuffle=True,
-                                 balance=t.class_balance, weight_method=t.class_weight_method,
-                                 resample_cap=t.resample_cap, seed=config.seed,
-                                 initial_epoch=begin, steps_per_epoch=t.steps_per_epoch,
-                                 workers=t.workers)
+            data = dist.full_batch_dataset(
+                plan, CachedDataset, train_images, train_y, batch_size=t.batch_size,
+                shuffle=True, balance=t.class_balance, weight_method=t.class_weight_method,
+                resample_cap=t.resample_cap, seed=config.seed, initial_epoch=begin,
+                steps_per_epoch=t.steps_per_epoch, workers=t.workers)
             cbs = _callbacks(config, model, train_model, work, val_images, val_y, state,
-                             verbose, t_start) + list(callbacks)
+                             verbose, t_start, plan=plan) + list(callbacks)
+            # shuffle=False: CachedDataset already shuffles from (seed, epoch); Keras would also
+            # permute the batch order from Python's global RNG, which tf.distribute's extra
+            # pass over the generator advances, so 1 and N replicas would see different orders.
             train_model.fit(data, epochs=last, initial_epoch=begin, callbacks=cbs,
-                            verbose=verbose)
+                            verbose=verbose, shuffle=False)
 
         # The kept weights (best epoch, last, or averaged), then everything is measured on them.
         _restore_final(model, ckpt, state, t.restore)
@@ -558,16 +580,19 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, o
         model.save(str(tmp))
         tmp.replace(work / "model.keras")
     finally:
+        scope.close()
         keras.mixed_precision.set_global_policy(previous_policy)
 
     wall = state["wall_time_before_s"] + time.time() - t_start
     card = _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed)
+    card["training"]["distribution"] = dist.card_section(plan, t)
     write_json_atomic(work / "model_card.json", card)
     if not t.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
-    move_into_place(work, out, overwrite=overwrite)
+    dist.finish(plan, work, out, overwrite=overwrite)  # only the chief writes <out>
     return RunResult(run_dir=out, metrics=metrics, card=card, history=history,
-                     best_epoch=state["best_epoch"], epochs_run=len(history), wall_time_s=wall)
+                     best_epoch=state["best_epoch"], epochs_run=len(history), wall_time_s=wall,
+                     is_chief=plan.is_chief)
 
 
 def _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed) -> dict:

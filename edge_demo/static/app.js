@@ -59,6 +59,19 @@
     }
     if (body.cloud) { renderTier("cloud", body.cloud, body.models.cloud); $("cloud").hidden = false; }
     else { $("cloud").hidden = true; }
+    const ex = body.explanation;
+    if (ex) {
+      $("heatmap").src = ex.png;
+      $("explanation-model").textContent = ex.model + " · Grad-CAM";
+      $("explanation-note").textContent = "Heatmap for " + (ex.head === "melanoma"
+        ? "the melanoma risk" : (NAMES[ex["class"]] || ex["class"])) + " (" + pct(ex.probability) +
+        " on the float model). Red: regions that raised that score; the dimmed margins are " +
+        "outside the square the model sees.";
+      $("explanation").hidden = false;
+    } else {
+      $("explanation").hidden = true;
+      $("heatmap").removeAttribute("src");
+    }
     const t = body.timings_ms;
     $("timings").textContent = "Decode " + t.decode.toFixed(1) + " ms · device " +
       t.device.toFixed(1) + " ms · cloud " + t.cloud.toFixed(1) + " ms · total " +
@@ -77,7 +90,9 @@
     const data = new FormData();
     data.append("image", file);
     try {
-      const resp = await fetch("api/v1/classify", { method: "POST", body: data });
+      const explain = $("explain-input") && $("explain-input").checked;
+      const url = "api/v1/classify" + (explain ? "?explain=1" : "");
+      const resp = await fetch(url, { method: "POST", body: data });
       const body = await resp.json().catch(() => null);
       if (!resp.ok) {
         const msg = body && body.error ? body.error.message : "HTTP " + resp.status;
