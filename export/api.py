@@ -46,6 +46,18 @@ def default_out(run: Run | str | Path, mode: str) -> Path:
     return Path("exports") / f"{name}-{mode}"
 
 
+def _summary(v: dict, where: str | None) -> dict:
+    """The card's short form of a ``validate.compare`` report."""
+    return {"passed": v["passed"], "n": v["n"], "data": where, "failed": v["failed"],
+            "diagnosis_agreement": v["heads"]["diagnosis"]["top1_agreement"],
+            "melanoma_agreement": v["heads"]["melanoma"]["threshold_agreement"],
+            "max_abs_diff": max(v["heads"]["diagnosis"]["max_abs_diff"],
+                                v["heads"]["melanoma"]["max_abs_diff"]),
+            "delta": {k: v["metrics"]["delta"][k] for k in
+                      ("balanced_accuracy", "melanoma_auc", "melanoma_sensitivity")},
+            "tolerances": v["tolerances"]}
+
+
 def keras_predict(model, images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
     """The float model's outputs by name, in batches, no progress bar."""
     outs: dict[str, list] = {"melanoma": [], "diagnosis": []}
@@ -59,8 +71,14 @@ def keras_predict(model, images: np.ndarray, batch_size: int = 32) -> dict[str, 
 def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                out: str | Path | None = None, *, data: str | Path | None = None,
                split: str = "val", tolerances: Tolerances | None = None, debug: bool = False,
-               validate: bool = True, log=None) -> BundleResult:
-    """Convert ``run_dir``'s model per ``config``, validate it with LiteRT, write the bundle."""
+               validate: bool = True, log=None,
+               qat_python: str | Path | None = None) -> BundleResult:
+    """Convert ``run_dir``'s model per ``config``, validate it with LiteRT, write the bundle.
+
+    With ``config.qat`` (``QuantizationConfig.int8_qat``) the model is fine-tuned with fake
+    quantization in the QAT interpreter (``qat_python``, see export/qat.py) and the
+    post-training int8 model is converted and validated too, for the side-by-side report.
+    """
     from export.convert import convert_model
     from export.validate import compare, to_markdown
 
@@ -69,12 +87,21 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     config = config or QuantizationConfig.float32()
     tolerances = tolerances or Tolerances.for_mode(config.mode)
     run = open_run(run_dir)
-    out = Path(out) if out is not None else default_out(run, config.mode)
+    label = "int8-qat" if config.qat is not None else config.mode
+    out = Path(out) if out is not None else default_out(run, label)
     if debug and config.mode != "int8":
         from export.errors import ExportError
 
         raise ExportError("--debug runs the int8 quantization debugger; add --int8 or drop "
                           "--debug.")
+    qat_exe = None
+    if config.qat is not None:  # --- QAT (export/qat.py): fail fast without its environment
+        from export.qat import QATError, find_qat_python
+
+        if debug:
+            raise QATError("--debug analyses post-training int8 layer by layer; it does not "
+                           "apply to --qat. Drop one of them.")
+        qat_exe = find_qat_python(qat_python)
     # Read everything that can fail on bad input before converting anything.
     rep = None
     if config.mode == "int8":
@@ -85,8 +112,18 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     import tensorflow as tf
 
     model = run.load_model()
+    if config.qat is not None:
+        from export.qat import check_qat_support, graph_spec
+
+        check_qat_support(graph_spec(model), run.card.get("backbone"))
     say(f"converting {run.name} ({run.card.get('backbone')}) to {config.mode}")
     conv = convert_model(model, config, rep, debug=debug)
+    ptq = qat_info = None
+    if config.qat is not None:  # --- QAT: the PTQ model above stays for the side-by-side
+        from export.qat import run_qat
+
+        ptq = conv
+        conv, qat_info = run_qat(run, model, config, rep, python=qat_exe, log=say)
     report: dict = {"run": str(run.path), "mode": config.mode, "config": config.to_dict(),
                     "data": where, "checks": conv.checks, "denylisted": conv.denylisted}
     if conv.debug:
@@ -101,21 +138,18 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                                        val_rows["melanoma"].to_numpy(), run.diagnosis_labels,
                                        run.melanoma_threshold, tolerances)
         passed = report["validation"]["passed"]
+        if ptq is not None:  # --- QAT: the PTQ model through the same gate
+            ptq_out = LiteModel.load(ptq.tflite).predict(images, batch_size=VALIDATION_BATCH)
+            report["ptq"] = {"validation": compare(
+                float_out, ptq_out, val_rows["dx"].tolist(), val_rows["melanoma"].to_numpy(),
+                run.diagnosis_labels, run.melanoma_threshold, tolerances)}
     else:
         report["validation"] = {"passed": None, "skipped": True, "n": 0, "gates": [],
                                 "failed": []}
         passed = None
     v = report["validation"]
-    summary = {"passed": passed, "n": v.get("n", 0), "data": where, "failed": v.get("failed", [])}
-    if validate:
-        summary.update({
-            "diagnosis_agreement": v["heads"]["diagnosis"]["top1_agreement"],
-            "melanoma_agreement": v["heads"]["melanoma"]["threshold_agreement"],
-            "max_abs_diff": max(v["heads"]["diagnosis"]["max_abs_diff"],
-                                v["heads"]["melanoma"]["max_abs_diff"]),
-            "delta": {k: v["metrics"]["delta"][k] for k in
-                      ("balanced_accuracy", "melanoma_auc", "melanoma_sensitivity")},
-            "tolerances": v["tolerances"]})
+    summary = (_summary(v, where) if validate else
+               {"passed": passed, "n": 0, "data": where, "failed": []})
     section = {"mode": config.mode, "signature": SIGNATURE,
                "inputs": conv.io["inputs"], "outputs": conv.io["outputs"],
                "representative_images": conv.representative_images,
@@ -126,6 +160,18 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                                                       "ops")},
                "validation": summary,
                "size_bytes": len(conv.tflite), "sha256": sha256_bytes(conv.tflite)}
+    if ptq is not None:  # --- QAT: what was trained, and the PTQ model it is compared with
+        ptq_section = {"size_bytes": len(ptq.tflite), "sha256": sha256_bytes(ptq.tflite),
+                       "integer_tensor_fraction": ptq.checks["integer_tensor_fraction"]}
+        report["ptq"] = {**ptq_section, **report.get("ptq", {})}  # full validation report
+        if validate:
+            ptq_section["validation"] = _summary(report["ptq"]["validation"], where)
+        report["qat"] = qat_info
+        section["qat"] = {k: qat_info.get(k) for k in (
+            "epochs", "steps_per_epoch", "lr", "optimizer", "batch_size", "class_balance",
+            "augment", "train_images", "calibration_images", "frozen", "history",
+            "rebuild_max_abs_diff", "versions", "seconds")}
+        section["qat"]["ptq"] = ptq_section
     card = export_card(run.card, section)
     files = {
         "model.tflite": conv.tflite,
@@ -133,8 +179,8 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
         "labels_melanoma.txt": "\n".join(run.melanoma_labels) + "\n",
         "model_card.json": dumps(card),
         "validation.json": dumps(report),
-        "validation.md": (to_markdown(report, f"{run.name} → {config.mode}") if validate else
-                          f"# Validation: {run.name} → {config.mode}\n\n"
+        "validation.md": (to_markdown(report, f"{run.name} → {label}") + _qat_md(report)
+                          if validate else f"# Validation: {run.name} → {label}\n\n"
                           "Skipped (--no-validate).\n"),
         "USAGE.md": usage_md(card),
     }
@@ -143,3 +189,11 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     say(f"wrote {path} ({len(conv.tflite):,} bytes)")
     return BundleResult(path=path, mode=config.mode, passed=passed, card=card, report=report,
                         tflite_bytes=len(conv.tflite), seconds=time.perf_counter() - t0)
+
+
+def _qat_md(report: dict) -> str:
+    if "ptq" not in report:
+        return ""
+    from export.qat import qat_markdown
+
+    return qat_markdown(report)

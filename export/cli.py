@@ -1,4 +1,5 @@
-"""``python -m export tflite RUN [...]`` and ``python -m export bench BUNDLE [...]``.
+"""``python -m export tflite RUN [...]``, ``python -m export bench BUNDLE [...]`` and
+``python -m export qat-setup`` (the environment for ``--int8 --qat``, see export/qat.py).
 
 Exit codes: 0 ok, 2 bad input (nothing written), 3 validation gate failed (bundle written,
 marked failed in validation.json / model_card.json).
@@ -13,7 +14,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-from export.config import DEFAULT_REPRESENTATIVE_IMAGES, IO_DTYPES
+from export.config import (
+    DEFAULT_QAT_EPOCHS,
+    DEFAULT_QAT_LR,
+    DEFAULT_REPRESENTATIVE_IMAGES,
+    IO_DTYPES,
+)
 from export.errors import DermedgeError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 2, 3
@@ -59,12 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: keep these Keras layers / TFLite op types in float")
     t.add_argument("--no-validate", action="store_true", help="skip validation (not advised)")
     t.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    q = t.add_argument_group("quantization-aware training (with --int8; needs `python -m "
+                             "export qat-setup` once)")
+    q.add_argument("--qat", action="store_true",
+                   help="fine-tune with fake quantization on the run's train split before the "
+                   "int8 conversion; PTQ int8 is converted and validated too, side by side")
+    q.add_argument("--qat-epochs", type=int, default=None, metavar="N",
+                   help=f"QAT epochs (default {DEFAULT_QAT_EPOCHS})")
+    q.add_argument("--qat-steps", type=int, default=None, metavar="N",
+                   help="cap on QAT batches per epoch (default: the whole train split)")
+    q.add_argument("--qat-lr", type=float, default=None, metavar="LR",
+                   help=f"QAT learning rate (default {DEFAULT_QAT_LR:g})")
+    q.add_argument("--qat-python", default=None, metavar="PYTHON",
+                   help="interpreter of the QAT environment (default $DERMEDGE_QAT_PYTHON, "
+                   "else the one `qat-setup` made)")
     b = sub.add_parser("bench", help="LiteRT latency / size / memory of a bundle or .tflite")
     b.add_argument("model", nargs="+", help="bundle folder(s) or .tflite file(s)")
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--json", type=Path, default=None, help="also write the results here")
+    s = sub.add_parser("qat-setup", help="build the Python environment --qat runs in (cached)")
+    s.add_argument("--python", default=None, help="base interpreter for the venv (default: this "
+                   "one)")
+    s.add_argument("--force", action="store_true", help="rebuild it even if it exists")
+    s.add_argument("--requirements", action="store_true",
+                   help="only print the pip requirements (to build your own; use it with "
+                   "--qat-python)")
     return p
 
 
@@ -76,6 +103,25 @@ def _config(args):
         got = " ".join("--" + m for m in modes)
         raise DermedgeError(f"Choose one quantization mode; received {got}.")
     mode = modes[0] if modes else "float32"
+    qat_flags = [f for f, v in (("--qat-epochs", args.qat_epochs), ("--qat-steps", args.qat_steps),
+                                ("--qat-lr", args.qat_lr), ("--qat-python", args.qat_python))
+                 if v is not None]
+    if qat_flags and not args.qat:
+        raise DermedgeError(f"{' '.join(qat_flags)} only apply with --qat; add --int8 --qat or "
+                            "drop them.")
+    if args.qat:
+        if mode != "int8":
+            raise DermedgeError(f"--qat fine-tunes the model for full-integer int8; received "
+                                f"--qat with {'--' + mode if modes else 'no mode (float32)'}. "
+                                "Add --int8" + (f" and drop --{mode}." if modes else "."))
+        if args.keep_float:
+            raise DermedgeError("--keep-float cannot be combined with --qat: QAT learns the int8 "
+                                "ranges of every layer. Drop one of them.")
+        return QuantizationConfig.int8_qat(
+            args.representative, io_dtype=args.io or "uint8", seed=args.seed,
+            epochs=DEFAULT_QAT_EPOCHS if args.qat_epochs is None else args.qat_epochs,
+            steps_per_epoch=args.qat_steps,
+            lr=DEFAULT_QAT_LR if args.qat_lr is None else args.qat_lr)
     if mode == "int8":
         return QuantizationConfig.int8(args.representative, io_dtype=args.io or "uint8",
                                        keep_float=args.keep_float, seed=args.seed)
@@ -93,7 +139,8 @@ def cmd_tflite(args) -> int:
     tol = Tolerances.for_mode(config.mode).with_overrides(args.tolerance)
     res = export_run(args.run, config, args.out, data=args.data, split=args.split,
                      tolerances=tol, debug=args.debug, validate=not args.no_validate,
-                     log=lambda m: print(f"[export] {m}", file=sys.stderr))
+                     log=lambda m: print(f"[export] {m}", file=sys.stderr),
+                     qat_python=args.qat_python)
     v = res.report["validation"]
     ex = res.card["export"]
     print(f"{res.mode} bundle: {res.path} ({res.tflite_bytes:,} bytes, sha256 "
@@ -107,6 +154,8 @@ def cmd_tflite(args) -> int:
           f"{h['melanoma']['threshold_agreement']:.4f}, Δ balanced acc "
           f"{_s(v['metrics']['delta']['balanced_accuracy'])}, Δ melanoma AUC "
           f"{_s(v['metrics']['delta']['melanoma_auc'])}")
+    if "ptq" in res.report:
+        print(_qat_table(res.report))
     if res.report.get("debug"):
         print("largest quantization error (rmse/scale):")
         for r in res.report["debug"]["top"]:
@@ -123,6 +172,28 @@ def cmd_tflite(args) -> int:
 
 def _s(x) -> str:
     return "n/a" if x is None else f"{x:+.4f}"
+
+
+def _qat_table(report: dict) -> str:
+    from export.bench import table
+    from export.qat import side_by_side
+
+    v = report["validation"]
+    rows = side_by_side(v["metrics"]["float"], report["ptq"]["validation"], v)
+    return table(rows, [("metric", "metric", ""), ("float", "float", ".4f"),
+                        ("PTQ int8", "ptq", ".4f"), ("QAT int8", "qat", ".4f")])
+
+
+def cmd_qat_setup(args) -> int:
+    from export.qat import QAT_REQUIREMENTS, setup_qat_env
+
+    if args.requirements:
+        print("\n".join(QAT_REQUIREMENTS))
+        return EXIT_OK
+    py = setup_qat_env(args.python, force=args.force,
+                       log=lambda m: print(f"[export] {m}", file=sys.stderr))
+    print(f"QAT environment: {py}")
+    return EXIT_OK
 
 
 def cmd_bench(args) -> int:
@@ -148,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         args = build_parser().parse_args(argv)
-        return cmd_tflite(args) if args.command == "tflite" else cmd_bench(args)
+        commands = {"tflite": cmd_tflite, "bench": cmd_bench, "qat-setup": cmd_qat_setup}
+        return commands[args.command](args)
     except _UsageError as exc:
         print(_para(f"error: {exc}"), file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -11,6 +11,28 @@ MODES: tuple[str, ...] = ("float32", "float16", "dynamic", "int8")
 IO_DTYPES: tuple[str, ...] = ("uint8", "int8", "float32")
 DEFAULT_REPRESENTATIVE_IMAGES = 300
 MIN_REPRESENTATIVE_IMAGES = 10
+DEFAULT_QAT_EPOCHS = 2
+DEFAULT_QAT_LR = 1e-5
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """Quantization-aware fine-tuning before int8 conversion (see export/qat.py)."""
+
+    epochs: int = DEFAULT_QAT_EPOCHS
+    steps_per_epoch: int | None = None  # cap on batches per epoch (None: the whole train split)
+    lr: float = DEFAULT_QAT_LR
+
+    def __post_init__(self):
+        for flag, value in (("--qat-epochs", self.epochs), ("--qat-steps", self.steps_per_epoch)):
+            if value is None and flag == "--qat-steps":
+                continue  # no cap: the whole train split every epoch
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ExportError(f"{flag} must be a whole number >= 1; received {value!r}.")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or \
+                not 0 < self.lr < 1:
+            raise ExportError(f"The QAT learning rate must be a number in (0, 1), e.g. "
+                              f"{DEFAULT_QAT_LR}; received --qat-lr {self.lr!r}.")
 
 
 @dataclass(frozen=True)
@@ -22,6 +44,7 @@ class QuantizationConfig:
     representative_images: int = 0
     keep_float: tuple[str, ...] = ()
     seed: int = 0
+    qat: QATConfig | None = None  # int8 only: quantization-aware fine-tuning first
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -41,7 +64,14 @@ class QuantizationConfig:
                 raise ExportError("--keep-float only applies to int8 exports (it keeps the named "
                                   "layers in float inside an integer model). Add --int8 or drop "
                                   "--keep-float.")
-        elif int(self.representative_images) < MIN_REPRESENTATIVE_IMAGES:
+        if self.qat is not None:
+            if self.mode != "int8":
+                raise ExportError(f"--qat fine-tunes the model for full-integer int8, but the mode "
+                                  f"is {self.mode}. Add --int8 (and drop --{self.mode}).")
+            if self.keep_float:
+                raise ExportError("--keep-float cannot be combined with --qat: QAT learns the "
+                                  "int8 ranges of every layer. Drop one of them.")
+        if self.mode == "int8" and int(self.representative_images) < MIN_REPRESENTATIVE_IMAGES:
             raise ExportError(
                 f"int8 calibration needs at least {MIN_REPRESENTATIVE_IMAGES} representative "
                 f"images; received representative_images={self.representative_images}. Use "
@@ -67,6 +97,19 @@ class QuantizationConfig:
              seed: int = 0) -> QuantizationConfig:
         """Full-integer int8; uint8 RGB 0–255 input by default (raw camera pixels)."""
         return cls("int8", io_dtype, int(representative_images), tuple(keep_float), int(seed))
+
+    @classmethod
+    def int8_qat(cls, representative_images: int = DEFAULT_REPRESENTATIVE_IMAGES,
+                 io_dtype: str = "uint8", *, epochs: int = DEFAULT_QAT_EPOCHS,
+                 steps_per_epoch: int | None = None, lr: float = DEFAULT_QAT_LR,
+                 seed: int = 0) -> QuantizationConfig:
+        """Full-integer int8 after a few epochs of quantization-aware fine-tuning (export/qat.py).
+
+        The representative images calibrate the fake-quant ranges before fine-tuning (and the
+        PTQ model it is compared with).
+        """
+        return cls("int8", io_dtype, int(representative_images), (), int(seed),
+                   QATConfig(epochs, steps_per_epoch, lr))
 
     @classmethod
     def for_mode(cls, mode: str, **kwargs) -> QuantizationConfig:
