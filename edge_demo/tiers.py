@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import queue
 import time
 from collections.abc import Iterator
@@ -67,6 +68,12 @@ def _read_card(bundle: Path) -> dict[str, Any]:
     if not isinstance(card, dict):
         raise BundleError(f"{path} must hold a JSON object; received {type(card).__name__}.")
     return card
+
+
+def _validation_passed(card: dict[str, Any]) -> bool | None:
+    """The export's validation verdict from the card (None when it was not validated)."""
+    v = (card.get("export") or {}).get("validation") or {}
+    return v.get("passed") if v.get("n") else None
 
 
 def _card_get(card: dict, path: str, where: Path) -> Any:
@@ -176,6 +183,10 @@ class Tier:
             raise BundleError(f"The bundle {path} has no {MODEL_FILE}; re-export it.")
         model_bytes = model_path.read_bytes()
         tier_name = name or str(card.get("name") or path.name)
+        if _validation_passed(card) is False:
+            logging.getLogger("edge_demo").warning(
+                "The bundle %s failed its export validation against the float model (see its "
+                "validation.md); it is served anyway, for comparison only.", path)
         return cls(tier_name, path.resolve(), card, model_bytes, pool_size=pool_size,
                    num_threads=num_threads)
 
@@ -258,7 +269,8 @@ class Tier:
         """Name, version and contract, for responses (no filesystem paths)."""
         return {"name": self.name, "sha256": self.sha256, "mode": self.mode,
                 "bundle": self.bundle.name, "image_size": self.image_size,
-                "melanoma_threshold": self.melanoma_threshold}
+                "melanoma_threshold": self.melanoma_threshold,
+                "validation_passed": _validation_passed(self.card)}
 
     def describe(self) -> dict[str, Any]:
         """The summary plus the card and tensor contract, for ``GET /api/v1/models``."""

@@ -6,6 +6,7 @@ Needs Debian ``chromium`` + ``chromium-driver``; when they are absent the test i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -46,19 +47,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    b = tiny_bundles()
+@contextlib.contextmanager
+def demo_server(args: list[str], log: Path, timeout: float = 60):
+    """Run ``python -m edge_demo serve ARGS`` (the real waitress server) on a free port and
+    yield its URL once /readyz answers 200; fail with the server log if it never does."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_demo", "serve", "--device", str(b["int8"]),
-             "--cloud", str(b["float32"]), "--port", str(port), "--threads", "2"],
+            [sys.executable, "-m", "edge_demo", "serve", *args, "--port", str(port)],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
@@ -75,8 +75,9 @@ def server(tmp_path_factory):
         proc.wait(timeout=20)
 
 
-@pytest.fixture
-def browser(tmp_path):
+@contextlib.contextmanager
+def chromium(profile: Path):
+    """Headless Chromium with a phone-sized viewport (390 x 844, mobile emulation)."""
     _ensure_chromium()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -85,17 +86,32 @@ def browser(tmp_path):
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
                 "--window-size=390,844"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
-    # a phone-sized viewport (headless windows have a minimum width of ~500 px)
+    # headless windows have a minimum width of ~500 px: emulate the phone's viewport instead
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
         "width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
     try:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    b = tiny_bundles()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with demo_server(["--device", str(b["int8"]), "--cloud", str(b["float32"]),
+                      "--threads", "2"], log) as url:
+        yield url
+
+
+@pytest.fixture
+def browser(tmp_path):
+    with chromium(tmp_path / "profile") as driver:
+        yield driver
 
 
 def _photo(tmp_path: Path) -> Path:

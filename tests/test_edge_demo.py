@@ -500,3 +500,20 @@ def test_keras_run_dir_as_cloud_tier(bundles):
     a, b = keras_body["cloud"], lite_body["cloud"]  # same model: Keras vs float32 TFLite
     assert abs(a["melanoma"] - b["melanoma"]) < 1e-4
     assert max(abs(a["diagnosis"][k] - b["diagnosis"][k]) for k in a["diagnosis"]) < 1e-4
+
+
+def test_a_bundle_that_failed_validation_is_flagged(tmp_path, caplog):
+    """Served for comparison, but the start-up log and every summary say it failed."""
+    import shutil
+
+    src = tiny_bundles()["int8"]
+    assert Tier.from_bundle(src).summary()["validation_passed"] is None  # never validated
+    bad = tmp_path / "failed-int8"
+    shutil.copytree(src, bad)
+    card = json.loads((bad / "model_card.json").read_text())
+    card["export"]["validation"] = {"passed": False, "n": 50, "failed": ["diagnosis_agreement"]}
+    (bad / "model_card.json").write_text(json.dumps(card))
+    with caplog.at_level(logging.WARNING, logger="edge_demo"):
+        tier = Tier.from_bundle(bad)
+    assert tier.summary()["validation_passed"] is False
+    assert "failed its export validation" in caplog.text and str(bad) in caplog.text

@@ -12,8 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -493,44 +491,18 @@ def test_demo_without_tensorflow(bundles, corner):
 @pytest.mark.browser
 def test_page_shows_the_heatmap_next_to_the_answer(bundles, corner, tmp_path):
     """The real server (--explain) in headless Chromium: tick "show heatmap", see the overlay."""
-    from test_browser_e2e import CHROMIUM, DRIVER, _ensure_chromium, _free_port
-
-    _ensure_chromium()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
+    from test_browser_e2e import chromium, demo_server
 
-    port, log = _free_port(), tmp_path / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_demo", "serve", "--device", str(bundles["int8"]),
-             "--cloud", str(bundles["float32"]), "--explain", str(corner.run), "--port",
-             str(port), "--threads", "2"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=390,844"):
-        opts.add_argument(arg)
-    driver = None
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server did not become ready:\n{log.read_text()}")
-            time.sleep(0.3)
-        driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
+    args = ["--device", str(bundles["int8"]), "--cloud", str(bundles["float32"]),
+            "--explain", str(corner.run), "--threads", "2"]
+    with demo_server(args, tmp_path / "server.log", timeout=90) as url, \
+            chromium(tmp_path / "profile") as driver:
         photo = tmp_path / "photo.jpg"
         photo.write_bytes(jpeg_bytes((600, 450)))
-        driver.get(url)
+        driver.get(url + "/")
         driver.find_element(By.ID, "image-input").send_keys(str(photo))
         driver.find_element(By.ID, "explain-input").click()
         driver.find_element(By.ID, "submit").click()
@@ -550,8 +522,4 @@ def test_page_shows_the_heatmap_next_to_the_answer(bundles, corner, tmp_path):
         WebDriverWait(driver, 30).until(
             lambda d: d.find_element(By.ID, "explanation").get_attribute("hidden") is not None
             and d.find_element(By.ID, "advice").is_displayed())
-    finally:
-        if driver is not None:
-            driver.quit()
-        proc.terminate()
-        proc.wait(timeout=20)
+
