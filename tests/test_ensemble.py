@@ -87,6 +87,10 @@ def test_calibrated_ensemble_via_cli(two_runs, tmp_path, capsys):
             (r / "model_card.json").read_text())["calibration"]
     # --out exists now
     assert main(["ensemble", *map(str, two_runs), "--out", str(out)]) == 2
+    # evaluate works on it like on any run; its gallery is skipped with the reason
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "ev"), "--gallery", "1"]) == 0
+    assert not (tmp_path / "ev" / "gallery").exists()
+    assert "no single feature map" in (tmp_path / "ev" / "report.md").read_text()
 
 
 def test_members_that_do_not_belong_together(two_runs, tmp_path, capsys):
