@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 keras = pytest.importorskip("keras")
 
@@ -91,6 +92,12 @@ def test_calibrated_ensemble_via_cli(two_runs, tmp_path, capsys):
     assert main(["evaluate", str(out), "--out", str(tmp_path / "ev"), "--gallery", "1"]) == 0
     assert not (tmp_path / "ev" / "gallery").exists()
     assert "no single feature map" in (tmp_path / "ev" / "report.md").read_text()
+    # and `trainer explain` refuses it with the same reason, writing nothing
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (180, 120, 100)).save(photo)
+    assert main(["explain", str(out), str(photo), "--out", str(tmp_path / "x")]) == 2
+    assert "no single feature map" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_members_that_do_not_belong_together(two_runs, tmp_path, capsys):

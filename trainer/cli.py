@@ -73,7 +73,6 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backbones", help="list the backbone registry (name, size, preprocessing)")
 
-    # --- trainer explain (Grad-CAM, trainer/explain.py) ---
     x = sub.add_parser("explain", help="Grad-CAM heatmaps of a run's model over photos",
                        description="Write one Grad-CAM overlay PNG per photo (the heatmap on "
                        "the centre crop the model sees, mapped back onto the photo) and "
@@ -89,7 +88,6 @@ def _parser() -> argparse.ArgumentParser:
                    "conv block, e.g. top_activation for efficientnet_lite0)")
     x.add_argument("--max-side", type=int, default=1024,
                    help="longest side of the PNGs in pixels (default 1024)")
-    # --- end trainer explain ---
 
     en = sub.add_parser("ensemble", help="combine finished runs (+ flip TTA) into one run",
                         description="Average several finished runs' heads (and, by default, "
@@ -203,7 +201,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- trainer explain ---
 def cmd_explain(args: argparse.Namespace) -> int:
     from trainer.explain import explain_images
 
@@ -214,7 +211,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
               f"(predicted {r['predicted']} {r['predicted_probability']:.3f})")
     print(f"{len(rows)} heatmaps (layer {rows[0]['layer']}) written to {args.out}")
     return 0
-# --- end trainer explain ---
 
 
 COMMANDS = {"fit": cmd_fit, "evaluate": cmd_evaluate, "toy-data": cmd_toy_data,

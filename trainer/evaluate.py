@@ -235,10 +235,11 @@ def gallery_step(out_dir: Path, model, card: dict[str, Any], images: np.ndarray,
     if keras.backend.backend() != "tensorflow":
         return (f"skipped: Grad-CAM needs the TensorFlow backend, this run used "
                 f"{keras.backend.backend()!r}; rerun with KERAS_BACKEND=tensorflow.")
-    if card.get("backbone") == "ensemble":
-        return ("skipped: an ensemble has no single feature map to explain; run `trainer "
-                "evaluate` (or `trainer explain`) on its member runs for their galleries.")
-    from trainer.explain import write_gallery
+    from trainer.explain import unexplainable, write_gallery
+
+    why_not = unexplainable(card)
+    if why_not:
+        return f"skipped: {why_not} for their galleries."
 
     return write_gallery(out_dir, model, card, images, records, probs, per_class=per_class)
 

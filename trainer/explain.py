@@ -220,6 +220,14 @@ def _shape(layer) -> tuple:
         return ()
 
 
+def unexplainable(card: dict[str, Any]) -> str | None:
+    """Why a run's model has no Grad-CAM (``None`` when it has one)."""
+    if card.get("backbone") == "ensemble":
+        return ("an ensemble has no single feature map to explain; run `trainer evaluate` (or "
+                "`trainer explain`) on its member runs")
+    return None
+
+
 def check_target(head: str, class_name: str | None, labels: Sequence[str]) -> int | None:
     """Validate a head and class against the card's labels; the diagnosis class index."""
     if head not in HEADS:
@@ -356,6 +364,9 @@ def explain_images(run_dir: str | Path, images: Sequence[str | Path], out: str |
     if not labels:
         raise RunDirError(f"{run}/model_card.json has no heads.diagnosis.labels; the run "
                           "directory is corrupt.")
+    why_not = unexplainable(card)
+    if why_not:
+        raise DermedgeError(f"No Grad-CAM for {run}: {why_not}.")
     check_target(head, class_name, labels)
     if not images:
         raise DermedgeError("No images given; pass one or more image files.")
