@@ -13,6 +13,24 @@ def _f(x) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
+# Float top-1 minus top-2 probability: where an answer flips tells a near-tie (inherent to an
+# unsure float model) from a confident answer the quantized model got wrong.
+MARGIN_EDGES = (0.0, 0.05, 0.1, 0.2, 0.4, 1.0)
+
+
+def agreement_by_margin(pf: np.ndarray, pl: np.ndarray) -> list[dict]:
+    """Top-1 agreement of ``pl`` with ``pf`` (N, K) per bin of the float model's margin."""
+    top2 = np.sort(pf, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    agree = pf.argmax(1) == pl.argmax(1)
+    rows = []
+    for lo, hi in zip(MARGIN_EDGES[:-1], MARGIN_EDGES[1:], strict=True):
+        m = (margin >= lo) & ((margin < hi) if hi < 1.0 else (margin <= hi))
+        rows.append({"margin": [lo, hi], "n": int(m.sum()),
+                     "agreement": float(agree[m].mean()) if m.any() else None})
+    return rows
+
+
 def _metrics(y, probs, mel_y, p_mel, labels, threshold) -> dict:
     from trainer.metrics import classification_metrics
 
@@ -34,6 +52,7 @@ def compare(float_out: dict, lite_out: dict, dx: list[str], mel_true, labels: tu
     heads = {
         "diagnosis": {
             "top1_agreement": float(np.mean(pf_d.argmax(1) == pl_d.argmax(1))),
+            "agreement_by_margin": agreement_by_margin(pf_d, pl_d),
             "max_abs_diff": float(d_abs.max()), "mean_abs_diff": float(d_abs.mean()),
         },
         "melanoma": {
@@ -125,8 +144,16 @@ def to_markdown(report: dict, title: str) -> str:
               f"{h['diagnosis']['max_abs_diff']:.4f} | {h['diagnosis']['mean_abs_diff']:.5f} |",
               f"| melanoma (≥ {h['melanoma']['threshold']:.3f}) | "
               f"{h['melanoma']['threshold_agreement']:.4f} | {h['melanoma']['max_abs_diff']:.4f} | "
-              f"{h['melanoma']['mean_abs_diff']:.5f} |",
-              "", "## Metrics", "", "| metric | float (Keras) | TFLite | Δ |", "|---|---|---|---|"]
+              f"{h['melanoma']['mean_abs_diff']:.5f} |"]
+    by_margin = h["diagnosis"].get("agreement_by_margin")
+    if by_margin:
+        lines += ["", "Diagnosis agreement by the float model's top-1 − top-2 margin (flips at "
+                  "small margins are near-ties; flips at large ones are real damage):", "",
+                  "| margin | images | agreement |", "|---|---|---|"]
+        lines += [f"| {b['margin'][0]:.2f}–{b['margin'][1]:.2f} | {b['n']} | "
+                  f"{'n/a' if b['agreement'] is None else format(b['agreement'], '.4f')} |"
+                  for b in by_margin]
+    lines += ["", "## Metrics", "", "| metric | float (Keras) | TFLite | Δ |", "|---|---|---|---|"]
     m = v["metrics"]
     for k in ("balanced_accuracy", "accuracy", "melanoma_auc", "melanoma_sensitivity",
               "melanoma_specificity"):

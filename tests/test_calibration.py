@@ -1,5 +1,5 @@
-"""Temperature scaling: the fit recovers a known temperature, folding it into the heads is
-exact, and `trainer fit` / `trainer calibrate` record it in the run."""
+"""Temperature and Platt scaling: the fits recover a known temperature and shift, folding them
+into the heads is exact, and `trainer fit` / `trainer calibrate` record them in the run."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from trainer.calibration import (
     apply_sigmoid,
     apply_softmax,
     calibrate,
+    fit_platt_sigmoid,
     fit_temperature_sigmoid,
     fit_temperature_softmax,
     fold_temperatures,
@@ -43,6 +44,25 @@ def test_fit_recovers_the_temperature_that_miscalibrated_the_scores(true_t):
     np.testing.assert_allclose(apply_sigmoid(p_mel, true_t), 1 / (1 + np.exp(-zm)), atol=1e-6)
 
 
+@pytest.mark.parametrize(("true_t", "true_shift"), [(1.0, 0.0), (0.5, -2.0), (2.0, 1.5)])
+def test_platt_recovers_temperature_and_shift(true_t, true_shift):
+    _, _, zm, m = _synthetic(n=40000)
+    # What class weighting does to a sigmoid head: every logit moved by a constant (and scaled).
+    p_mel = 1 / (1 + np.exp(-(zm - true_shift) * true_t))
+    t, shift = fit_platt_sigmoid(p_mel, m)
+    assert t == pytest.approx(true_t, rel=0.08)
+    assert shift == pytest.approx(true_shift, abs=0.08)
+    np.testing.assert_allclose(apply_sigmoid(p_mel, t, shift), 1 / (1 + np.exp(-zm)), atol=0.03)
+    # a temperature alone cannot undo a shift: its NLL stays higher
+    from trainer.calibration import _sigmoid_logits, sigmoid_nll
+
+    z = _sigmoid_logits(p_mel)
+    t_only = fit_temperature_sigmoid(p_mel, m)
+    if true_shift:
+        assert sigmoid_nll(z, m, t, shift) < sigmoid_nll(z, m, t_only) - 0.005
+    assert fit_platt_sigmoid(np.full(10, 0.3), np.zeros(10)) == (1.0, 0.0)
+
+
 def test_multi_pass_fit_and_one_class_melanoma():
     z, y, _, _ = _synthetic(n=4000)
     probs = np.exp(3 * z) / np.exp(3 * z).sum(1, keepdims=True)
@@ -71,7 +91,9 @@ def test_calibrate_folds_into_the_heads_exactly_and_reports_ece():
     assert t["diagnosis"] > 1.5
     p2, probs2 = predict_arrays(model, x)
     np.testing.assert_allclose(probs2, apply_softmax(probs, t["diagnosis"]), atol=2e-5)
-    np.testing.assert_allclose(p2, apply_sigmoid(p_mel, t["melanoma"]), atol=2e-5)
+    np.testing.assert_allclose(p2, apply_sigmoid(p_mel, t["melanoma"],
+                                                 report["shift"]["melanoma"]), atol=2e-5)
+    assert report["shift"]["diagnosis"] == 0.0  # a per-class shift would move the argmax
     np.testing.assert_array_equal(probs2.argmax(1), probs.argmax(1))
     assert report["ece_after"]["diagnosis"] < report["ece_before"]["diagnosis"]
     assert report["nll_after"]["diagnosis"] <= report["nll_before"]["diagnosis"]
@@ -84,9 +106,11 @@ def test_fold_into_several_members():
 
     members = [build_model("tiny_cnn", input_size=32, weights=None) for _ in range(2)]
     before = [m.get_layer("melanoma").get_weights()[0].copy() for m in members]
-    fold_temperatures(members, {"melanoma": 2.0})
-    for m, k in zip(members, before, strict=True):
+    bias = [m.get_layer("melanoma").get_weights()[1].copy() for m in members]
+    fold_temperatures(members, {"melanoma": 2.0}, {"melanoma": -1.5})
+    for m, k, b in zip(members, before, bias, strict=True):
         np.testing.assert_allclose(m.get_layer("melanoma").get_weights()[0], k / 2.0)
+        np.testing.assert_allclose(m.get_layer("melanoma").get_weights()[1], b / 2.0 - 1.5)
 
 
 # --- in a run ---------------------------------------------------------------------------------

@@ -75,6 +75,23 @@ def test_float_modes_match_keras_tightly(bundles):
         assert v["heads"]["diagnosis"]["max_abs_diff"] < (1e-4 if mode == "float32" else 2e-2)
 
 
+def test_agreement_by_margin_separates_near_ties_from_confident_flips(bundles):
+    from export.validate import agreement_by_margin
+
+    # 3 near-ties (margin 0.02) all flipped, 2 confident answers (margin 0.9) kept
+    pf = np.array([[0.51, 0.49, 0]] * 3 + [[0.95, 0.05, 0]] * 2)
+    pl = np.array([[0.49, 0.51, 0]] * 3 + [[0.90, 0.10, 0]] * 2)
+    rows = {tuple(b["margin"]): b for b in agreement_by_margin(pf, pl)}
+    assert rows[(0.0, 0.05)] == {"margin": [0.0, 0.05], "n": 3, "agreement": 0.0}
+    assert rows[(0.4, 1.0)]["n"] == 2 and rows[(0.4, 1.0)]["agreement"] == 1.0
+    assert rows[(0.1, 0.2)] == {"margin": [0.1, 0.2], "n": 0, "agreement": None}
+    # in a real report the bins cover every validation image
+    v = bundles["int8"].report["validation"]
+    assert sum(b["n"] for b in v["heads"]["diagnosis"]["agreement_by_margin"]) == v["n"]
+    assert "by the float model's top-1 − top-2 margin" in (
+        bundles["int8"].path / "validation.md").read_text()
+
+
 def test_int8_is_really_int8(bundles):
     ex = bundles["int8"].card["export"]
     assert ex["inputs"]["image"]["dtype"] == "uint8"

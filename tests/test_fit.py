@@ -146,10 +146,11 @@ def test_saved_model_reloads_with_identical_predictions(trained_run):
     assert loaded.input_shape == (None, 32, 32, 3)
     ref = build_model("tiny_cnn", input_size=32, weights=None)
     ref.load_weights(run / "checkpoints" / "best.weights.h5")
-    # the saved model is the best epoch with the fitted temperatures folded into its heads
+    # the saved model is the best epoch with the fitted calibration folded into its heads
     from trainer.calibration import fold_temperatures
 
-    fold_temperatures(ref, trained_run.card["calibration"]["temperature"])
+    cal = trained_run.card["calibration"]
+    fold_temperatures(ref, cal["temperature"], cal["shift"])
     x = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3)).astype("float32")
     a, b = loaded.predict_on_batch(x), ref.predict_on_batch(x)
     assert set(a) == {"melanoma", "diagnosis"}

@@ -98,13 +98,14 @@ def _parser() -> argparse.ArgumentParser:
                     "input size and data split)")
     en.add_argument("--out", required=True, help="run directory to create")
     en.add_argument("--no-tta", action="store_true", help="members only, no flip averaging")
-    en.add_argument("--no-calibrate", action="store_true", help="skip temperature scaling")
+    en.add_argument("--no-calibrate", action="store_true", help="skip calibration")
     en.add_argument("--name", help="name recorded in the model card")
     en.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-    ca = sub.add_parser("calibrate", help="temperature-scale a finished run's heads in place",
-                        description="Fit temperature scaling of both heads on the run's "
-                        "validation split and fold it into the head weights (for runs trained "
+    ca = sub.add_parser("calibrate", help="calibrate a finished run's heads in place",
+                        description="Fit temperature scaling of the diagnosis head and Platt "
+                        "scaling (temperature and shift) of the melanoma head on the run's "
+                        "validation split and fold them into the head weights (for runs trained "
                         "with train.calibrate: false). Rewrites model.keras, the melanoma "
                         "threshold, metrics.json and the card.")
     ca.add_argument("run", help="run directory written by `trainer fit`")
@@ -195,7 +196,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     c = calibrate_run(args.run)
     t, before, after = c["temperature"], c["ece_before"], c["ece_after_crossfit"]
     print(f"{args.run}: temperatures diagnosis {t['diagnosis']:.3f}, melanoma "
-          f"{t['melanoma']:.3f}; ECE diagnosis {before['diagnosis']:.3f} -> "
+          f"{t['melanoma']:.3f} (shift {c['shift']['melanoma']:+.3f}); ECE diagnosis {before['diagnosis']:.3f} -> "
           f"{after['diagnosis']:.3f}, melanoma {before['melanoma']:.3f} -> "
           f"{after['melanoma']:.3f} (cross-fitted on the validation split)")
     return 0
