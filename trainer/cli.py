@@ -196,7 +196,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     c = calibrate_run(args.run)
     t, before, after = c["temperature"], c["ece_before"], c["ece_after_crossfit"]
     print(f"{args.run}: temperatures diagnosis {t['diagnosis']:.3f}, melanoma "
-          f"{t['melanoma']:.3f} (shift {c['shift']['melanoma']:+.3f}); ECE diagnosis {before['diagnosis']:.3f} -> "
+          f"{t['melanoma']:.3f} (shift {c['shift']['melanoma']:+.3f}); "
+          f"ECE diagnosis {before['diagnosis']:.3f} -> "
           f"{after['diagnosis']:.3f}, melanoma {before['melanoma']:.3f} -> "
           f"{after['melanoma']:.3f} (cross-fitted on the validation split)")
     return 0
