@@ -117,7 +117,11 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
 
         check_qat_support(graph_spec(model), run.card.get("backbone"))
     say(f"converting {run.name} ({run.card.get('backbone')}) to {config.mode}")
-    conv = convert_model(model, config, rep, debug=debug)
+    bias = None
+    conv = (convert_model(model, config, rep, debug=debug)
+            if config.bias_correction != "on" else None)
+    if config.bias_correction != "off":  # on a second copy: validation compares with float
+        conv, bias = _bias_corrected(run, model, config, rep, conv, debug, say)
     ptq = qat_info = None
     if config.qat is not None:  # --- QAT: the PTQ model above stays for the side-by-side
         from export.qat import run_qat
@@ -126,6 +130,8 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
         conv, qat_info = run_qat(run, model, config, rep, python=qat_exe, log=say)
     report: dict = {"run": str(run.path), "mode": config.mode, "config": config.to_dict(),
                     "data": where, "checks": conv.checks, "denylisted": conv.denylisted}
+    if bias is not None:
+        report["bias_correction"] = bias
     if conv.debug:
         report["debug"] = conv.debug
     if validate:
@@ -154,6 +160,11 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                "inputs": conv.io["inputs"], "outputs": conv.io["outputs"],
                "representative_images": conv.representative_images,
                "keep_float": list(config.keep_float),
+               "bias_correction": (None if bias is None else {
+                   k: bias.get(k) for k in ("method", "images", "layers_corrected", "seconds",
+                                            "chosen", "selection", "skipped")}
+                   | {"mode": config.bias_correction,
+                      "layers_skipped": len(bias.get("layers_skipped", {}))}),
                "converter": {"tensorflow": tf.__version__, "path": "saved_model",
                              "optimizations": config.mode != "float32"},
                "checks": {k: conv.checks[k] for k in ("verified_mode", "integer_tensor_fraction",
@@ -189,6 +200,47 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     say(f"wrote {path} ({len(conv.tflite):,} bytes)")
     return BundleResult(path=path, mode=config.mode, passed=passed, card=card, report=report,
                         tflite_bytes=len(conv.tflite), seconds=time.perf_counter() - t0)
+
+
+def _bias_corrected(run, model, config, rep, plain, debug, say):
+    """Convert a bias-corrected copy; with a ``plain`` conversion ("auto"), keep the better.
+
+    "Better" is judged against the float model on the calibration images (train split), never
+    on the held-out images the gates use.
+    """
+    from export.biascorr import DEFAULT_IMAGES, correct_biases
+    from export.convert import convert_model
+    from export.errors import ExportError
+
+    corrected = run.load_model()
+    n_bc = min(len(rep), DEFAULT_IMAGES)
+    say(f"bias correction: rounding kernels to int8, correcting on {n_bc} train images")
+    try:
+        bias = correct_biases(corrected, rep[:n_bc], keep_float=config.keep_float, log=say)
+    except ExportError as exc:
+        if plain is None:  # "on" was asked for explicitly
+            raise
+        say(f"bias correction skipped: {exc}")
+        return plain, {"chosen": "plain", "skipped": str(exc)}
+    conv = convert_model(corrected, config, rep, debug=debug)
+    del corrected
+    if plain is None:
+        bias["chosen"] = "corrected"
+        return conv, bias
+    ref = keras_predict(model, rep)["diagnosis"]
+    score = {}
+    for name, c in (("plain", plain), ("corrected", conv)):
+        p = LiteModel.load(c.tflite).predict(rep, batch_size=VALIDATION_BATCH)["diagnosis"]
+        score[name] = {"diagnosis_agreement": float(np.mean(p.argmax(1) == ref.argmax(1))),
+                       "mean_abs_diff": float(np.abs(p - ref).mean())}
+    key = {k: (v["diagnosis_agreement"], -v["mean_abs_diff"]) for k, v in score.items()}
+    chosen = "corrected" if key["corrected"] >= key["plain"] else "plain"
+    bias.update(chosen=chosen, selection={"images": len(rep), "on": "calibration images "
+                                          "(train split)", **score})
+    say(f"bias correction: calibration-set agreement plain "
+        f"{score['plain']['diagnosis_agreement']:.4f} vs corrected "
+        f"{score['corrected']['diagnosis_agreement']:.4f}; keeping {chosen}")
+    return (conv if chosen == "corrected" else plain), bias
 
 
 def _qat_md(report: dict) -> str:

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 from export.config import (
+    BIAS_CORRECTION,
     DEFAULT_QAT_EPOCHS,
     DEFAULT_QAT_LR,
     DEFAULT_REPRESENTATIVE_IMAGES,
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: run the quantization debugger, list the worst layers")
     t.add_argument("--keep-float", nargs="+", default=[], metavar="LAYER_OR_OP",
                    help="int8: keep these Keras layers / TFLite op types in float")
+    t.add_argument("--bias-correction", choices=BIAS_CORRECTION, default=None,
+                   help="int8: round kernels to int8 and correct biases before converting "
+                   "(export/biascorr.py). auto (default): convert with and without, keep the one "
+                   "closer to float on the calibration images")
     t.add_argument("--no-validate", action="store_true", help="skip validation (not advised)")
     t.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     q = t.add_argument_group("quantization-aware training (with --int8; needs `python -m "
@@ -106,6 +111,10 @@ def _config(args):
     qat_flags = [f for f, v in (("--qat-epochs", args.qat_epochs), ("--qat-steps", args.qat_steps),
                                 ("--qat-lr", args.qat_lr), ("--qat-python", args.qat_python))
                  if v is not None]
+    if args.bias_correction is not None and (mode != "int8" or args.qat):
+        raise DermedgeError(f"--bias-correction {args.bias_correction} only applies to "
+                            "post-training --int8 exports (float modes and --qat do not correct "
+                            "biases); drop it.")
     if qat_flags and not args.qat:
         raise DermedgeError(f"{' '.join(qat_flags)} only apply with --qat; add --int8 --qat or "
                             "drop them.")
@@ -124,7 +133,8 @@ def _config(args):
             lr=DEFAULT_QAT_LR if args.qat_lr is None else args.qat_lr)
     if mode == "int8":
         return QuantizationConfig.int8(args.representative, io_dtype=args.io or "uint8",
-                                       keep_float=args.keep_float, seed=args.seed)
+                                       keep_float=args.keep_float, seed=args.seed,
+                                       bias_correction=args.bias_correction or "auto")
     if args.io is not None:
         raise DermedgeError(f"--io {args.io} only applies to int8 exports; a {mode} model always "
                             "takes and returns float32. Add --int8 or drop --io.")

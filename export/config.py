@@ -9,6 +9,7 @@ from export.errors import ExportError
 
 MODES: tuple[str, ...] = ("float32", "float16", "dynamic", "int8")
 IO_DTYPES: tuple[str, ...] = ("uint8", "int8", "float32")
+BIAS_CORRECTION: tuple[str, ...] = ("auto", "on", "off")
 DEFAULT_REPRESENTATIVE_IMAGES = 300
 MIN_REPRESENTATIVE_IMAGES = 10
 DEFAULT_QAT_EPOCHS = 2
@@ -45,6 +46,9 @@ class QuantizationConfig:
     keep_float: tuple[str, ...] = ()
     seed: int = 0
     qat: QATConfig | None = None  # int8 only: quantization-aware fine-tuning first
+    # int8 PTQ: round kernels + correct biases first (export/biascorr.py). "auto" converts with
+    # and without and keeps the one closer to float on the calibration images.
+    bias_correction: str = "off"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -64,6 +68,14 @@ class QuantizationConfig:
                 raise ExportError("--keep-float only applies to int8 exports (it keeps the named "
                                   "layers in float inside an integer model). Add --int8 or drop "
                                   "--keep-float.")
+        if self.bias_correction not in BIAS_CORRECTION:
+            raise ExportError(f"Unknown bias correction {self.bias_correction!r}; choose one of "
+                              f"{', '.join(BIAS_CORRECTION)}.")
+        if self.bias_correction != "off" and (self.mode != "int8" or self.qat is not None):
+            what = "--qat" if self.qat is not None else f"a {self.mode} export"
+            raise ExportError(f"Bias correction prepares a model for post-training full-integer "
+                              f"int8; {what} does not use it. Pass --bias-correction off (or "
+                              "bias_correction='off').")
         if self.qat is not None:
             if self.mode != "int8":
                 raise ExportError(f"--qat fine-tunes the model for full-integer int8, but the mode "
@@ -94,9 +106,16 @@ class QuantizationConfig:
     @classmethod
     def int8(cls, representative_images: int = DEFAULT_REPRESENTATIVE_IMAGES,
              io_dtype: str = "uint8", keep_float: tuple[str, ...] | list[str] = (),
-             seed: int = 0) -> QuantizationConfig:
-        """Full-integer int8; uint8 RGB 0–255 input by default (raw camera pixels)."""
-        return cls("int8", io_dtype, int(representative_images), tuple(keep_float), int(seed))
+             seed: int = 0, bias_correction: str = "auto") -> QuantizationConfig:
+        """Full-integer int8; uint8 RGB 0–255 input by default (raw camera pixels).
+
+        ``bias_correction``: ``"on"`` rounds the conv kernels onto their int8 grid and corrects
+        each channel's mean shift on train images before converting (export/biascorr.py);
+        ``"auto"`` (the default) converts with and without it and keeps the model that agrees
+        better with float on the calibration images; ``"off"`` converts the model as trained.
+        """
+        return cls("int8", io_dtype, int(representative_images), tuple(keep_float), int(seed),
+                   bias_correction=str(bias_correction))
 
     @classmethod
     def int8_qat(cls, representative_images: int = DEFAULT_REPRESENTATIVE_IMAGES,

@@ -132,6 +132,18 @@ def to_markdown(report: dict, title: str) -> str:
              f"{v['n']} images from {report['data']}, LiteRT vs the float Keras model.", ""]
     if v["failed"]:
         lines += ["Failed gates:", ""] + [f"* {s}" for s in v["failed"]] + [""]
+    bc = report.get("bias_correction")
+    if bc and bc.get("skipped"):
+        lines += [f"Bias correction was skipped: {bc['skipped']}", ""]
+    elif bc:
+        sel = bc.get("selection")
+        how = (f" Converted with and without it; agreement with float on the {sel['images']} "
+               f"calibration images: {sel['plain']['diagnosis_agreement']:.4f} without, "
+               f"{sel['corrected']['diagnosis_agreement']:.4f} with; this bundle is the "
+               f"**{bc['chosen']}** model." if sel else " This bundle is the corrected model.")
+        lines += [f"Bias correction ({bc['method']}): {bc['layers_corrected']} layers corrected "
+                  f"on {bc['images']} images, {len(bc['layers_skipped'])} skipped, "
+                  f"{bc['seconds']} s.{how} `--bias-correction off` turns it off.", ""]
     lines += ["## Gates", "", "| gate | value | limit | |", "|---|---|---|---|"]
     for g in v["gates"]:
         lim = ("≥ " if g.get("kind") == "min" else "≤ ") + f"{g['limit']}"

@@ -1,0 +1,183 @@
+"""export/biascorr.py: int8 grid rounding and empirical bias correction, and their CLI/bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from export_fixtures import make_run_dir
+
+from export.api import QuantizationConfig, export_run
+from export.biascorr import channel_axis, correct_biases, round_to_int8_grid
+from export.cli import main
+from export.errors import ExportError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:tensorflow.lite.*")
+
+
+def test_round_to_int8_grid_matches_tflite_per_channel_scheme():
+    rng = np.random.default_rng(0)
+    k = rng.normal(0, 1, (3, 3, 8, 5)).astype(np.float32)
+    k[..., 2] *= 100.0   # channels with very different ranges keep their own scales
+    k[..., 4] = 0.0      # an all-zero channel stays zero (no division by zero)
+    q = round_to_int8_grid(k, -1)
+    scale = np.abs(k).max(axis=(0, 1, 2)) / 127
+    for c in range(4):
+        steps = q[..., c] / scale[c]
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+        assert np.abs(steps).max() == pytest.approx(127, abs=1e-3)
+        assert np.abs(q[..., c] - k[..., c]).max() <= scale[c] / 2 + 1e-6
+    assert not q[..., 4].any()
+    # depthwise kernels (kh, kw, channels, 1) are quantized per channel, axis 2
+    dw = rng.normal(0, 1, (3, 3, 6, 1)).astype(np.float32)
+    dw[:, :, 0] *= 50.0
+    qd = round_to_int8_grid(dw, 2)
+    s1 = np.abs(dw[:, :, 1]).max() / 127
+    assert np.abs(qd[:, :, 1] - dw[:, :, 1]).max() <= s1 / 2 + 1e-6
+
+
+def _tiny_model(no_bn_conv: bool = False):
+    """image -> Rescaling -> backbone(conv/BN/ReLU, depthwise/BN/ReLU, conv+bias) -> heads."""
+    import keras
+    from keras import layers
+
+    inp = keras.Input((16, 16, 3))
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="c1")(inp)
+    x = layers.BatchNormalization(name="c1_bn")(x)
+    x = layers.ReLU(6.0)(x)
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = layers.BatchNormalization(name="dw_bn")(x)
+    x = layers.ReLU(6.0)(x)
+    x = layers.Conv2D(6, 1, use_bias=True, name="c2")(x)
+    if no_bn_conv:
+        x = layers.ReLU()(layers.Conv2D(4, 1, use_bias=False, name="c3")(x))
+    backbone = keras.Model(inp, x, name="backbone")
+    image = keras.Input((16, 16, 3), name="image")
+    h = backbone(layers.Rescaling(1 / 127.5, -1.0, name="preprocess_scale")(image))
+    h = layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(image, {"melanoma": layers.Dense(1, activation="sigmoid",
+                                                         name="melanoma")(h),
+                                "diagnosis": layers.Dense(7, activation="softmax",
+                                                          name="diagnosis")(h)})
+    rng = np.random.default_rng(1)
+    for lay in backbone.layers:  # BN statistics unlike the defaults, so shifts matter
+        if isinstance(lay, layers.BatchNormalization):
+            g, b, m, v = lay.get_weights()
+            lay.set_weights([g * rng.uniform(0.5, 2, g.shape), b, rng.normal(0, 0.5, m.shape),
+                             rng.uniform(0.01, 0.5, v.shape)])
+    return model, backbone
+
+
+def _channel_means(model, backbone, name, images):
+    import keras
+
+    x = np.asarray(model.get_layer("preprocess_scale")(images.astype(np.float32)))
+    out = keras.Model(backbone.input, backbone.get_layer(name).output)(x)
+    return np.asarray(out).mean(axis=(0, 1, 2))
+
+
+def test_correction_puts_kernels_on_grid_and_removes_each_channels_mean_shift():
+    model, backbone = _tiny_model()
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
+    convs = ["c1", "dw", "c2"]
+    carrier = {"c1": "c1_bn", "dw": "dw_bn", "c2": "c2"}  # where each correction lands
+    before = {n: _channel_means(model, backbone, carrier[n], images) for n in convs}
+    kernels = {n: backbone.get_layer(n).get_weights()[0].copy() for n in convs}
+    # rounding alone shifts the channel means of the last layer
+    rounded, rb = _tiny_model()
+    rounded.set_weights(model.get_weights())
+    for n in convs:
+        lay = rb.get_layer(n)
+        lay.set_weights([round_to_int8_grid(lay.get_weights()[0], channel_axis(lay))]
+                        + lay.get_weights()[1:])
+    shift_rounded = np.abs(_channel_means(rounded, rb, "c2", images) - before["c2"]).max()
+
+    report = correct_biases(model, images)
+    assert report["layers_corrected"] == 3 and report["layers_skipped"] == {}
+    assert report["images"] == 24 and report["max_abs_shift"] > 0
+    for n in convs:
+        lay = backbone.get_layer(n)
+        k = lay.get_weights()[0]
+        np.testing.assert_array_equal(k, round_to_int8_grid(kernels[n], channel_axis(lay)))
+        after = _channel_means(model, backbone, carrier[n], images)
+        # the BN / bias absorbs the shift: the means match float to float32 precision
+        np.testing.assert_allclose(after, before[n], atol=1e-4 * max(1, np.abs(before[n]).max()))
+    assert shift_rounded > 1e-4, "the test model should show a shift to correct"
+
+
+def test_layers_without_a_place_for_the_correction_are_skipped_and_left_untouched():
+    model, backbone = _tiny_model(no_bn_conv=True)
+    k3 = backbone.get_layer("c3").get_weights()[0].copy()
+    images = np.random.default_rng(3).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    report = correct_biases(model, images, keep_float=("dw",))
+    assert report["layers_corrected"] == 2
+    assert set(report["layers_skipped"]) == {"c3", "dw"}
+    assert "no bias" in report["layers_skipped"]["c3"]
+    assert "keep-float" in report["layers_skipped"]["dw"]
+    np.testing.assert_array_equal(backbone.get_layer("c3").get_weights()[0], k3)
+
+
+def test_a_model_without_a_backbone_is_refused_clearly():
+    import keras
+
+    inp = keras.Input((8, 8, 3), name="image")
+    model = keras.Model(inp, keras.layers.Conv2D(2, 1)(inp))
+    with pytest.raises(ExportError, match="backbone"):
+        correct_biases(model, np.zeros((2, 8, 8, 3), np.uint8))
+
+
+def test_config_rejects_bias_correction_outside_int8_ptq():
+    assert QuantizationConfig.int8(30).bias_correction == "auto"
+    assert QuantizationConfig.float32().bias_correction == "off"
+    assert QuantizationConfig.int8_qat(30).bias_correction == "off"
+    with pytest.raises(ExportError, match="float16"):
+        QuantizationConfig("float16", bias_correction="on")
+    with pytest.raises(ExportError, match="Unknown bias correction"):
+        QuantizationConfig.int8(30, bias_correction="yes")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run_dir(tmp_path_factory.mktemp("runs"), size=32)
+
+
+@pytest.mark.parametrize("choice", ["auto", "on", "off"])
+def test_int8_export_records_the_bias_correction_in_card_and_report(run_dir, tmp_path, choice):
+    res = export_run(run_dir, QuantizationConfig.int8(20, bias_correction=choice),
+                     tmp_path / choice)
+    bc = res.card["export"]["bias_correction"]
+    report = json.loads((res.path / "validation.json").read_text())
+    md = (res.path / "validation.md").read_text()
+    if choice == "off":
+        assert bc is None and "bias_correction" not in report
+        assert "Bias correction" not in md
+        return
+    assert bc["mode"] == choice and bc["layers_corrected"] > 0
+    assert report["bias_correction"]["layers_corrected"] == bc["layers_corrected"]
+    assert "Bias correction" in md
+    if choice == "on":
+        assert bc["chosen"] == "corrected" and bc["selection"] is None
+    else:
+        sel = bc["selection"]
+        assert bc["chosen"] in ("plain", "corrected") and sel["images"] == 20
+        for k in ("plain", "corrected"):
+            assert 0 <= sel[k]["diagnosis_agreement"] <= 1
+        better = max(("plain", "corrected"), key=lambda k: (sel[k]["diagnosis_agreement"],
+                                                            -sel[k]["mean_abs_diff"]))
+        assert bc["chosen"] == better
+    # validation always compares with the untouched float model
+    assert res.report["validation"]["metrics"]["float"]["accuracy"] is not None
+
+
+def test_cli_bias_correction_flag(run_dir, tmp_path, capsys):
+    rc = main(["tflite", str(run_dir), "--float16", "--bias-correction", "on",
+               "--out", str(tmp_path / "f16")])
+    assert rc == 2 and not (tmp_path / "f16").exists()
+    assert "--bias-correction on only applies to post-training --int8" in capsys.readouterr().err
+    rc = main(["tflite", str(run_dir), "--int8", "--representative", "20", "--bias-correction",
+               "off", "--out", str(tmp_path / "off")])
+    assert rc in (0, 3)
+    card = json.loads((tmp_path / "off" / "model_card.json").read_text())
+    assert card["export"]["bias_correction"] is None
