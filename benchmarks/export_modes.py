@@ -3,8 +3,9 @@
     python benchmarks/export_modes.py RUN [--out DIR] [--runs 50] [--threads N]
                                       [--representative 300]
 
-Converts every mode (validated on the run's val split), benchmarks each with LiteRT, prints a
-table and writes JSON to benchmarks/results/export_modes-<run>-<timestamp>.json.
+Converts every mode (validated on the run's val split), int8 both as trained (``int8-plain``,
+``--bias-correction off``) and with the default bias correction (``int8``), benchmarks each with
+LiteRT, prints a table and writes JSON to benchmarks/results/export_modes-<run>-<timestamp>.json.
 """
 
 from __future__ import annotations
@@ -35,14 +36,17 @@ COLUMNS = [("mode", "mode", ""), ("size MB", "size_mb", ".2f"), ("size ×", "siz
 def compare_modes(run: str | Path, out: Path, *, runs: int = 50, threads: int | None = None,
                   representative: int = 300) -> list[dict]:
     rows = []
-    for cfg in (QuantizationConfig.float32(), QuantizationConfig.float16(),
-                QuantizationConfig.dynamic(), QuantizationConfig.int8(representative)):
+    configs = {"float32": QuantizationConfig.float32(), "float16": QuantizationConfig.float16(),
+               "dynamic": QuantizationConfig.dynamic(),
+               "int8-plain": QuantizationConfig.int8(representative, bias_correction="off"),
+               "int8": QuantizationConfig.int8(representative)}  # default: --bias-correction auto
+    for label, cfg in configs.items():
         t = time.perf_counter()
-        res = export_run(run, cfg, out / f"{Path(run).name}-{cfg.mode}")
+        res = export_run(run, cfg, out / f"{Path(run).name}-{label}")
         convert_s = time.perf_counter() - t
         b = bench(res.path, runs=runs, warmup=min(10, runs), threads=threads)
         v = res.report["validation"]
-        rows.append({**b, "mode": cfg.mode, "bundle": str(res.path), "convert_s": convert_s,
+        rows.append({**b, "mode": label, "bundle": str(res.path), "convert_s": convert_s,
                      "size_mb": b["size_bytes"] / 1e6, "passed": res.passed,
                      "failed": v["failed"],
                      "diagnosis_agreement": v["heads"]["diagnosis"]["top1_agreement"],

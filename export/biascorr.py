@@ -97,13 +97,11 @@ def _backbone_input(model, images: np.ndarray) -> tuple[object, np.ndarray]:
     except ValueError:
         raise ExportError(f"Bias correction needs the '{BACKBONE_NAME}' sub-model that `trainer "
                           f"fit` builds; model '{model.name}' has none (an ensemble?). Pass "
-                          "--no-bias-correction.") from None
+                          "--bias-correction off.") from None
     x = np.asarray(images, np.float32)
-    for layer in model.layers:  # the preprocessing layers between the input and the backbone
+    for layer in model.layers[1:]:  # the preprocessing layers between the input and backbone
         if layer is backbone:
             break
-        if layer.name == model.layers[0].name:
-            continue
         x = np.asarray(layer(x, training=False), np.float32)
     return backbone, x
 
