@@ -4,8 +4,9 @@
 
 In Keras, with float activations throughout, on the run's val split: top-1 diagnosis agreement
 and mean |Δp| against the float model for (a) every backbone kernel rounded onto TFLite's
-per-channel int8 grid, (b) the same plus the empirical bias correction of export/biascorr.py
-(fitted on train-split calibration images, as `python -m export tflite --int8` does). Prints a
+per-channel int8 grid, (b) the same plus the empirical bias correction of export/biascorr.py,
+(c) adaptive rounding plus bias correction (what `python -m export tflite --int8` does); (b)
+and (c) are fitted on train-split calibration images. Prints a
 table and writes JSON to benchmarks/results/weight_rounding-<run>-<timestamp>.json.
 """
 
@@ -56,12 +57,17 @@ def measure(run_dir: str | Path, calibration: int = DEFAULT_IMAGES) -> list[dict
             w = lay.get_weights()
             w[0] = round_to_int8_grid(w[0], channel_axis(lay))
             lay.set_weights(w)
-    corrected = run.load_model()
-    report = correct_biases(corrected, cal)
-    return [_score("float (reference)", ref, ref),
-            _score("kernels rounded to int8", keras_predict(rounded, images), ref),
-            {**_score("rounded + bias correction", keras_predict(corrected, images), ref),
-             "layers_corrected": report["layers_corrected"], "calibration_images": calibration}]
+    rows = [_score("float (reference)", ref, ref),
+            _score("kernels rounded to int8", keras_predict(rounded, images), ref)]
+    del rounded
+    for rounding in ("nearest", "adaptive"):
+        corrected = run.load_model()
+        report = correct_biases(corrected, cal, rounding=rounding)
+        rows.append({**_score(f"{rounding} rounding + bias correction",
+                              keras_predict(corrected, images), ref),
+                     "layers_corrected": report["layers_corrected"],
+                     "calibration_images": calibration, "seconds": report["seconds"]})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     rows = measure(args.run, args.calibration)
     print(table(rows, [("variant", "variant", ""), ("dx agree", "diagnosis_agreement", ".4f"),
+                       ("seconds", "seconds", ".0f"),
                        ("mean |Δp|", "mean_abs_diff", ".4f"), ("max |Δp|", "max_abs_diff", ".3f")]))
     args.results.mkdir(parents=True, exist_ok=True)
     path = (args.results /

@@ -161,8 +161,9 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                "representative_images": conv.representative_images,
                "keep_float": list(config.keep_float),
                "bias_correction": (None if bias is None else {
-                   k: bias.get(k) for k in ("method", "images", "layers_corrected", "seconds",
-                                            "chosen", "selection", "skipped")}
+                   k: bias.get(k) for k in ("method", "rounding", "images", "layers_corrected",
+                                            "output_error_vs_nearest", "seconds", "chosen",
+                                            "selection", "skipped")}
                    | {"mode": config.bias_correction,
                       "layers_skipped": len(bias.get("layers_skipped", {}))}),
                "converter": {"tensorflow": tf.__version__, "path": "saved_model",

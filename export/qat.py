@@ -297,6 +297,7 @@ def _training_settings(run) -> dict:
         augment = {k: getattr(a, k) for k in ("flip", "rotation", "translation", "zoom", "shear",
                                               "brightness", "contrast", "saturation")}
     return {"batch_size": t.batch_size, "class_balance": t.class_balance,
+            "logit_adjust_tau": t.logit_adjust_tau,
             "class_weight_method": t.class_weight_method, "resample_cap": t.resample_cap,
             "label_smoothing": t.label_smoothing, "loss_weights": dict(t.loss_weights),
             "optimizer": t.optimizer, "weight_decay": t.weight_decay, "seed": cfg.seed,

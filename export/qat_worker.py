@@ -321,12 +321,19 @@ def train(tfk, qmodel, job: dict) -> tuple[list[dict], int]:
                          steps_per_epoch=job["steps_per_epoch"])
     augmenter = (build_augmenter(**job["augment"], seed=int(job["seed"]))
                  if job.get("augment") else None)
-    qmodel.compile(
-        optimizer=_optimizer(tfk, job),
-        loss={"melanoma": tfk.losses.BinaryCrossentropy(),
-              "diagnosis": tfk.losses.CategoricalCrossentropy(
-                  label_smoothing=job["label_smoothing"])},
-        loss_weights=dict(job["loss_weights"]))
+    if job["class_balance"] == "logit_adjust":  # the run's logit-adjusted losses (keras.ops)
+        from trainer.config import TrainConfig
+        from trainer.losses import head_losses
+
+        loss = head_losses(TrainConfig(class_balance="logit_adjust",
+                                  logit_adjust_tau=job["logit_adjust_tau"],
+                                  label_smoothing=job["label_smoothing"]), labels)
+    else:
+        loss = {"melanoma": tfk.losses.BinaryCrossentropy(),
+                "diagnosis": tfk.losses.CategoricalCrossentropy(
+                    label_smoothing=job["label_smoothing"])}
+    qmodel.compile(optimizer=_optimizer(tfk, job), loss=loss,
+                   loss_weights=dict(job["loss_weights"]))
     history = []
     for epoch in range(job["epochs"]):
         t0, sums = time.perf_counter(), {}

@@ -77,7 +77,8 @@ def _channel_means(model, backbone, name, images):
     return np.asarray(out).mean(axis=(0, 1, 2))
 
 
-def test_correction_puts_kernels_on_grid_and_removes_each_channels_mean_shift():
+@pytest.mark.parametrize("rounding", ["nearest", "adaptive"])
+def test_correction_puts_kernels_on_grid_and_removes_each_channels_mean_shift(rounding):
     model, backbone = _tiny_model()
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
@@ -94,17 +95,96 @@ def test_correction_puts_kernels_on_grid_and_removes_each_channels_mean_shift():
                         + lay.get_weights()[1:])
     shift_rounded = np.abs(_channel_means(rounded, rb, "c2", images) - before["c2"]).max()
 
-    report = correct_biases(model, images)
+    report = correct_biases(model, images, rounding=rounding)
     assert report["layers_corrected"] == 3 and report["layers_skipped"] == {}
     assert report["images"] == 24 and report["max_abs_shift"] > 0
+    assert report["rounding"] == rounding
     for n in convs:
         lay = backbone.get_layer(n)
         k = lay.get_weights()[0]
-        np.testing.assert_array_equal(k, round_to_int8_grid(kernels[n], channel_axis(lay)))
+        nearest = round_to_int8_grid(kernels[n], channel_axis(lay))
+        if rounding == "nearest":
+            np.testing.assert_array_equal(k, nearest)
+        else:
+            # The same grid TFLite will compute (max |w| per channel unchanged), and every
+            # weight on the grid point just below or above its float value.
+            axis = channel_axis(lay) % k.ndim
+            red = tuple(i for i in range(k.ndim) if i != axis)
+            scale = np.abs(kernels[n]).max(axis=red, keepdims=True) / 127
+            np.testing.assert_allclose(np.abs(k).max(axis=red, keepdims=True), scale * 127,
+                                       rtol=1e-6)
+            steps = k / scale
+            np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+            assert np.all(np.abs(steps - kernels[n] / scale) < 1 + 1e-4)
         after = _channel_means(model, backbone, carrier[n], images)
         # the BN / bias absorbs the shift: the means match float to float32 precision
         np.testing.assert_allclose(after, before[n], atol=1e-4 * max(1, np.abs(before[n]).max()))
     assert shift_rounded > 1e-4, "the test model should show a shift to correct"
+    if rounding == "adaptive":
+        assert report["output_error_vs_nearest"]["max"] <= 1.0
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("Conv2D", {"filters": 4, "kernel_size": 3, "strides": 2, "padding": "same"}),
+    ("Conv2D", {"filters": 4, "kernel_size": 3, "strides": 1, "padding": "valid"}),
+    ("Conv2D", {"filters": 4, "kernel_size": 1, "strides": 1, "padding": "same"}),
+    ("DepthwiseConv2D", {"kernel_size": 5, "strides": 2, "padding": "same"}),
+    ("DepthwiseConv2D", {"kernel_size": 3, "strides": 1, "padding": "same"}),
+])
+@pytest.mark.parametrize("size", [9, 10])
+def test_input_stats_reproduce_the_layer_output(kind, kwargs, size):
+    """The gram and mean patch are of the exact patches the layer multiplies (TF "same"
+    padding, strides): kernel x mean patch is the mean output, and d G d^T the mean squared
+    output change of a kernel change d."""
+    import keras
+
+    from export.biascorr import _kernel_rows, _output_error, input_stats
+
+    rng = np.random.default_rng(size)
+    x = rng.normal(size=(3, size, size, 5)).astype("float32")
+    layer = getattr(keras.layers, kind)(use_bias=False, **kwargs)
+    y = np.asarray(layer(x))
+    depthwise = kind == "DepthwiseConv2D"
+    gram, mean_patch = input_stats(layer, [x[:2], x[2:]])
+    rows = _kernel_rows(layer.get_weights()[0], depthwise)
+    flat = mean_patch.T if depthwise else mean_patch.reshape(-1)
+    mean = np.sum(rows * flat, axis=1) if depthwise else rows @ flat
+    np.testing.assert_allclose(mean, y.reshape(-1, y.shape[-1]).mean(0), atol=1e-5)
+    # a kernel change d changes the output by conv(x, d): its mean square is d G d^T
+    d = rng.normal(size=rows.shape).astype("float32")
+    from export.biascorr import _from_rows
+
+    changed = getattr(keras.layers, kind)(use_bias=False, **kwargs)
+    changed(x)
+    changed.set_weights([_from_rows(d, layer.get_weights()[0].shape, depthwise)])
+    dy = np.asarray(changed(x)).reshape(-1, y.shape[-1])
+    np.testing.assert_allclose(_output_error(d, gram), (dy ** 2).mean(0), rtol=1e-4)
+
+
+def test_adaptive_rounding_beats_nearest_on_correlated_inputs():
+    from export.biascorr import _grid_scale, _output_error, adaptive_round
+
+    rng = np.random.default_rng(0)
+    k, c = 64, 32
+    a = rng.normal(size=(4096, k)) @ rng.normal(size=(k, k)) * 0.3 + rng.normal(size=(4096, k))
+    gram = a.T @ a / len(a)
+    w = rng.normal(size=(c, k))
+    scale = _grid_scale(w)
+    q = adaptive_round(w, scale, gram)
+    nearest = np.clip(np.round(w / scale[:, None]), -127, 127) * scale[:, None]
+    steps = q / scale[:, None]
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
+    assert np.all(np.abs(steps - w / scale[:, None]) < 1 + 1e-6)  # floor or ceil only
+    np.testing.assert_allclose(np.abs(q).max(axis=1), np.abs(w).max(axis=1), rtol=1e-6)
+    per_channel = _output_error(q - w, gram) / _output_error(nearest - w, gram)
+    assert per_channel.max() <= 1.0 + 1e-9  # never worse than nearest, channel by channel
+    assert _output_error(q - w, gram).sum() < 0.8 * _output_error(nearest - w, gram).sum()
+
+
+def test_unknown_rounding_is_refused():
+    model, _ = _tiny_model()
+    with pytest.raises(ExportError, match="Unknown weight rounding"):
+        correct_biases(model, np.zeros((2, 16, 16, 3), np.uint8), rounding="stochastic")
 
 
 def test_layers_without_a_place_for_the_correction_are_skipped_and_left_untouched():

@@ -19,7 +19,9 @@ from trainer.errors import ConfigError
 
 Optimizer = Literal["adam", "sgd"]
 Schedule = Literal["cosine", "step", "constant"]
-ClassBalance = Literal["weights", "resample", "both", "none"]
+# logit_adjust: no sample weights; the loss adds tau * log(class prior) to the logits
+# (trainer/losses.py), so the heads learn the class-balanced posterior.
+ClassBalance = Literal["weights", "resample", "both", "logit_adjust", "none"]
 MixedPrecision = Literal["auto", "on", "off"]
 Restore = Literal["best", "last", "average"]
 Monitor = Literal["val_balanced_accuracy", "val_melanoma_auc", "val_loss", "val_accuracy"]
@@ -94,6 +96,7 @@ class TrainConfig:
     class_balance: ClassBalance = "weights"
     class_weight_method: str = "median_frequency"
     resample_cap: float = 5.0
+    logit_adjust_tau: float = 1.0  # class_balance=logit_adjust only
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {"melanoma": 1.0, "diagnosis": 1.0}
     )
@@ -215,6 +218,7 @@ class RunConfig:
         positive("train.workers", t.workers)
         positive("train.early_stopping_patience", t.early_stopping_patience, allow_zero=True)
         positive("train.resample_cap", t.resample_cap)
+        positive("train.logit_adjust_tau", t.logit_adjust_tau, allow_zero=True)
         positive("train.average_epochs", t.average_epochs)
         if t.restore == "average" and t.average_epochs > t.epochs:
             raise ConfigError(f"`train.average_epochs` ({t.average_epochs}) exceeds the "

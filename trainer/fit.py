@@ -162,21 +162,22 @@ def _mixed_precision(config: RunConfig) -> bool:
     return mode == "on" or (mode == "auto" and _gpu_visible())
 
 
-def val_loss(mel_true, p_mel, y_true, probs, *, label_smoothing: float,
+def val_loss(head_losses: dict, mel_true, p_mel, y_true, probs, *,
              loss_weights: dict[str, float]) -> float:
-    """The training loss formula (without class weights) on validation predictions."""
-    eps = 1e-7
-    p = np.clip(p_mel, eps, 1 - eps)
-    bce = -np.mean(mel_true * np.log(p) + (1 - mel_true) * np.log(1 - p))
-    k = probs.shape[1]
-    onehot = np.eye(k)[y_true] * (1 - label_smoothing) + label_smoothing / k
-    ce = -np.mean(np.sum(onehot * np.log(np.clip(probs, eps, 1.0)), axis=1))
-    return float(loss_weights["melanoma"] * bce + loss_weights["diagnosis"] * ce)
+    """The training loss (``head_losses``, without class weights) on validation predictions."""
+    from trainer.pipeline import N_CLASSES
+
+    targets = {"melanoma": np.asarray(mel_true, np.float32).reshape(-1, 1),
+               "diagnosis": np.eye(N_CLASSES, dtype=np.float32)[y_true]}
+    preds = {"melanoma": np.asarray(p_mel, np.float32).reshape(-1, 1),
+             "diagnosis": np.asarray(probs, np.float32)}
+    return float(sum(loss_weights[k] * np.mean(np.asarray(head_losses[k](targets[k], preds[k])))
+                     for k in ("melanoma", "diagnosis")))
 
 
 # ---------------------------------------------------------------------------- callbacks
 def _callbacks(config, model, train_model, work, val_images, val_y, state, verbose, t_start,
-               *, plan):
+               *, plan, losses):
     import keras
 
     from trainer.metrics import balanced_accuracy, roc_auc
@@ -202,8 +203,7 @@ def _callbacks(config, model, train_model, work, val_images, val_y, state, verbo
             p_mel, probs = predict_arrays(model, val_images, batch_size=config.train.batch_size)
             pred = probs.argmax(axis=1)
             val = {
-                "val_loss": val_loss(mel_true, p_mel, val_y, probs,
-                                     label_smoothing=config.train.label_smoothing,
+                "val_loss": val_loss(losses, mel_true, p_mel, val_y, probs,
                                      loss_weights=config.train.loss_weights),
                 "val_accuracy": float(np.mean(pred == val_y)),
                 "val_balanced_accuracy": balanced_accuracy(val_y, pred, len(DIAGNOSIS_LABELS)),
@@ -322,15 +322,11 @@ def _make_optimizer(config: RunConfig, lr: float):
     return keras.optimizers.Adam(learning_rate=lr)
 
 
-def _compile(config: RunConfig, train_model, phase: str) -> None:
-    import keras
-
+def _compile(config: RunConfig, train_model, phase: str, losses: dict) -> None:
     lr = config.train.head_lr if phase == "head" else config.train.lr
     train_model.compile(
         optimizer=_make_optimizer(config, lr),
-        loss={"melanoma": keras.losses.BinaryCrossentropy(),
-              "diagnosis": keras.losses.CategoricalCrossentropy(
-                  label_smoothing=config.train.label_smoothing)},
+        loss=losses,
         loss_weights=dict(config.train.loss_weights),
     )
 
@@ -468,6 +464,7 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
 
     from trainer.data import cache_images
     from trainer.evaluate import choose_threshold, score, write_outputs
+    from trainer.losses import head_losses
     from trainer.model import (
         backbone_submodel,
         build_augmenter,
@@ -484,6 +481,7 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
     train_rec = records[records["split"] == "train"].reset_index(drop=True)
     val_rec = records[records["split"] == "val"].reset_index(drop=True)
     train_y = labels_from_dx(train_rec["dx"])
+    losses = head_losses(t, train_y)
     val_y = labels_from_dx(val_rec["dx"])
     if state is None:
         state = {"version": STATE_VERSION, "epoch": 0, "phase": None, "best_epoch": None,
@@ -533,7 +531,7 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
                 continue
             set_trainable(model, phase, finetune_layers=t.finetune_layers,
                           freeze_bn=t.freeze_bn)
-            _compile(config, train_model, phase)
+            _compile(config, train_model, phase, losses)
             begin = max(first, int(state["epoch"]))
             if begin == start_epoch and start_epoch > 0:  # resuming in this session
                 _restore(model, train_model, ckpt,
@@ -544,7 +542,7 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
                 resample_cap=t.resample_cap, seed=config.seed, initial_epoch=begin,
                 steps_per_epoch=t.steps_per_epoch, workers=t.workers)
             cbs = _callbacks(config, model, train_model, work, val_images, val_y, state,
-                             verbose, t_start, plan=plan) + list(callbacks)
+                             verbose, t_start, plan=plan, losses=losses) + list(callbacks)
             # shuffle=False: CachedDataset already shuffles from (seed, epoch); Keras would also
             # permute the batch order from Python's global RNG, which tf.distribute's extra
             # pass over the generator advances, so 1 and N replicas would see different orders.

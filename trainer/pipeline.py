@@ -14,7 +14,7 @@ from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 
 N_CLASSES = len(DIAGNOSIS_LABELS)
 MEL_INDEX = DIAGNOSIS_LABELS.index(MELANOMA_DX)
-BALANCE_MODES = ("weights", "resample", "both", "none")
+BALANCE_MODES = ("weights", "resample", "both", "logit_adjust", "none")
 
 
 def labels_from_dx(dx) -> np.ndarray:
@@ -28,7 +28,8 @@ class CachedDataset(keras.utils.PyDataset):
 
     ``balance``: ``weights`` = per-class weights per head as sample weights (the melanoma
     head gets its own binary weights), ``resample`` = capped per-class oversampling drawn
-    anew each epoch, ``both``, or ``none``. The order is reshuffled every epoch from
+    anew each epoch, ``both``, or ``none`` / ``logit_adjust`` (unit weights: the loss does the
+    balancing, see trainer/losses.py). The order is reshuffled every epoch from
     ``seed`` and the epoch number, so a resumed run sees the same batches.
     """
 
