@@ -1,10 +1,11 @@
 """Compare float32 / float16 / dynamic / int8 exports of one run side by side, in one process.
 
     python benchmarks/export_modes.py RUN [--out DIR] [--runs 50] [--threads N]
-                                      [--representative 300]
+                                      [--representative 300] [--adaptive]
 
 Converts every mode (validated on the run's val split), int8 both as trained (``int8-plain``,
-``--bias-correction off``) and with the default bias correction (``int8``), benchmarks each with
+``--bias-correction off``) and with the default bias correction (``int8``; with ``--adaptive``
+also ``int8-adaptive``, ``--weight-rounding adaptive``), benchmarks each with
 LiteRT, prints a table and writes JSON to benchmarks/results/export_modes-<run>-<timestamp>.json.
 """
 
@@ -34,12 +35,15 @@ COLUMNS = [("mode", "mode", ""), ("size MB", "size_mb", ".2f"), ("size ×", "siz
 
 
 def compare_modes(run: str | Path, out: Path, *, runs: int = 50, threads: int | None = None,
-                  representative: int = 300) -> list[dict]:
+                  representative: int = 300, adaptive: bool = False) -> list[dict]:
     rows = []
     configs = {"float32": QuantizationConfig.float32(), "float16": QuantizationConfig.float16(),
                "dynamic": QuantizationConfig.dynamic(),
                "int8-plain": QuantizationConfig.int8(representative, bias_correction="off"),
                "int8": QuantizationConfig.int8(representative)}  # default: --bias-correction auto
+    if adaptive:
+        configs["int8-adaptive"] = QuantizationConfig.int8(representative,
+                                                          weight_rounding="adaptive")
     for label, cfg in configs.items():
         t = time.perf_counter()
         res = export_run(run, cfg, out / f"{Path(run).name}-{label}")
@@ -69,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--representative", type=int, default=300)
+    p.add_argument("--adaptive", action="store_true",
+                   help="also int8 with --weight-rounding adaptive")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         rows = compare_modes(args.run, args.out, runs=args.runs, threads=args.threads,
-                             representative=args.representative)
+                             representative=args.representative, adaptive=args.adaptive)
     except DermedgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

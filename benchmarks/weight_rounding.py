@@ -5,8 +5,8 @@
 In Keras, with float activations throughout, on the run's val split: top-1 diagnosis agreement
 and mean |Δp| against the float model for (a) every backbone kernel rounded onto TFLite's
 per-channel int8 grid, (b) the same plus the empirical bias correction of export/biascorr.py,
-(c) adaptive rounding plus bias correction (what `python -m export tflite --int8` does); (b)
-and (c) are fitted on train-split calibration images. Prints a
+(what `python -m export tflite --int8` does), (c) adaptive rounding plus bias correction
+(`--weight-rounding adaptive`); (b) and (c) are fitted on train-split calibration images. Prints a
 table and writes JSON to benchmarks/results/weight_rounding-<run>-<timestamp>.json.
 """
 

@@ -217,7 +217,8 @@ def _bias_corrected(run, model, config, rep, plain, debug, say):
     n_bc = min(len(rep), DEFAULT_IMAGES)
     say(f"bias correction: rounding kernels to int8, correcting on {n_bc} train images")
     try:
-        bias = correct_biases(corrected, rep[:n_bc], keep_float=config.keep_float, log=say)
+        bias = correct_biases(corrected, rep[:n_bc], keep_float=config.keep_float,
+                              rounding=config.weight_rounding, log=say)
     except ExportError as exc:
         if plain is None:  # "on" was asked for explicitly
             raise

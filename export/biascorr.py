@@ -39,7 +39,7 @@ from export.errors import ExportError
 INT8_MAX = 127
 DEFAULT_IMAGES = 128
 BATCH = 32
-ROUNDING = ("adaptive", "nearest")
+ROUNDING = ("nearest", "adaptive")
 METHODS = {
     "adaptive": "per-channel int8 weights, adaptive rounding (Nagel et al. 2020) + empirical "
                 "bias correction (Nagel et al. 2019), layer by layer on train-split images",
@@ -277,13 +277,13 @@ def _layer_inputs(backbone, layer, x: np.ndarray):
 
 
 def correct_biases(model, images: np.ndarray, *, keep_float: tuple[str, ...] = (),
-                   rounding: str = "adaptive", log=None) -> dict:
+                   rounding: str = "nearest", log=None) -> dict:
     """Round every conv kernel of ``model``'s backbone to its int8 grid and correct the biases.
 
     ``images``: uint8 ``(N, S, S, 3)`` calibration images (the train split, never the
-    validation set). ``rounding``: ``"adaptive"`` (choose floor or ceil per weight for the
-    smallest output error) or ``"nearest"``. Returns a report for the bundle's card and
-    validation.json.
+    validation set). ``rounding``: ``"nearest"`` (the default) or ``"adaptive"`` (choose floor
+    or ceil per weight for the smallest output error). Returns a report for the bundle's card
+    and validation.json.
     """
     import keras
 

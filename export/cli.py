@@ -20,6 +20,7 @@ from export.config import (
     DEFAULT_QAT_LR,
     DEFAULT_REPRESENTATIVE_IMAGES,
     IO_DTYPES,
+    WEIGHT_ROUNDING,
 )
 from export.errors import DermedgeError
 
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: round kernels to int8 and correct biases before converting "
                    "(export/biascorr.py). auto (default): convert with and without, keep the one "
                    "closer to float on the calibration images")
+    t.add_argument("--weight-rounding", choices=WEIGHT_ROUNDING, default=None,
+                   help="int8 with bias correction: round kernels to the nearest grid point "
+                   "(default) or choose floor/ceil per weight to minimise each layer's output "
+                   "error (adaptive, Nagel et al. 2020; slower)")
     t.add_argument("--no-validate", action="store_true", help="skip validation (not advised)")
     t.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     q = t.add_argument_group("quantization-aware training (with --int8; needs `python -m "
@@ -111,6 +116,9 @@ def _config(args):
     qat_flags = [f for f, v in (("--qat-epochs", args.qat_epochs), ("--qat-steps", args.qat_steps),
                                 ("--qat-lr", args.qat_lr), ("--qat-python", args.qat_python))
                  if v is not None]
+    if args.weight_rounding is not None and (mode != "int8" or args.qat):
+        raise DermedgeError(f"--weight-rounding {args.weight_rounding} only applies to "
+                            "post-training --int8 exports with bias correction; drop it.")
     if args.bias_correction is not None and (mode != "int8" or args.qat):
         raise DermedgeError(f"--bias-correction {args.bias_correction} only applies to "
                             "post-training --int8 exports (float modes and --qat do not correct "
@@ -134,7 +142,8 @@ def _config(args):
     if mode == "int8":
         return QuantizationConfig.int8(args.representative, io_dtype=args.io or "uint8",
                                        keep_float=args.keep_float, seed=args.seed,
-                                       bias_correction=args.bias_correction or "auto")
+                                       bias_correction=args.bias_correction or "auto",
+                                       weight_rounding=args.weight_rounding or "nearest")
     if args.io is not None:
         raise DermedgeError(f"--io {args.io} only applies to int8 exports; a {mode} model always "
                             "takes and returns float32. Add --int8 or drop --io.")

@@ -10,6 +10,7 @@ from export.errors import ExportError
 MODES: tuple[str, ...] = ("float32", "float16", "dynamic", "int8")
 IO_DTYPES: tuple[str, ...] = ("uint8", "int8", "float32")
 BIAS_CORRECTION: tuple[str, ...] = ("auto", "on", "off")
+WEIGHT_ROUNDING: tuple[str, ...] = ("nearest", "adaptive")
 DEFAULT_REPRESENTATIVE_IMAGES = 300
 MIN_REPRESENTATIVE_IMAGES = 10
 DEFAULT_QAT_EPOCHS = 2
@@ -49,6 +50,9 @@ class QuantizationConfig:
     # int8 PTQ: round kernels + correct biases first (export/biascorr.py). "auto" converts with
     # and without and keeps the one closer to float on the calibration images.
     bias_correction: str = "off"
+    # How the bias-corrected kernels are rounded onto the int8 grid: "nearest", or "adaptive"
+    # (floor or ceil chosen per weight to minimise each layer's output error; slower).
+    weight_rounding: str = "nearest"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -71,6 +75,15 @@ class QuantizationConfig:
         if self.bias_correction not in BIAS_CORRECTION:
             raise ExportError(f"Unknown bias correction {self.bias_correction!r}; choose one of "
                               f"{', '.join(BIAS_CORRECTION)}.")
+        if self.weight_rounding not in WEIGHT_ROUNDING:
+            hint = difflib.get_close_matches(str(self.weight_rounding), WEIGHT_ROUNDING, n=1)
+            raise ExportError(f"Unknown weight rounding {self.weight_rounding!r}"
+                              + (f"; did you mean {hint[0]!r}?" if hint else ".")
+                              + f" Choose one of: {', '.join(WEIGHT_ROUNDING)}.")
+        if self.weight_rounding != "nearest" and self.bias_correction == "off":
+            raise ExportError(f"--weight-rounding {self.weight_rounding} chooses how the "
+                              "bias-corrected kernels are rounded, but bias correction is off. "
+                              "Drop --weight-rounding or use --bias-correction auto|on.")
         if self.bias_correction != "off" and (self.mode != "int8" or self.qat is not None):
             what = "--qat" if self.qat is not None else f"a {self.mode} export"
             raise ExportError(f"Bias correction prepares a model for post-training full-integer "
@@ -106,16 +119,18 @@ class QuantizationConfig:
     @classmethod
     def int8(cls, representative_images: int = DEFAULT_REPRESENTATIVE_IMAGES,
              io_dtype: str = "uint8", keep_float: tuple[str, ...] | list[str] = (),
-             seed: int = 0, bias_correction: str = "auto") -> QuantizationConfig:
+             seed: int = 0, bias_correction: str = "auto",
+             weight_rounding: str = "nearest") -> QuantizationConfig:
         """Full-integer int8; uint8 RGB 0–255 input by default (raw camera pixels).
 
         ``bias_correction``: ``"on"`` rounds the conv kernels onto their int8 grid and corrects
         each channel's mean shift on train images before converting (export/biascorr.py);
         ``"auto"`` (the default) converts with and without it and keeps the model that agrees
         better with float on the calibration images; ``"off"`` converts the model as trained.
+        ``weight_rounding``: ``"nearest"`` or ``"adaptive"`` (see export/biascorr.py).
         """
         return cls("int8", io_dtype, int(representative_images), tuple(keep_float), int(seed),
-                   bias_correction=str(bias_correction))
+                   bias_correction=str(bias_correction), weight_rounding=str(weight_rounding))
 
     @classmethod
     def int8_qat(cls, representative_images: int = DEFAULT_REPRESENTATIVE_IMAGES,

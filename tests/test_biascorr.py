@@ -218,6 +218,15 @@ def test_config_rejects_bias_correction_outside_int8_ptq():
         QuantizationConfig.int8(30, bias_correction="yes")
 
 
+def test_config_weight_rounding_choices():
+    assert QuantizationConfig.int8(30).weight_rounding == "nearest"
+    assert QuantizationConfig.int8(30, weight_rounding="adaptive").weight_rounding == "adaptive"
+    with pytest.raises(ExportError, match="did you mean 'adaptive'"):
+        QuantizationConfig.int8(30, weight_rounding="adaptiv")
+    with pytest.raises(ExportError, match="bias correction is off"):
+        QuantizationConfig.int8(30, bias_correction="off", weight_rounding="adaptive")
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return make_run_dir(tmp_path_factory.mktemp("runs"), size=32)
@@ -270,3 +279,17 @@ def test_cli_bias_correction_flag(run_dir, tmp_path, capsys):
     assert rc in (0, 3)
     card = json.loads((tmp_path / "off" / "model_card.json").read_text())
     assert card["export"]["bias_correction"] is None
+
+
+def test_cli_weight_rounding_flag(run_dir, tmp_path, capsys):
+    rc = main(["tflite", str(run_dir), "--dynamic", "--weight-rounding", "adaptive",
+               "--out", str(tmp_path / "dyn")])
+    assert rc == 2 and not (tmp_path / "dyn").exists()
+    assert "--weight-rounding adaptive only applies to post-training --int8" in \
+        capsys.readouterr().err
+    rc = main(["tflite", str(run_dir), "--int8", "--representative", "20", "--bias-correction",
+               "on", "--weight-rounding", "adaptive", "--out", str(tmp_path / "ada")])
+    assert rc in (0, 3)
+    bc = json.loads((tmp_path / "ada" / "model_card.json").read_text())["export"]["bias_correction"]
+    assert bc["rounding"] == "adaptive" and bc["chosen"] == "corrected"
+    assert bc["layers_corrected"] > 0

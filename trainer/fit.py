@@ -164,14 +164,19 @@ def _mixed_precision(config: RunConfig) -> bool:
 
 def val_loss(head_losses: dict, mel_true, p_mel, y_true, probs, *,
              loss_weights: dict[str, float]) -> float:
-    """The training loss (``head_losses``, without class weights) on validation predictions."""
+    """The training loss (``head_losses``, without class weights) on validation predictions.
+
+    A Keras ``Loss`` object is evaluated through ``.call`` (per-sample values): its ``__call__``
+    divides by the replica count inside a distribution strategy's scope.
+    """
     from trainer.pipeline import N_CLASSES
 
     targets = {"melanoma": np.asarray(mel_true, np.float32).reshape(-1, 1),
                "diagnosis": np.eye(N_CLASSES, dtype=np.float32)[y_true]}
     preds = {"melanoma": np.asarray(p_mel, np.float32).reshape(-1, 1),
              "diagnosis": np.asarray(probs, np.float32)}
-    return float(sum(loss_weights[k] * np.mean(np.asarray(head_losses[k](targets[k], preds[k])))
+    per_sample = {k: getattr(fn, "call", fn) for k, fn in head_losses.items()}
+    return float(sum(loss_weights[k] * np.mean(np.asarray(per_sample[k](targets[k], preds[k])))
                      for k in ("melanoma", "diagnosis")))
 
 
