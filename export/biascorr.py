@@ -46,7 +46,6 @@ METHODS = {
     "nearest": "per-channel int8 weight rounding + empirical bias correction (Nagel et al. "
                "2019), layer by layer on train-split images",
 }
-METHOD = METHODS["nearest"]
 # Adaptive rounding: Adam on the relaxed choice; the first part without the pull to 0/1.
 ADAROUND_STEPS = 300
 ADAROUND_LR = 0.1
@@ -172,11 +171,12 @@ def _shifted(layer, x: np.ndarray) -> np.ndarray:
     return np.stack(taps).reshape(kh * kw, -1, x.shape[-1])
 
 
-def input_stats(layer, inputs) -> tuple[np.ndarray, np.ndarray]:
+def input_stats(layer, inputs, *, with_gram: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """``(gram, mean_patch)`` of ``layer``'s input patches over batches of ``inputs``.
 
     A conv's gram is ``(K, K)`` with ``K = kh * kw * Cin`` in kernel order; a depthwise conv's is
-    ``(C, kh * kw, kh * kw)``, one per channel. ``mean_patch`` is ``(kh * kw, C)``.
+    ``(C, kh * kw, kh * kw)``, one per channel. ``mean_patch`` is ``(kh * kw, C)``. Only adaptive
+    rounding needs the gram; ``with_gram=False`` skips it (and returns ``None`` for it).
     """
     depthwise = isinstance(layer, _layers().DepthwiseConv2D)
     gram = mean = None
@@ -186,17 +186,19 @@ def input_stats(layer, inputs) -> tuple[np.ndarray, np.ndarray]:
         step = max(1, PATCH_BUDGET // max(1, per_image))
         for i in range(0, len(batch), step):
             t = _shifted(layer, batch[i:i + step])  # (k, P, C)
-            if depthwise:
+            if not with_gram:
+                g = 0.0
+            elif depthwise:
                 tc = np.ascontiguousarray(t.transpose(2, 0, 1))  # (C, k, P)
                 g = tc @ tc.transpose(0, 2, 1)
             else:
                 flat = np.ascontiguousarray(t.transpose(1, 0, 2)).reshape(t.shape[1], -1)
                 g = flat.T @ flat
             s = t.sum(axis=1)
-            gram = g.astype(np.float64) if gram is None else gram + g
+            gram = np.asarray(g, np.float64) if gram is None else gram + g
             mean = s.astype(np.float64) if mean is None else mean + s
             n += t.shape[1]
-    return gram / n, mean / n
+    return (gram / n if with_gram else None), mean / n
 
 
 def _kernel_rows(kernel: np.ndarray, depthwise: bool) -> np.ndarray:
@@ -313,7 +315,8 @@ def correct_biases(model, images: np.ndarray, *, keep_float: tuple[str, ...] = (
     shifts, gains = [], []
     for i, lay in enumerate(todo):
         depthwise = isinstance(lay, L.DepthwiseConv2D)
-        gram, mean_patch = input_stats(lay, _layer_inputs(backbone, lay, x))
+        gram, mean_patch = input_stats(lay, _layer_inputs(backbone, lay, x),
+                                       with_gram=rounding == "adaptive")
         w = lay.get_weights()
         rows = _kernel_rows(w[0], depthwise)
         scale = _grid_scale(rows)
