@@ -94,7 +94,7 @@ val diagnosis = ByteBuffer.allocateDirect({k if out_dt != 'float32' else 4 * k})
 interpreter.runSignature(mapOf("image" to input),
                          mapOf("melanoma" to melanoma, "diagnosis" to diagnosis), "{ex['signature']}")
 melanoma.rewind()
-val pMelanoma = {read_kt}   // real = scale * (q - zeroPoint)
+val pMelanoma = {read_kt}{'' if out_dt == 'float32' else '   // real = scale * (q - zeroPoint)'}
 val isMelanoma = pMelanoma >= {thr}f
 ```
 
@@ -107,7 +107,7 @@ try runner.allocateTensors()
 try runner.invoke(with: ["image": pixels])   // Data: {s}x{s}x3 {in_dt} RGB, row-major
 let mel = try runner.output(named: "melanoma")    // {ex['outputs']['melanoma']['dtype']}
 let dx = try runner.output(named: "diagnosis")    // {out_dt}, {k} values
-let pMelanoma = {read_sw}   // real = scale * (q - zeroPoint)
+let pMelanoma = {read_sw}{'' if out_dt == 'float32' else '   // real = scale * (q - zeroPoint)'}
 let isMelanoma = pMelanoma >= {thr}
 ```
 

@@ -19,6 +19,7 @@ from export.config import (
     DEFAULT_QAT_EPOCHS,
     DEFAULT_QAT_LR,
     DEFAULT_REPRESENTATIVE_IMAGES,
+    FLOAT_HEAD_OPS,
     IO_DTYPES,
     WEIGHT_ROUNDING,
 )
@@ -50,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--dynamic", dest="mode", action="append_const", const="dynamic",
                       help="dynamic-range (int8 weights, float activations)")
     t.add_argument("--io", choices=IO_DTYPES, default=None,
-                   help="int8 only: input/output dtype (default uint8)")
+                   help="int8 only: input dtype, and output dtype unless --output-io says "
+                   "otherwise (default uint8)")
+    t.add_argument("--output-io", choices=IO_DTYPES, default=None, dest="output_io",
+                   help="int8 only: output dtype when it differs from --io, e.g. float32 "
+                   "for dequantized probabilities (default: the same as --io)")
     t.add_argument("--out", type=Path, default=None,
                    help="bundle folder (default exports/<run name>-<mode>)")
     t.add_argument("--representative", type=int, default=DEFAULT_REPRESENTATIVE_IMAGES,
@@ -63,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a gate, e.g. diagnosis_agreement=0.97 (or NAME=none)")
     t.add_argument("--debug", action="store_true",
                    help="int8: run the quantization debugger, list the worst layers")
+    t.add_argument("--float-heads", action="store_true",
+                   help="int8: keep the heads (dense + softmax/sigmoid) in float and output "
+                   "float32 probabilities; the input stays --io (uint8). Same as --output-io "
+                   "float32 --keep-float " + " ".join(FLOAT_HEAD_OPS))
     t.add_argument("--keep-float", nargs="+", default=[], metavar="LAYER_OR_OP",
                    help="int8: keep these Keras layers / TFLite op types in float")
     t.add_argument("--bias-correction", choices=BIAS_CORRECTION, default=None,
@@ -123,6 +132,16 @@ def _config(args):
         raise DermedgeError(f"--bias-correction {args.bias_correction} only applies to "
                             "post-training --int8 exports (float modes and --qat do not correct "
                             "biases); drop it.")
+    if args.float_heads:
+        if mode != "int8" or args.qat:
+            what = "--qat" if args.qat else f"a {mode} export (already float)"
+            raise DermedgeError(f"--float-heads keeps the heads of a post-training --int8 model "
+                                f"in float; {what} does not use it. Drop --float-heads.")
+        if args.output_io not in (None, "float32"):
+            raise DermedgeError(f"--float-heads outputs float32 probabilities, but --output-io "
+                                f"is {args.output_io}. Drop one of them.")
+        args.output_io = "float32"
+        args.keep_float = list(dict.fromkeys([*args.keep_float, *FLOAT_HEAD_OPS]))
     if qat_flags and not args.qat:
         raise DermedgeError(f"{' '.join(qat_flags)} only apply with --qat; add --int8 --qat or "
                             "drop them.")
@@ -136,6 +155,7 @@ def _config(args):
                                 "ranges of every layer. Drop one of them.")
         return QuantizationConfig.int8_qat(
             args.representative, io_dtype=args.io or "uint8", seed=args.seed,
+            output_dtype=args.output_io,
             epochs=DEFAULT_QAT_EPOCHS if args.qat_epochs is None else args.qat_epochs,
             steps_per_epoch=args.qat_steps,
             lr=DEFAULT_QAT_LR if args.qat_lr is None else args.qat_lr)
@@ -143,7 +163,11 @@ def _config(args):
         return QuantizationConfig.int8(args.representative, io_dtype=args.io or "uint8",
                                        keep_float=args.keep_float, seed=args.seed,
                                        bias_correction=args.bias_correction or "auto",
-                                       weight_rounding=args.weight_rounding or "nearest")
+                                       weight_rounding=args.weight_rounding or "nearest",
+                                       output_dtype=args.output_io)
+    if args.output_io is not None:
+        raise DermedgeError(f"--output-io {args.output_io} only applies to int8 exports; a {mode} "
+                            "model always returns float32. Add --int8 or drop --output-io.")
     if args.io is not None:
         raise DermedgeError(f"--io {args.io} only applies to int8 exports; a {mode} model always "
                             "takes and returns float32. Add --int8 or drop --io.")

@@ -13,6 +13,9 @@ BIAS_CORRECTION: tuple[str, ...] = ("auto", "on", "off")
 WEIGHT_ROUNDING: tuple[str, ...] = ("nearest", "adaptive")
 DEFAULT_REPRESENTATIVE_IMAGES = 300
 MIN_REPRESENTATIVE_IMAGES = 10
+# --float-heads: the two heads' dense layers and softmax/sigmoid stay in float (the backbones
+# have no other FULLY_CONNECTED op), so logits and probabilities are not rounded to int8.
+FLOAT_HEAD_OPS: tuple[str, ...] = ("FULLY_CONNECTED", "SOFTMAX", "LOGISTIC")
 DEFAULT_QAT_EPOCHS = 2
 DEFAULT_QAT_LR = 1e-5
 
@@ -53,6 +56,14 @@ class QuantizationConfig:
     # How the bias-corrected kernels are rounded onto the int8 grid: "nearest", or "adaptive"
     # (floor or ceil chosen per weight to minimise each layer's output error; slower).
     weight_rounding: str = "nearest"
+    # int8 only: the outputs' dtype when it differs from the input's (``io_dtype``), e.g. uint8
+    # camera pixels in, float32 probabilities out. None: the same as io_dtype.
+    output_dtype: str | None = None
+
+    @property
+    def out_dtype(self) -> str:
+        """The dtype of the model's outputs."""
+        return self.output_dtype or self.io_dtype
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -63,7 +74,14 @@ class QuantizationConfig:
         if self.io_dtype not in IO_DTYPES:
             raise ExportError(f"Unknown I/O dtype {self.io_dtype!r}; choose one of "
                               f"{', '.join(IO_DTYPES)}.")
+        if self.output_dtype is not None and self.output_dtype not in IO_DTYPES:
+            raise ExportError(f"Unknown output dtype {self.output_dtype!r}; choose one of "
+                              f"{', '.join(IO_DTYPES)}.")
         if self.mode != "int8":
+            if self.out_dtype != "float32":
+                raise ExportError(f"--output-io {self.out_dtype} only applies to int8 exports; a "
+                                  f"{self.mode} model always returns float32. Add --int8 or "
+                                  "drop --output-io.")
             if self.io_dtype != "float32":
                 raise ExportError(f"--io {self.io_dtype} only applies to int8 exports; a "
                                   f"{self.mode} model always takes and returns float32. Add "
@@ -120,9 +138,12 @@ class QuantizationConfig:
     def int8(cls, representative_images: int = DEFAULT_REPRESENTATIVE_IMAGES,
              io_dtype: str = "uint8", keep_float: tuple[str, ...] | list[str] = (),
              seed: int = 0, bias_correction: str = "auto",
-             weight_rounding: str = "nearest") -> QuantizationConfig:
+             weight_rounding: str = "nearest",
+             output_dtype: str | None = None) -> QuantizationConfig:
         """Full-integer int8; uint8 RGB 0–255 input by default (raw camera pixels).
 
+        ``output_dtype``: the outputs' dtype if not ``io_dtype`` (e.g. ``"float32"``: the
+        probabilities come out dequantized).
         ``bias_correction``: ``"on"`` rounds the conv kernels onto their int8 grid and corrects
         each channel's mean shift on train images before converting (export/biascorr.py);
         ``"auto"`` (the default) converts with and without it and keeps the model that agrees
@@ -130,20 +151,21 @@ class QuantizationConfig:
         ``weight_rounding``: ``"nearest"`` or ``"adaptive"`` (see export/biascorr.py).
         """
         return cls("int8", io_dtype, int(representative_images), tuple(keep_float), int(seed),
-                   bias_correction=str(bias_correction), weight_rounding=str(weight_rounding))
+                   bias_correction=str(bias_correction), weight_rounding=str(weight_rounding),
+                   output_dtype=output_dtype)
 
     @classmethod
     def int8_qat(cls, representative_images: int = DEFAULT_REPRESENTATIVE_IMAGES,
                  io_dtype: str = "uint8", *, epochs: int = DEFAULT_QAT_EPOCHS,
                  steps_per_epoch: int | None = None, lr: float = DEFAULT_QAT_LR,
-                 seed: int = 0) -> QuantizationConfig:
+                 seed: int = 0, output_dtype: str | None = None) -> QuantizationConfig:
         """Full-integer int8 after a few epochs of quantization-aware fine-tuning (export/qat.py).
 
         The representative images calibrate the fake-quant ranges before fine-tuning (and the
         PTQ model it is compared with).
         """
         return cls("int8", io_dtype, int(representative_images), (), int(seed),
-                   QATConfig(epochs, steps_per_epoch, lr))
+                   QATConfig(epochs, steps_per_epoch, lr), output_dtype=output_dtype)
 
     @classmethod
     def for_mode(cls, mode: str, **kwargs) -> QuantizationConfig:

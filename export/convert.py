@@ -74,7 +74,7 @@ def _converter(saved_model: Path, config: QuantizationConfig, representative: np
         conv.representative_dataset = _representative_gen(representative)
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         conv.inference_input_type = getattr(tf, config.io_dtype)
-        conv.inference_output_type = getattr(tf, config.io_dtype)
+        conv.inference_output_type = getattr(tf, config.out_dtype)
     return conv
 
 
@@ -102,17 +102,24 @@ def inspect_model(tflite: bytes) -> dict:
             "float16_tensors": dtypes.get("float16", 0)}
 
 
-def verify_mode(tflite: bytes, mode: str, io_dtype: str = "float32") -> dict:
-    """Raise if the model is not what ``mode`` says (e.g. a dynamic-range model called int8)."""
+def verify_mode(tflite: bytes, mode: str, io_dtype: str = "float32",
+                out_dtype: str | None = None) -> dict:
+    """Raise if the model is not what ``mode`` says (e.g. a dynamic-range model called int8).
+
+    ``io_dtype`` / ``out_dtype``: the int8 model's input / output dtypes (outputs default to the
+    input's).
+    """
     info = inspect_model(tflite)
     io = info["io"]
     in_dt = {k: v["dtype"] for k, v in io["inputs"].items()}
     out_dt = {k: v["dtype"] for k, v in io["outputs"].items()}
     problems = []
     if mode == "int8":
-        want = io_dtype
-        bad = {k: v for k, v in {**in_dt, **out_dt}.items() if v != want}
+        want_out = out_dtype or io_dtype
+        bad = {k: v for k, v in in_dt.items() if v != io_dtype}
+        bad.update({k: v for k, v in out_dt.items() if v != want_out})
         if bad:
+            want = io_dtype if want_out == io_dtype else f"{io_dtype} in, {want_out} out"
             problems.append(f"its inputs/outputs should be {want} but are {bad}")
         if info["integer_tensor_fraction"] < 0.5:
             problems.append(f"only {info['integer_tensor_fraction']:.0%} of its non-index tensors "
@@ -182,14 +189,16 @@ def resolve_keep_float(keep: tuple[str, ...], float_tflite: bytes, layer_names: 
 
 def _check_keep_float_io(tflite: bytes, config: QuantizationConfig, deny: dict) -> None:
     io = signature_io(make_interpreter(tflite))
-    dts = {k: v["dtype"] for part in ("inputs", "outputs") for k, v in io[part].items()}
-    stuck = sorted(k for k, v in dts.items() if v != config.io_dtype)
+    want = {"inputs": config.io_dtype, "outputs": config.out_dtype}
+    stuck = sorted(k for part in ("inputs", "outputs") for k, v in io[part].items()
+                   if v["dtype"] != want[part])
     if stuck:
+        flag = "--io float32" if "image" in stuck else "--output-io float32"
         raise ExportError(
             f"--keep-float {' '.join(config.keep_float)} leaves {', '.join(stuck)} in float "
             f"(the kept layer reads the model input or writes an output directly), so the "
-            f"model cannot have {config.io_dtype} I/O. Pass --io float32, or keep other layers "
-            "in float.")
+            f"model cannot have {config.io_dtype} in / {config.out_dtype} out. Pass {flag}, or "
+            "keep other layers in float.")
 
 
 def _debug_report(debugger, top: int = DEBUG_TOP) -> dict:
@@ -251,8 +260,8 @@ def convert_model(model, config: QuantizationConfig, representative: np.ndarray 
                 q = mlir_quantize(debugger.calibrated_model, fully_quantize=False,
                                   denylisted_ops=deny.get("ops") or None,
                                   denylisted_nodes=deny.get("nodes") or None)
-                io_t = getattr(tf, config.io_dtype)
-                tflite = modify_model_io_type(q, io_t, io_t)
+                tflite = modify_model_io_type(q, getattr(tf, config.io_dtype),
+                                              getattr(tf, config.out_dtype))
                 _check_keep_float_io(tflite, config, deny)
             else:
                 tflite = _converter(sm, config, representative).convert()
@@ -265,7 +274,7 @@ def convert_model(model, config: QuantizationConfig, representative: np.ndarray 
                           f"({type(exc).__name__}: {str(exc)[:500]}).") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    checks = verify_mode(tflite, config.mode, config.io_dtype)
+    checks = verify_mode(tflite, config.mode, config.io_dtype, config.out_dtype)
     return Converted(tflite=tflite, mode=config.mode, io=checks.pop("io"), checks=checks,
                      representative_images=len(representative) if config.mode == "int8" else 0,
                      debug=report, denylisted=deny)

@@ -356,7 +356,8 @@ def run_qat(run, model, config: QuantizationConfig, representative: np.ndarray, 
             train_images = str(tmp / "train_images.npy")
             np.save(train_images, np.asarray(images))
         job = {**settings, "train_images": str(train_images), "input_size": run.input_size,
-               "io_dtype": config.io_dtype, "epochs": config.qat.epochs,
+               "io_dtype": config.io_dtype, "output_dtype": config.out_dtype,
+               "epochs": config.qat.epochs,
                "steps_per_epoch": config.qat.steps_per_epoch, "lr": config.qat.lr,
                "rebuild_tolerance": REBUILD_TOLERANCE, "backbone": run.card.get("backbone")}
         (tmp / "job.json").write_text(json.dumps(job, indent=2))
@@ -365,7 +366,7 @@ def run_qat(run, model, config: QuantizationConfig, representative: np.ndarray, 
         tflite = (tmp / "model.tflite").read_bytes()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    checks = verify_mode(tflite, "int8", config.io_dtype)
+    checks = verify_mode(tflite, "int8", config.io_dtype, config.out_dtype)
     conv = Converted(tflite=tflite, mode="int8", io=checks.pop("io"), checks=checks,
                      representative_images=len(representative))
     result["python"] = str(exe)

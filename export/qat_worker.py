@@ -371,7 +371,8 @@ def convert(tf, qmodel, job: dict, representative: np.ndarray, work: Path) -> by
 
     sm = work / "saved_model"
     tf.saved_model.save(qmodel, str(sm), signatures={"serving_default": serve})
-    config = QuantizationConfig.int8(len(representative), io_dtype=job["io_dtype"])
+    config = QuantizationConfig.int8(len(representative), io_dtype=job["io_dtype"],
+                                     output_dtype=job.get("output_dtype"))
     try:
         return _converter(sm, config, representative).convert()
     except Exception as exc:  # noqa: BLE001 - converter failures come in many types

@@ -198,6 +198,65 @@ def test_int8_io_choice(run_dir, tmp_path):
     assert ex["checks"]["integer_tensor_fraction"] > 0.5 and res.passed
 
 
+def test_int8_uint8_in_float32_out(run_dir, tmp_path):
+    """Camera pixels in, dequantized probabilities out: a full-integer body, float outputs."""
+    from export.litert import run_tflite
+
+    res = export_run(run_dir, QuantizationConfig.int8(20, output_dtype="float32"),
+                     tmp_path / "mixed", validate=True)
+    ex = res.card["export"]
+    assert ex["inputs"]["image"]["dtype"] == "uint8"
+    assert ex["inputs"]["image"]["quantization"] == {"scale": 1.0, "zero_point": 0}
+    assert {o["dtype"] for o in ex["outputs"].values()} == {"float32"}
+    assert ex["checks"]["verified_mode"] == "int8"
+    assert ex["checks"]["integer_tensor_fraction"] > 0.5
+    report = json.loads((tmp_path / "mixed" / "validation.json").read_text())
+    assert report["config"]["output_dtype"] == "float32" and report["validation"]["n"] > 0
+    usage = (tmp_path / "mixed" / "USAGE.md").read_text()
+    assert "uint8 RGB pixels 0–255" in usage and "they are float32 probabilities" in usage
+    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    out = run_tflite(tmp_path / "mixed", x)
+    assert out["diagnosis"].dtype == np.float32
+    # dequantized from the int8 softmax: each of 7 values within half a 1/256 step
+    np.testing.assert_allclose(out["diagnosis"].sum(axis=1), 1.0, atol=3.5 / 256)
+    # the outputs are what the mode checker now expects, and not what a uint8-out model has
+    from export.convert import verify_mode
+
+    tfl = (tmp_path / "mixed" / "model.tflite").read_bytes()
+    verify_mode(tfl, "int8", "uint8", "float32")
+    with pytest.raises(QuantizationCheckError, match="uint8 but are"):
+        verify_mode(tfl, "int8", "uint8")
+
+
+def test_keep_float_heads_with_uint8_input_and_float_output(run_dir, tmp_path):
+    cfg = QuantizationConfig.int8(20, output_dtype="float32",
+                                  keep_float=("FULLY_CONNECTED", "SOFTMAX", "LOGISTIC"))
+    res = export_run(run_dir, cfg, tmp_path / "fh", validate=False)
+    ex = res.card["export"]
+    assert ex["inputs"]["image"]["dtype"] == "uint8"
+    assert {o["dtype"] for o in ex["outputs"].values()} == {"float32"}
+    report = json.loads((tmp_path / "fh" / "validation.json").read_text())
+    assert set(report["denylisted"]["ops"]) == {"FULLY_CONNECTED", "SOFTMAX", "LOGISTIC"}
+    assert ex["keep_float"] == ["FULLY_CONNECTED", "SOFTMAX", "LOGISTIC"]
+    # with integer outputs the float heads cannot be honoured: a clear error, no bundle
+    bad = QuantizationConfig.int8(20, keep_float=("FULLY_CONNECTED", "SOFTMAX", "LOGISTIC"))
+    with pytest.raises(DermedgeError, match="Pass --output-io float32"):
+        export_run(run_dir, bad, tmp_path / "bad", validate=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_float_heads_flag(run_dir, tmp_path, capsys):
+    out = tmp_path / "fh"
+    rc = main(["tflite", str(run_dir), "--int8", "--representative", "20", "--float-heads",
+               "--keep-float", "MEAN", "--out", str(out), "--no-validate"])
+    assert rc == 0, capsys.readouterr().err
+    ex = json.loads((out / "model_card.json").read_text())["export"]
+    assert ex["inputs"]["image"]["dtype"] == "uint8"
+    assert {o["dtype"] for o in ex["outputs"].values()} == {"float32"}
+    assert ex["keep_float"] == ["MEAN", "FULLY_CONNECTED", "SOFTMAX", "LOGISTIC"]
+    assert ex["checks"]["verified_mode"] == "int8"
+
+
 def _break(run: Path, how: str) -> Path:
     if how == "no_card":
         (run / "model_card.json").unlink()
@@ -226,6 +285,9 @@ def _break(run: Path, how: str) -> Path:
     ("ok", ["--int8", "--representative", "5"], "at least 10"),
     ("ok", ["--int8", "--float16"], "not allowed with"),
     ("ok", ["--io", "uint8"], "only applies to int8"),
+    ("ok", ["--float16", "--output-io", "uint8"], "only applies to int8"),
+    ("ok", ["--float16", "--float-heads"], "Drop --float-heads"),
+    ("ok", ["--int8", "--float-heads", "--output-io", "uint8"], "--output-io is uint8"),
     ("ok", ["--keep-float", "block3_conv"], "only applies to int8"),
     ("ok", ["--tolerance", "diagnosis_agrement=0.9"], "did you mean 'diagnosis_agreement'"),
     ("ok", ["--tolerance", "diagnosis_agreement=2"], "must lie in [0, 1]"),
@@ -274,6 +336,12 @@ def test_config_named_constructors_and_tolerances():
         QuantizationConfig("int9")
     with pytest.raises(DermedgeError, match="only applies to int8"):
         QuantizationConfig("dynamic", io_dtype="uint8")
+    with pytest.raises(DermedgeError, match="--output-io int8 only applies to int8"):
+        QuantizationConfig("float16", output_dtype="int8")
+    with pytest.raises(DermedgeError, match="Unknown output dtype 'float64'"):
+        QuantizationConfig.int8(output_dtype="float64")
+    assert QuantizationConfig.int8().out_dtype == "uint8"
+    assert QuantizationConfig.int8(output_dtype="float32").out_dtype == "float32"
     t = Tolerances().with_overrides(["melanoma_auc_drop=none", "diagnosis_agreement=0.9"])
     assert t.melanoma_auc_drop is None and t.diagnosis_agreement == 0.9
     assert Tolerances.for_mode("float32").max_abs_diff is not None

@@ -286,6 +286,42 @@ def test_pipeline_resampling_follows_resample_indices():
     assert all((ds[i][2]["diagnosis"] == 1).all() for i in range(len(ds)))
 
 
+def test_pipeline_mixup_blends_images_targets_and_weights_consistently():
+    from trainer.pipeline import MEL_INDEX, CachedDataset
+
+    rng = np.random.default_rng(4)
+    y = _labels(rng, [5, 8, 12, 3, 10, 40, 4])
+    # Each image is a constant equal to its class index: a blend's pixel value then reads back
+    # as lam * c_i + (1 - lam) * c_j, which the targets must match.
+    images = np.broadcast_to(y[:, None, None, None].astype(np.uint8), (len(y), 4, 4, 3))
+    plain = CachedDataset(images, y, batch_size=16, balance="weights", seed=5)
+    mixed = CachedDataset(images, y, batch_size=16, balance="weights", seed=5, mixup=0.4)
+    classes = np.arange(7, dtype=np.float32)
+    blended = 0
+    for i in range(len(mixed)):
+        x0, t0, w0 = plain[i]
+        x, t, w = mixed[i]
+        assert x.shape == x0.shape and t["diagnosis"].shape == t0["diagnosis"].shape
+        np.testing.assert_allclose(t["diagnosis"].sum(axis=1), 1.0, rtol=1e-6)
+        # the main image keeps at least half of the blend
+        assert (t["diagnosis"].max(axis=1) >= 0.5 - 1e-6).all()
+        # pixels and targets blend with the same lam
+        np.testing.assert_allclose(x[:, 0, 0, 0], t["diagnosis"] @ classes, atol=1e-4)
+        np.testing.assert_allclose(t["melanoma"][:, 0], t["diagnosis"][:, MEL_INDEX], atol=1e-6)
+        # weights blend like the targets: a weighted mean of the two images' class weights
+        assert (w["diagnosis"] >= w0["diagnosis"].min() - 1e-6).all()
+        assert (w["diagnosis"] <= w0["diagnosis"].max() + 1e-6).all()
+        blended += int((t["diagnosis"].max(axis=1) < 0.999).sum())
+    assert blended > len(y) // 2  # most images are real blends at alpha 0.4
+    # reproducible from (seed, epoch, batch), different next epoch
+    np.testing.assert_array_equal(mixed[0][0], mixed[0][0])
+    first = mixed[0][1]["diagnosis"].copy()
+    mixed.on_epoch_end()
+    assert not np.array_equal(first, mixed[0][1]["diagnosis"])
+    with pytest.raises(ValueError, match="mixup must be >= 0"):
+        CachedDataset(images, y, mixup=-0.1)
+
+
 def test_predict_arrays_tta_is_flip_mean():
     from trainer.model import build_model
     from trainer.pipeline import predict_arrays

@@ -64,6 +64,9 @@ class AugmentConfig:
     brightness: float = 0.15
     contrast: float = 0.15
     saturation: float = 0.0  # scale saturation by a factor in [1 - s, 1 + s]
+    # mixup: blend pairs of training images and their targets, lam ~ Beta(mixup, mixup);
+    # 0 = off. Regularises the rare classes a long fine-tune otherwise memorises.
+    mixup: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,7 @@ class RunConfig:
             raise ConfigError(f"`train.average_epochs` ({t.average_epochs}) exceeds the "
                               f"fine-tune epochs ({t.epochs}); average at most train.epochs.")
         positive("model.dropout", self.model.dropout, allow_zero=True)
+        positive("augment.mixup", self.augment.mixup, allow_zero=True)
         if t.bn_momentum is not None and not 0 < t.bn_momentum < 1:
             raise ConfigError("`train.bn_momentum` must be in (0, 1) or null. "
                               f"Received: {t.bn_momentum!r}.")

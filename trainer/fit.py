@@ -545,7 +545,8 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
                 plan, CachedDataset, train_images, train_y, batch_size=t.batch_size,
                 shuffle=True, balance=t.class_balance, weight_method=t.class_weight_method,
                 resample_cap=t.resample_cap, seed=config.seed, initial_epoch=begin,
-                steps_per_epoch=t.steps_per_epoch, workers=t.workers)
+                steps_per_epoch=t.steps_per_epoch, workers=t.workers,
+                mixup=config.augment.mixup if config.augment.enabled else 0.0)
             cbs = _callbacks(config, model, train_model, work, val_images, val_y, state,
                              verbose, t_start, plan=plan, losses=losses) + list(callbacks)
             # shuffle=False: CachedDataset already shuffles from (seed, epoch); Keras would also

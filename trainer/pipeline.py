@@ -31,13 +31,18 @@ class CachedDataset(keras.utils.PyDataset):
     anew each epoch, ``both``, or ``none`` / ``logit_adjust`` (unit weights: the loss does the
     balancing, see trainer/losses.py). The order is reshuffled every epoch from
     ``seed`` and the epoch number, so a resumed run sees the same batches.
+
+    ``mixup`` > 0 (the Beta(alpha, alpha) parameter; Zhang et al. 2018): each image is blended
+    with another image of the same batch, ``lam * x_i + (1 - lam) * x_j`` with
+    ``lam = max(l, 1 - l)``, ``l ~ Beta(alpha, alpha)`` drawn per image, and so are both heads'
+    targets and the sample weights. The draws come from (seed, epoch, batch), like the order.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 32,
                  shuffle: bool = True, balance: str = "weights",
                  weight_method: str = "median_frequency", resample_cap: float = 5.0,
                  seed: int = 0, initial_epoch: int = 0, steps_per_epoch: int | None = None,
-                 workers: int = 1, max_queue_size: int = 10):
+                 mixup: float = 0.0, workers: int = 1, max_queue_size: int = 10):
         super().__init__(workers=workers, use_multiprocessing=False,
                          max_queue_size=max_queue_size)
         if balance not in BALANCE_MODES:
@@ -46,6 +51,9 @@ class CachedDataset(keras.utils.PyDataset):
             raise ValueError(f"{len(images)} images but {len(labels)} labels.")
         if len(images) == 0:
             raise ValueError("CachedDataset needs at least one image.")
+        if not 0.0 <= float(mixup):
+            raise ValueError(f"mixup must be >= 0 (0 = off); received {mixup!r}.")
+        self.mixup = float(mixup)
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.mel = (self.labels == MEL_INDEX).astype(np.int64)
@@ -101,7 +109,24 @@ class CachedDataset(keras.utils.PyDataset):
                    "diagnosis": self._onehot[y]}
         weights = {"melanoma": self.mel_weights[mel].astype(np.float32),
                    "diagnosis": self.diag_weights[y].astype(np.float32)}
+        if self.mixup > 0 and len(idx) > 1:
+            x, targets, weights = self._mix(i, x, targets, weights)
         return x, targets, weights
+
+    def _mix(self, i: int, x: np.ndarray, targets: dict, weights: dict):
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, i, 1])
+        n = len(x)
+        lam = rng.beta(self.mixup, self.mixup, size=n).astype(np.float32)
+        lam = np.maximum(lam, 1.0 - lam)  # each image stays the main one of its blend
+        j = rng.permutation(n)
+
+        def blend(a: np.ndarray) -> np.ndarray:
+            shape = (n,) + (1,) * (a.ndim - 1)
+            w = lam.reshape(shape)
+            return w * a + (1.0 - w) * a[j]
+
+        return (blend(x), {k: blend(v) for k, v in targets.items()},
+                {k: blend(v) for k, v in weights.items()})
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
