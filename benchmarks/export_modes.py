@@ -4,8 +4,9 @@
                                       [--representative 300] [--adaptive]
 
 Converts every mode (validated on the run's val split), int8 both as trained (``int8-plain``,
-``--bias-correction off``) and with the default bias correction (``int8``; with ``--adaptive``
-also ``int8-adaptive``, ``--weight-rounding adaptive``), benchmarks each with
+``--bias-correction off``), with the default bias correction (``int8``) and with ``--float-heads``
+(``int8-floatheads``; with ``--adaptive`` also ``int8-adaptive``, ``--weight-rounding
+adaptive``), benchmarks each with
 LiteRT, prints a table and writes JSON to benchmarks/results/export_modes-<run>-<timestamp>.json.
 """
 
@@ -25,6 +26,7 @@ if str(REPO) not in sys.path:
 
 from export.api import QuantizationConfig, export_run  # noqa: E402
 from export.bench import bench, table  # noqa: E402
+from export.config import FLOAT_HEAD_OPS  # noqa: E402
 from export.errors import DermedgeError  # noqa: E402
 
 COLUMNS = [("mode", "mode", ""), ("size MB", "size_mb", ".2f"), ("size ×", "size_ratio", ".3f"),
@@ -40,7 +42,11 @@ def compare_modes(run: str | Path, out: Path, *, runs: int = 50, threads: int | 
     configs = {"float32": QuantizationConfig.float32(), "float16": QuantizationConfig.float16(),
                "dynamic": QuantizationConfig.dynamic(),
                "int8-plain": QuantizationConfig.int8(representative, bias_correction="off"),
-               "int8": QuantizationConfig.int8(representative)}  # default: --bias-correction auto
+               "int8": QuantizationConfig.int8(representative),  # default: --bias-correction auto
+               # --int8 --float-heads: uint8 input, heads in float, float32 probabilities out
+               "int8-floatheads": QuantizationConfig.int8(representative,
+                                                          keep_float=FLOAT_HEAD_OPS,
+                                                          output_dtype="float32")}
     if adaptive:
         configs["int8-adaptive"] = QuantizationConfig.int8(representative,
                                                           weight_rounding="adaptive")

@@ -164,6 +164,9 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                    k: bias.get(k) for k in ("method", "rounding", "images", "layers_corrected",
                                             "output_error_vs_nearest", "seconds", "chosen",
                                             "selection", "skipped")}
+                   | {"quantized_model": None if "quantized_model" not in bias else {
+                       k: v for k, v in bias["quantized_model"].items()
+                       if k != "layers_skipped"}}
                    | {"mode": config.bias_correction,
                       "layers_skipped": len(bias.get("layers_skipped", {}))}),
                "converter": {"tensorflow": tf.__version__, "path": "saved_model",
@@ -226,6 +229,7 @@ def _bias_corrected(run, model, config, rep, plain, debug, say):
         return plain, {"chosen": "plain", "skipped": str(exc)}
     conv = convert_model(corrected, config, rep, debug=debug)
     del corrected
+    conv, bias["quantized_model"] = _correct_quantized(model, config, conv, rep[:n_bc], say)
     if plain is None:
         bias["chosen"] = "corrected"
         return conv, bias
@@ -243,6 +247,28 @@ def _bias_corrected(run, model, config, rep, plain, debug, say):
         f"{score['plain']['diagnosis_agreement']:.4f} vs corrected "
         f"{score['corrected']['diagnosis_agreement']:.4f}; keeping {chosen}")
     return (conv if chosen == "corrected" else plain), bias
+
+
+def _correct_quantized(model, config, conv, images, say):
+    """Second stage: the activation-quantization mean shift, measured on the int8 model itself
+    against the float32 TFLite model (export/qcorrect.py)."""
+    from dataclasses import replace
+
+    from export.convert import convert_model, verify_mode
+    from export.qcorrect import correct_quantized_biases
+
+    say(f"int8 bias correction: measuring the converted model against float on {len(images)} "
+        "train images")
+    from export.errors import ExportError
+
+    reference = convert_model(model, QuantizationConfig.float32()).tflite
+    try:
+        tflite, report = correct_quantized_biases(conv.tflite, reference, images, log=say)
+    except ExportError as exc:  # e.g. a model whose convs the converter folded away
+        say(f"int8 bias correction skipped: {exc}")
+        return conv, {"stage": "quantized_model", "skipped": str(exc), "layers_corrected": 0}
+    checks = verify_mode(tflite, config.mode, config.io_dtype, config.out_dtype)
+    return replace(conv, tflite=tflite, io=checks.pop("io"), checks=checks), report
 
 
 def _qat_md(report: dict) -> str:

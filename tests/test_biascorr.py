@@ -254,6 +254,11 @@ def test_int8_export_records_the_bias_correction_in_card_and_report(run_dir, tmp
         return
     assert bc["mode"] == choice and bc["layers_corrected"] > 0
     assert report["bias_correction"]["layers_corrected"] == bc["layers_corrected"]
+    # second stage, on the converted int8 model (export/qcorrect.py)
+    qm = bc["quantized_model"]
+    assert qm["stage"] == "quantized_model" and qm["layers_corrected"] > 0
+    assert qm["images"] == 16  # 20 calibration images, whole batches of 16
+    assert isinstance(report["bias_correction"]["quantized_model"]["layers_skipped"], dict)
     assert "Bias correction" in md
     if choice == "on":
         assert bc["chosen"] == "corrected" and bc["selection"] is None

@@ -80,6 +80,7 @@ def test_unknown_keys_and_choices_get_suggestions(override, needle):
     ("train.melanoma_threshold=youdn", "melanoma_threshold"),
     ("train.melanoma_threshold=1.5", "melanoma_threshold"),
     ("train.finetune_layers=0", "finetune_layers"),
+    ("augment.mixup=-0.2", "augment.mixup"),
     ("train.loss_weights={melanoma: 1}", "loss_weights"),
     ("train", "section.key=value"),
 ])
