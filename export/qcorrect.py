@@ -27,7 +27,7 @@ import numpy as np
 from export.errors import ExportError
 
 OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
-BATCH = 16
+BATCH = 8  # images per invoke: every intermediate tensor is kept, so memory grows with it
 
 
 def _interpreter(model: bytes, batch: int):
