@@ -255,12 +255,11 @@ def _correct_quantized(model, config, conv, images, say):
     from dataclasses import replace
 
     from export.convert import convert_model, verify_mode
+    from export.errors import ExportError
     from export.qcorrect import correct_quantized_biases
 
     say(f"int8 bias correction: measuring the converted model against float on {len(images)} "
         "train images")
-    from export.errors import ExportError
-
     reference = convert_model(model, QuantizationConfig.float32()).tflite
     try:
         tflite, report = correct_quantized_biases(conv.tflite, reference, images, log=say)

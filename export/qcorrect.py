@@ -76,7 +76,7 @@ def correct_quantized_biases(int8_model: bytes, float_model: bytes, images: np.n
     t0 = time.perf_counter()
     images = np.asarray(images)
     batch = max(1, min(int(batch), len(images)))
-    if len(images) < batch or len(images) == 0:
+    if len(images) == 0:
         raise ExportError("Quantized-model bias correction needs calibration images.")
     q = Interpreter(model_content=bytes(int8_model))
     f = Interpreter(model_content=bytes(float_model))
@@ -115,7 +115,7 @@ def correct_quantized_biases(int8_model: bytes, float_model: bytes, images: np.n
 
     target = channel_means(float_model, images, [n for n, _ in layers], batch)
     current = bytes(int8_model)
-    before, after_shift = [], []
+    before, changed = [], []
     for k, (name, bias_idx) in enumerate(layers):
         got = channel_means(current, images, [name], batch)[name]
         err = got - target[name]
@@ -127,7 +127,7 @@ def correct_quantized_biases(int8_model: bytes, float_model: bytes, images: np.n
         new = np.clip(bias + step, np.iinfo(np.int32).min, np.iinfo(np.int32).max)
         buf.data = np.frombuffer(new.astype(np.int32).tobytes(), dtype=np.uint8)
         before.append(float(np.abs(err).mean() / (np.abs(target[name]).mean() + 1e-12)))
-        after_shift.append(int(np.count_nonzero(step)))
+        changed.append(int(np.count_nonzero(step)))
         current = bytes(fbu.convert_object_to_bytearray(model))
         if log and (k + 1) % 10 == 0:
             log(f"int8 bias correction: {k + 1}/{len(layers)} layers")
@@ -135,6 +135,6 @@ def correct_quantized_biases(int8_model: bytes, float_model: bytes, images: np.n
               "layers_corrected": len(layers), "layers_skipped": skipped,
               "relative_mean_error_before": {"median": float(np.median(before)),
                                              "max": float(np.max(before))},
-              "biases_changed": int(sum(after_shift)),
+              "biases_changed": int(sum(changed)),
               "seconds": round(time.perf_counter() - t0, 1)}
     return current, report
