@@ -119,7 +119,7 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     say(f"converting {run.name} ({run.card.get('backbone')}) to {config.mode}")
     bias = None
     conv = (convert_model(model, config, rep, debug=debug)
-            if config.bias_correction != "on" else None)
+            if config.bias_correction not in ("on", "kernel") else None)
     if config.bias_correction != "off":  # on a second copy: validation compares with float
         conv, bias = _bias_corrected(run, model, config, rep, conv, debug, say)
     ptq = qat_info = None
@@ -223,13 +223,14 @@ def _bias_corrected(run, model, config, rep, plain, debug, say):
         bias = correct_biases(corrected, rep[:n_bc], keep_float=config.keep_float,
                               rounding=config.weight_rounding, log=say)
     except ExportError as exc:
-        if plain is None:  # "on" was asked for explicitly
+        if plain is None:  # "on" / "kernel" was asked for explicitly
             raise
         say(f"bias correction skipped: {exc}")
         return plain, {"chosen": "plain", "skipped": str(exc)}
     conv = convert_model(corrected, config, rep, debug=debug)
     del corrected
-    conv, bias["quantized_model"] = _correct_quantized(model, config, conv, rep[:n_bc], say)
+    if config.bias_correction != "kernel":  # "kernel": the Keras-level stage alone
+        conv, bias["quantized_model"] = _correct_quantized(model, config, conv, rep[:n_bc], say)
     if plain is None:
         bias["chosen"] = "corrected"
         return conv, bias

@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: keep these Keras layers / TFLite op types in float")
     t.add_argument("--bias-correction", choices=BIAS_CORRECTION, default=None,
                    help="int8: round kernels to int8 and correct biases before converting "
-                   "(export/biascorr.py). auto (default): convert with and without, keep the one "
-                   "closer to float on the calibration images")
+                   "(export/biascorr.py), then correct the converted model's biases against "
+                   "float (export/qcorrect.py). on: both stages; kernel: the first only; auto "
+                   "(default): convert with and without both, keep the one closer to float on "
+                   "the calibration images")
     t.add_argument("--weight-rounding", choices=WEIGHT_ROUNDING, default=None,
                    help="int8 with bias correction: round kernels to the nearest grid point "
                    "(default) or choose floor/ceil per weight to minimise each layer's output "

@@ -9,7 +9,7 @@ from export.errors import ExportError
 
 MODES: tuple[str, ...] = ("float32", "float16", "dynamic", "int8")
 IO_DTYPES: tuple[str, ...] = ("uint8", "int8", "float32")
-BIAS_CORRECTION: tuple[str, ...] = ("auto", "on", "off")
+BIAS_CORRECTION: tuple[str, ...] = ("auto", "on", "kernel", "off")
 WEIGHT_ROUNDING: tuple[str, ...] = ("nearest", "adaptive")
 DEFAULT_REPRESENTATIVE_IMAGES = 300
 MIN_REPRESENTATIVE_IMAGES = 10
@@ -145,9 +145,11 @@ class QuantizationConfig:
         ``output_dtype``: the outputs' dtype if not ``io_dtype`` (e.g. ``"float32"``: the
         probabilities come out dequantized).
         ``bias_correction``: ``"on"`` rounds the conv kernels onto their int8 grid and corrects
-        each channel's mean shift on train images before converting (export/biascorr.py);
-        ``"auto"`` (the default) converts with and without it and keeps the model that agrees
-        better with float on the calibration images; ``"off"`` converts the model as trained.
+        each channel's mean shift on train images before converting (export/biascorr.py), then
+        corrects the converted model's activation-quantization shift (export/qcorrect.py);
+        ``"kernel"`` does the first stage only; ``"auto"`` (the default) converts with and
+        without both and keeps the model that agrees better with float on the calibration
+        images; ``"off"`` converts the model as trained.
         ``weight_rounding``: ``"nearest"`` or ``"adaptive"`` (see export/biascorr.py).
         """
         return cls("int8", io_dtype, int(representative_images), tuple(keep_float), int(seed),

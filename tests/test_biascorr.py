@@ -239,7 +239,7 @@ def float_metrics(run_dir, tmp_path_factory) -> dict:
     return res.report["validation"]["metrics"]["float"]
 
 
-@pytest.mark.parametrize("choice", ["auto", "on", "off"])
+@pytest.mark.parametrize("choice", ["auto", "on", "kernel", "off"])
 def test_int8_export_records_the_bias_correction_in_card_and_report(run_dir, tmp_path, choice,
                                                                      float_metrics):
     res = export_run(run_dir, QuantizationConfig.int8(20, bias_correction=choice),
@@ -254,8 +254,12 @@ def test_int8_export_records_the_bias_correction_in_card_and_report(run_dir, tmp
         return
     assert bc["mode"] == choice and bc["layers_corrected"] > 0
     assert report["bias_correction"]["layers_corrected"] == bc["layers_corrected"]
-    # second stage, on the converted int8 model (export/qcorrect.py)
+    # second stage, on the converted int8 model (export/qcorrect.py); "kernel" skips it
     qm = bc["quantized_model"]
+    if choice == "kernel":
+        assert qm is None and bc["chosen"] == "corrected" and bc["selection"] is None
+        assert "quantized_model" not in report["bias_correction"]
+        return
     assert qm["stage"] == "quantized_model" and qm["layers_corrected"] > 0
     assert qm["images"] == 16  # 20 calibration images, whole batches of 16
     assert isinstance(report["bias_correction"]["quantized_model"]["layers_skipped"], dict)
