@@ -26,7 +26,6 @@ if str(REPO) not in sys.path:
 
 from export.api import QuantizationConfig, export_run  # noqa: E402
 from export.bench import bench, table  # noqa: E402
-from export.config import FLOAT_HEAD_OPS  # noqa: E402
 from export.errors import DermedgeError  # noqa: E402
 
 COLUMNS = [("mode", "mode", ""), ("size MB", "size_mb", ".2f"), ("size ×", "size_ratio", ".3f"),
@@ -44,9 +43,7 @@ def compare_modes(run: str | Path, out: Path, *, runs: int = 50, threads: int | 
                "int8-plain": QuantizationConfig.int8(representative, bias_correction="off"),
                "int8": QuantizationConfig.int8(representative),  # default: --bias-correction auto
                # --int8 --float-heads: uint8 input, heads in float, float32 probabilities out
-               "int8-floatheads": QuantizationConfig.int8(representative,
-                                                          keep_float=FLOAT_HEAD_OPS,
-                                                          output_dtype="float32")}
+               "int8-floatheads": QuantizationConfig.int8(representative, float_heads=True)}
     if adaptive:
         configs["int8-adaptive"] = QuantizationConfig.int8(representative,
                                                           weight_rounding="adaptive")

@@ -139,11 +139,6 @@ def _config(args):
             what = "--qat" if args.qat else f"a {mode} export (already float)"
             raise DermedgeError(f"--float-heads keeps the heads of a post-training --int8 model "
                                 f"in float; {what} does not use it. Drop --float-heads.")
-        if args.output_io not in (None, "float32"):
-            raise DermedgeError(f"--float-heads outputs float32 probabilities, but --output-io "
-                                f"is {args.output_io}. Drop one of them.")
-        args.output_io = "float32"
-        args.keep_float = list(dict.fromkeys([*args.keep_float, *FLOAT_HEAD_OPS]))
     if qat_flags and not args.qat:
         raise DermedgeError(f"{' '.join(qat_flags)} only apply with --qat; add --int8 --qat or "
                             "drop them.")
@@ -166,7 +161,8 @@ def _config(args):
                                        keep_float=args.keep_float, seed=args.seed,
                                        bias_correction=args.bias_correction or "auto",
                                        weight_rounding=args.weight_rounding or "nearest",
-                                       output_dtype=args.output_io)
+                                       output_dtype=args.output_io,
+                                       float_heads=args.float_heads)
     if args.output_io is not None:
         raise DermedgeError(f"--output-io {args.output_io} only applies to int8 exports; a {mode} "
                             "model always returns float32. Add --int8 or drop --output-io.")

@@ -139,11 +139,12 @@ class QuantizationConfig:
              io_dtype: str = "uint8", keep_float: tuple[str, ...] | list[str] = (),
              seed: int = 0, bias_correction: str = "auto",
              weight_rounding: str = "nearest",
-             output_dtype: str | None = None) -> QuantizationConfig:
+             output_dtype: str | None = None, float_heads: bool = False) -> QuantizationConfig:
         """Full-integer int8; uint8 RGB 0–255 input by default (raw camera pixels).
 
         ``output_dtype``: the outputs' dtype if not ``io_dtype`` (e.g. ``"float32"``: the
         probabilities come out dequantized).
+        ``float_heads``: also keep ``FLOAT_HEAD_OPS`` in float, with float32 outputs.
         ``bias_correction``: ``"on"`` rounds the conv kernels onto their int8 grid and corrects
         each channel's mean shift on train images before converting (export/biascorr.py), then
         corrects the converted model's activation-quantization shift (export/qcorrect.py);
@@ -152,7 +153,14 @@ class QuantizationConfig:
         images; ``"off"`` converts the model as trained.
         ``weight_rounding``: ``"nearest"`` or ``"adaptive"`` (see export/biascorr.py).
         """
-        return cls("int8", io_dtype, int(representative_images), tuple(keep_float), int(seed),
+        keep_float = tuple(keep_float)
+        if float_heads:
+            if output_dtype not in (None, "float32"):
+                raise ExportError(f"--float-heads outputs float32 probabilities, but --output-io "
+                                  f"is {output_dtype}. Drop one of them.")
+            output_dtype = "float32"
+            keep_float = tuple(dict.fromkeys([*keep_float, *FLOAT_HEAD_OPS]))
+        return cls("int8", io_dtype, int(representative_images), keep_float, int(seed),
                    bias_correction=str(bias_correction), weight_rounding=str(weight_rounding),
                    output_dtype=output_dtype)
 
