@@ -4,8 +4,9 @@ validation split, as a float Keras model and as the int8 TFLite file a phone run
     python benchmarks/accuracy.py runs/effl0 runs/mnv2 runs/cloud [--exports exports]
                                   [--int8 effl0 mnv2] [--md benchmarks/accuracy.md]
 
-For every run: ``trainer evaluate`` on the run's val split (single pass, and with flip TTA
-unless the run is an ensemble, whose TTA is in the graph), the float32 export's size, and for
+For every run: ``trainer evaluate`` on the run's val split (the image model alone: single
+pass, and with flip TTA unless the run is an ensemble, whose TTA is in the graph), the figures
+with patient metadata from the card (``trainer metadata``), the float32 export's size, and for
 the runs named in ``--int8`` (default: every run that is not an ensemble) the validated int8
 export (size, LiteRT balanced accuracy and melanoma AUC). Bundles already in ``--exports``
 that were made from the run as it is now are reused. Prints a table, writes JSON to
@@ -59,11 +60,13 @@ def measure(run: Path, *, exports: Path, int8: bool, representative: int = 300) 
                             if ensemble else card["training"].get("wall_time_s")),
            "calibration": card.get("calibration")}
     del model
-    single = evaluate(run, out=run / "eval-val", progress=False)
-    row["float"] = single
+    # The image model alone (what the TFLite file does on a phone without metadata) ...
+    row["float"] = evaluate(run, out=run / "eval-val", progress=False, metadata=False)
     if not ensemble:
         row["float_tta"] = evaluate(run, tta=True, out=run / "eval-val-tta", progress=False,
-                                   gallery=0)  # the single-pass report has the gallery
+                                   gallery=0, metadata=False)  # single pass has the gallery
+    # ... and with the card's age/sex/site tables (`trainer metadata`), scored on the same split.
+    row["metadata"] = (card.get("metadata_prior") or {}).get("metrics", {}).get("val")
     f32, _ = _bundle(run, "float32", exports, representative)
     row["float32_bytes"] = (f32 / "model.tflite").stat().st_size
     if int8:
@@ -88,12 +91,12 @@ def markdown(rows: list[dict]) -> str:
 
     lines = [
         "| run | backbone | input | params | float32 MB | int8 MB | bal. acc | bal. acc TTA "
-        "| int8 bal. acc | mel AUC | int8 mel AUC | sens @ 90% spec | ECE dx before → after "
-        "| train wall (2 CPU) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| int8 bal. acc | + metadata bal. acc | mel AUC | int8 mel AUC | + metadata mel AUC "
+        "| sens @ 90% spec | ECE dx before → after | train wall (2 CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        f, t, q = r["float"], r.get("float_tta"), r.get("int8")
+        f, t, q, m = r["float"], r.get("float_tta"), r.get("int8"), r.get("metadata") or {}
         cal = r.get("calibration") or {}
         ece = (f"{cal['ece_before']['diagnosis']:.3f} → "
                f"{cal['ece_after_crossfit']['diagnosis']:.3f}" if cal else
@@ -106,11 +109,12 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['float32_bytes'] / 1e6:.1f} | "
             f"{_f(r['int8_bytes'] / 1e6, '.1f') if q else '–'} "
             f"| **{f['balanced_accuracy']:.3f}** | {_f(t['balanced_accuracy']) if t else '–'} "
-            f"| {_f(q['balanced_accuracy']) if q else '–'} | {f['melanoma']['auc']:.3f} "
-            f"| {_f(q['melanoma_auc']) if q else '–'} "
+            f"| {_f(q['balanced_accuracy']) if q else '–'} "
+            f"| {_f(m.get('balanced_accuracy'))} | {f['melanoma']['auc']:.3f} "
+            f"| {_f(q['melanoma_auc']) if q else '–'} | {_f(m.get('melanoma_auc'))} "
             f"| {_f(f['melanoma'].get('sensitivity_at_specificity_0.90'))} | {ece} "
             f"| {_f(wall / 60, '.0f') + ' min' if wall else '–'} |")
-    lines += ["", "Per-class recall (float, single pass):", "",
+    lines += ["", "Per-class recall (float image model, single pass):", "",
               "| run | " + " | ".join(DIAGNOSIS_LABELS) + " |",
               "|---" * (len(DIAGNOSIS_LABELS) + 1) + "|"]
     for r in rows:

@@ -35,6 +35,8 @@ from werkzeug.exceptions import HTTPException
 from .errors import EdgeDemoError, RequestError
 from .explain import NOT_ENABLED, explain_head
 from .imaging import decode_upload
+from .metadata import choices as site_choices
+from .metadata import parse as parse_metadata
 from .service import DEFAULT_MAX_PIXELS, DemoService
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -294,7 +296,7 @@ def _add_explanation(body: dict[str, Any], data: bytes, head: str, answer: dict)
 def classify():
     head = _explain_head()
     data = _upload_bytes()
-    body = _service().classify(data)
+    body = _service().classify(data, parse_metadata(request.form))
     if head is not None:
         _add_explanation(body, data, head, body["cloud"] or body["device"])
     g.tier_path = body["tier_path"]
@@ -310,7 +312,7 @@ def cloud_classify():
                            status=404, code="no_cloud_tier")
     head = _explain_head()
     data = _upload_bytes()
-    body = svc.classify_cloud(data)
+    body = svc.classify_cloud(data, parse_metadata(request.form))
     if head is not None:
         _add_explanation(body, data, head, body["cloud"])
     g.tier_path = "cloud"
@@ -328,6 +330,8 @@ def models():
 @page.get("/")
 def index():
     svc = _service()
-    return render_template("index.html", service=svc,
+    sites = sorted(set(site_choices(svc.device.card)) |
+                   set(site_choices(svc.cloud.card) if svc.cloud else ()))
+    return render_template("index.html", service=svc, sites=sites,
                            defaults=svc.policy.source == "defaults",
                            explainer=current_app.extensions["edge_demo"]["explainer"])

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", required=True)
     r.add_argument("--cloud")
     r.add_argument("--policy")
+    r.add_argument("--age", help="patient age in years (optional metadata)")
+    r.add_argument("--sex", help="male or female (optional metadata)")
+    r.add_argument("--site", help="body site, e.g. back (optional metadata)")
     r.add_argument("images", nargs="+", type=Path)
 
     c = sub.add_parser("calibrate", help="choose policy thresholds on a labelled set")
@@ -79,15 +82,17 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
+    from .metadata import parse as parse_metadata
     from .service import DemoService
 
+    meta = parse_metadata({"age": args.age, "sex": args.sex, "site": args.site})
     svc = DemoService.from_paths(args.device, args.cloud, args.policy)
     for path in args.images:
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise EdgeDemoError(f"Cannot read {path} ({exc.strerror}).") from exc
-        body = svc.classify(data)
+        body = svc.classify(data, meta)
         body["image"] = str(path)
         print(json.dumps(body, indent=2))
     return 0

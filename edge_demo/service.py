@@ -11,6 +11,7 @@ from typing import Any
 from .errors import EdgeDemoError
 from .imaging import decode_upload
 from .keras_tier import load_cloud_tier
+from .metadata import adjust, tables
 from .policy import DEFAULTS_NOTE, DISCLAIMER, Policy
 from .tiers import Tier
 
@@ -68,16 +69,38 @@ class DemoService:
         timings["decode"] = _ms(t0)
         return image
 
-    def _run(self, tier: Tier, image) -> dict[str, Any]:
-        return tier.predict(tier.prepare(image))
+    def _run(self, tier: Tier, image, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The tier's answer, updated by the case's metadata when its card has the tables."""
+        answer = tier.predict(tier.prepare(image))
+        prior = tables(tier.card) if meta else None
+        if prior is not None:
+            answer, _ = adjust(answer, prior, meta)
+        return answer
 
-    def classify(self, data: bytes) -> dict[str, Any]:
-        """Image bytes -> the full ``/api/v1/classify`` response body."""
+    @staticmethod
+    def _threshold(tier, answer: dict[str, Any] | None) -> float | None:
+        """The melanoma threshold that fits the answer: the tables' own after metadata."""
+        if tier is None:
+            return None
+        if answer is not None and answer.get("metadata_used"):
+            return float(tier.card["metadata_prior"]["melanoma_threshold"])
+        return tier.melanoma_threshold
+
+    @staticmethod
+    def _metadata_section(meta, device, cloud, tiers) -> dict[str, Any]:
+        return {"received": meta or {},
+                "used": {name: (answer or {}).get("metadata_used", [])
+                         for name, answer in (("device", device), ("cloud", cloud))},
+                "tables": {name: tables(t.card) is not None for name, t in tiers.items()
+                           if t is not None}}
+
+    def classify(self, data: bytes, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Image bytes (+ optional age/sex/site) -> the ``/api/v1/classify`` response body."""
         t_all = time.perf_counter()
         timings: dict[str, float] = {"decode": 0.0, "device": 0.0, "cloud": 0.0}
         image = self._decode(data, timings)
         t0 = time.perf_counter()
-        device = self._run(self.device, image)
+        device = self._run(self.device, image, metadata)
         timings["device"] = _ms(t0)
         checks = self.policy.fallback_checks(device)
         wants = any(c.fired for c in checks)
@@ -86,14 +109,14 @@ class DemoService:
         if wants and self.cloud is not None:
             t0 = time.perf_counter()
             try:
-                cloud = self._run(self.cloud, image)
+                cloud = self._run(self.cloud, image, metadata)
             except Exception as exc:  # noqa: BLE001 - a cloud failure must not fail the request
                 log.exception("cloud tier failed")
                 cloud_error = f"{type(exc).__name__}: {exc}"
             timings["cloud"] = _ms(t0)
         d = self.policy.decide(
-            device, cloud, device_threshold=self.device.melanoma_threshold,
-            cloud_threshold=self.cloud.melanoma_threshold if self.cloud else None)
+            device, cloud, device_threshold=self._threshold(self.device, device),
+            cloud_threshold=self._threshold(self.cloud, cloud))
         reason = d.fallback_reason
         if wants and self.cloud is None:
             reason += " No cloud tier is configured, so the device answer stands."
@@ -111,6 +134,8 @@ class DemoService:
                        "rules_fired": d.advice_rules, "decided_by": d.decided_by,
                        "checks": [c.to_dict() for c in d.advice_checks]},
             "disclaimer": DISCLAIMER,
+            "metadata": self._metadata_section(metadata, device, cloud,
+                                               {"device": self.device, "cloud": self.cloud}),
             "timings_ms": timings,
             "tier_path": path,
             "models": {"device": self.device.summary(),
@@ -118,7 +143,8 @@ class DemoService:
                        "policy": self.policy.source},
         }
 
-    def classify_cloud(self, data: bytes) -> dict[str, Any]:
+    def classify_cloud(self, data: bytes,
+                       metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         """The cloud tier alone (what a phone app calls on fallback)."""
         if self.cloud is None:
             raise EdgeDemoError("No cloud tier is loaded; start the server with --cloud.")
@@ -126,8 +152,11 @@ class DemoService:
         timings: dict[str, float] = {"decode": 0.0, "cloud": 0.0}
         image = self._decode(data, timings)
         t0 = time.perf_counter()
-        cloud = self._run(self.cloud, image)
+        cloud = self._run(self.cloud, image, metadata)
         timings["cloud"] = _ms(t0)
         timings["total"] = _ms(t_all)
-        return {"cloud": cloud, "disclaimer": DISCLAIMER, "timings_ms": timings,
+        return {"cloud": cloud, "disclaimer": DISCLAIMER,
+                "metadata": self._metadata_section(metadata, None, cloud,
+                                                   {"cloud": self.cloud}),
+                "timings_ms": timings,
                 "tier_path": "cloud", "models": {"cloud": self.cloud.summary()}}

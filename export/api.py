@@ -183,7 +183,7 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
             ptq_section["validation"] = _summary(report["ptq"]["validation"], where)
         report["qat"] = qat_info
         section["qat"] = {k: qat_info.get(k) for k in (
-            "epochs", "steps_per_epoch", "lr", "optimizer", "batch_size", "class_balance",
+            "target", "epochs", "steps_per_epoch", "lr", "optimizer", "batch_size", "class_balance",
             "augment", "train_images", "calibration_images", "frozen", "history",
             "rebuild_max_abs_diff", "versions", "seconds")}
         section["qat"]["ptq"] = ptq_section

@@ -25,6 +25,29 @@ def export_card(run_card: dict, export_section: dict) -> dict:
     return card
 
 
+def _patient_md(prior: dict | None) -> str:
+    """The USAGE.md paragraph on the card's metadata tables (``trainer metadata``), if any."""
+    if not prior:
+        return ""
+    m = prior.get("metrics") or {}
+    measured = "" if not m else (
+        f" On the run's validation split they moved balanced accuracy "
+        f"{m['val_image_only']['balanced_accuracy']:.3f} → {m['val']['balanced_accuracy']:.3f} "
+        f"and melanoma AUC {m['val_image_only']['melanoma_auc']:.3f} → "
+        f"{m['val']['melanoma_auc']:.3f}.")
+    return f"""
+## Patient metadata (optional)
+
+When the app knows the patient's age, sex or body site, `model_card.json → metadata_prior` holds
+naive-Bayes tables ({', '.join(prior['fields'])}; counted on the training split) that update the
+answer: add `{prior['weight']:g} × log_likelihood[value]` of each known field to the log of
+`diagnosis` and renormalise, update the melanoma odds the same way, then compare P(melanoma)
+with **{prior['melanoma_threshold']:.4g}** (`metadata_prior.melanoma_threshold`) instead.
+Missing or unknown fields change nothing; the formula is in dermedge's docs/ARTIFACTS.md
+(`metadata_prior`).{measured}
+"""
+
+
 def usage_md(card: dict) -> str:
     """The input contract and Kotlin / Swift / Python snippets, from the card's tensor details."""
     ex = card["export"]
@@ -59,6 +82,7 @@ def usage_md(card: dict) -> str:
                "uint8": f"Float({sc}) * (Float(mel.data[0]) - Float({zp}))",
                "int8": f"Float({sc}) * (Float(Int8(bitPattern: mel.data[0])) - Float({zp}))"
                }[ex["outputs"]["melanoma"]["dtype"]]
+    patient = _patient_md(card.get("metadata_prior"))
     return f"""# Using this model
 
 `model.tflite` ({ex['mode']}, {ex['size_bytes']:,} bytes, sha256 `{ex['sha256'][:16]}…`) from run
@@ -116,7 +140,7 @@ let isMelanoma = pMelanoma >= {thr}
 ```bash
 python run_bundle.py BUNDLE_DIR photo.jpg   # export/snippets/run_bundle.py in dermedge
 ```
-
+{patient}
 ## Metadata
 
 Labels and normalisation are **not** embedded as TFLite metadata: the `tflite-support`

@@ -21,6 +21,7 @@ from export.config import (
     DEFAULT_REPRESENTATIVE_IMAGES,
     FLOAT_HEAD_OPS,
     IO_DTYPES,
+    QAT_TARGETS,
     WEIGHT_ROUNDING,
 )
 from export.errors import DermedgeError
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on QAT batches per epoch (default: the whole train split)")
     q.add_argument("--qat-lr", type=float, default=None, metavar="LR",
                    help=f"QAT learning rate (default {DEFAULT_QAT_LR:g})")
+    q.add_argument("--qat-target", choices=QAT_TARGETS, default=None,
+                   help="what QAT fits: the float model's outputs (distill, default: the int8 "
+                   "model learns to answer like the float one) or the training labels")
     q.add_argument("--qat-python", default=None, metavar="PYTHON",
                    help="interpreter of the QAT environment (default $DERMEDGE_QAT_PYTHON, "
                    "else the one `qat-setup` made)")
@@ -125,7 +129,8 @@ def _config(args):
         raise DermedgeError(f"Choose one quantization mode; received {got}.")
     mode = modes[0] if modes else "float32"
     qat_flags = [f for f, v in (("--qat-epochs", args.qat_epochs), ("--qat-steps", args.qat_steps),
-                                ("--qat-lr", args.qat_lr), ("--qat-python", args.qat_python))
+                                ("--qat-lr", args.qat_lr), ("--qat-python", args.qat_python),
+                                ("--qat-target", args.qat_target))
                  if v is not None]
     if args.weight_rounding is not None and (mode != "int8" or args.qat):
         raise DermedgeError(f"--weight-rounding {args.weight_rounding} only applies to "
@@ -155,7 +160,8 @@ def _config(args):
             output_dtype=args.output_io,
             epochs=DEFAULT_QAT_EPOCHS if args.qat_epochs is None else args.qat_epochs,
             steps_per_epoch=args.qat_steps,
-            lr=DEFAULT_QAT_LR if args.qat_lr is None else args.qat_lr)
+            lr=DEFAULT_QAT_LR if args.qat_lr is None else args.qat_lr,
+            target=args.qat_target or "distill")
     if mode == "int8":
         return QuantizationConfig.int8(args.representative, io_dtype=args.io or "uint8",
                                        keep_float=args.keep_float, seed=args.seed,

@@ -18,6 +18,10 @@ MIN_REPRESENTATIVE_IMAGES = 10
 FLOAT_HEAD_OPS: tuple[str, ...] = ("FULLY_CONNECTED", "SOFTMAX", "LOGISTIC")
 DEFAULT_QAT_EPOCHS = 2
 DEFAULT_QAT_LR = 1e-5
+# What QAT fits: the float model's own outputs on the same augmented images ("distill": the
+# int8 model learns to answer like the float model, which is what validation gates), or the
+# training labels with the run's losses ("labels": can drift from the float model).
+QAT_TARGETS: tuple[str, ...] = ("distill", "labels")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class QATConfig:
     epochs: int = DEFAULT_QAT_EPOCHS
     steps_per_epoch: int | None = None  # cap on batches per epoch (None: the whole train split)
     lr: float = DEFAULT_QAT_LR
+    target: str = "distill"
 
     def __post_init__(self):
         for flag, value in (("--qat-epochs", self.epochs), ("--qat-steps", self.steps_per_epoch)):
@@ -38,6 +43,11 @@ class QATConfig:
                 not 0 < self.lr < 1:
             raise ExportError(f"The QAT learning rate must be a number in (0, 1), e.g. "
                               f"{DEFAULT_QAT_LR}; received --qat-lr {self.lr!r}.")
+        if self.target not in QAT_TARGETS:
+            hint = difflib.get_close_matches(str(self.target), QAT_TARGETS, n=1)
+            raise ExportError(f"Unknown QAT target {self.target!r}"
+                              + (f"; did you mean {hint[0]!r}?" if hint else ".")
+                              + f" Choose one of: {', '.join(QAT_TARGETS)}.")
 
 
 @dataclass(frozen=True)
@@ -168,14 +178,15 @@ class QuantizationConfig:
     def int8_qat(cls, representative_images: int = DEFAULT_REPRESENTATIVE_IMAGES,
                  io_dtype: str = "uint8", *, epochs: int = DEFAULT_QAT_EPOCHS,
                  steps_per_epoch: int | None = None, lr: float = DEFAULT_QAT_LR,
-                 seed: int = 0, output_dtype: str | None = None) -> QuantizationConfig:
+                 seed: int = 0, output_dtype: str | None = None,
+                 target: str = "distill") -> QuantizationConfig:
         """Full-integer int8 after a few epochs of quantization-aware fine-tuning (export/qat.py).
 
         The representative images calibrate the fake-quant ranges before fine-tuning (and the
         PTQ model it is compared with).
         """
         return cls("int8", io_dtype, int(representative_images), (), int(seed),
-                   QATConfig(epochs, steps_per_epoch, lr), output_dtype=output_dtype)
+                   QATConfig(epochs, steps_per_epoch, lr, target), output_dtype=output_dtype)
 
     @classmethod
     def for_mode(cls, mode: str, **kwargs) -> QuantizationConfig:

@@ -359,6 +359,7 @@ def run_qat(run, model, config: QuantizationConfig, representative: np.ndarray, 
                "io_dtype": config.io_dtype, "output_dtype": config.out_dtype,
                "epochs": config.qat.epochs,
                "steps_per_epoch": config.qat.steps_per_epoch, "lr": config.qat.lr,
+               "target": config.qat.target,
                "rebuild_tolerance": REBUILD_TOLERANCE, "backbone": run.card.get("backbone")}
         (tmp / "job.json").write_text(json.dumps(job, indent=2))
         say(f"QAT: {config.qat.epochs} epoch(s) on {len(train)} train images in {exe}")

@@ -305,8 +305,12 @@ def _optimizer(tfk, job: dict):
     return tfk.optimizers.Adam(learning_rate=lr)
 
 
-def train(tfk, qmodel, job: dict) -> tuple[list[dict], int]:
-    """The fit loop: CachedDataset batches (class weights/resampling), Keras 3 augmenter."""
+def train(tfk, qmodel, job: dict, teacher=None) -> tuple[list[dict], int]:
+    """The fit loop: CachedDataset batches (class weights/resampling), Keras 3 augmenter.
+
+    With a ``teacher`` (the float model) the targets are its outputs on the same augmented
+    batch (distillation: QAT then learns to answer like the float model); otherwise the labels.
+    """
     import keras
 
     from trainer.model import build_augmenter
@@ -321,7 +325,10 @@ def train(tfk, qmodel, job: dict) -> tuple[list[dict], int]:
                          steps_per_epoch=job["steps_per_epoch"])
     augmenter = (build_augmenter(**job["augment"], seed=int(job["seed"]))
                  if job.get("augment") else None)
-    if job["class_balance"] == "logit_adjust":  # the run's logit-adjusted losses (keras.ops)
+    if teacher is not None:  # soft targets: cross-entropy to the float model's probabilities
+        loss = {"melanoma": tfk.losses.BinaryCrossentropy(),
+                "diagnosis": tfk.losses.CategoricalCrossentropy()}
+    elif job["class_balance"] == "logit_adjust":  # the run's logit-adjusted losses (keras.ops)
         from trainer.config import TrainConfig
         from trainer.losses import head_losses
 
@@ -341,6 +348,9 @@ def train(tfk, qmodel, job: dict) -> tuple[list[dict], int]:
             x, y, w = data[i]
             if augmenter is not None:
                 x = np.asarray(augmenter(x, training=True), np.float32)
+            if teacher is not None:
+                y = {k: np.asarray(v) for k, v in teacher(x, training=False).items()
+                     if k in HEADS}
             logs = qmodel.train_on_batch(x, y, sample_weight=w, return_dict=True)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -417,7 +427,13 @@ def run(work: Path) -> dict:
     fq_before = max_head_diff(qmodel(x_probe, training=False), probe)
     say(f"fake-quant ranges calibrated on {len(representative)} images; max |Δp| vs float "
         f"{fq_before:.3f}")
-    history, steps = train(tfk, qmodel, job)
+    distill = job.get("target", "distill") == "distill"
+    history, steps = train(tfk, qmodel, job, teacher=model if distill else None)
+    if distill:  # the teacher must still be the float model (quantize_apply works on a clone)
+        teacher_diff = max_head_diff(model(x_probe, training=False), probe)
+        if not teacher_diff <= job["rebuild_tolerance"]:
+            raise WorkerError("train", f"the float teacher changed during QAT (max |Δp| "
+                              f"{teacher_diff:.2e}); its outputs are the distillation targets.")
     pin_input_range(qmodel)
     fq_after = max_head_diff(qmodel(x_probe, training=False), probe)
     t_conv = time.perf_counter()
@@ -431,6 +447,7 @@ def run(work: Path) -> dict:
             "frozen": "BatchNormalization (inference mode, as TFLite folds it) and preprocessing",
             "calibration_images": int(len(representative)),
             "fake_quant_max_abs_diff": {"calibrated": fq_before, "after_training": fq_after},
+            "target": "distill" if distill else "labels",
             "epochs": job["epochs"], "steps_per_epoch": steps, "lr": job["lr"],
             "optimizer": job.get("optimizer"), "batch_size": job["batch_size"],
             "class_balance": job["class_balance"], "augment": job.get("augment"),

@@ -65,6 +65,12 @@ def test_ensemble_is_the_mean_over_members_and_flips(two_runs, tmp_path):
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n"] == card["data"]["splits"]["val"] and metrics["tta"] is True
+    # the toy data has age/sex/site: the ensemble counts its own metadata tables and scores
+    # them on its (averaged) validation answers
+    prior = card["metadata_prior"]
+    assert prior["metrics"]["val_image_only"]["balanced_accuracy"] == pytest.approx(
+        metrics["balanced_accuracy"], abs=1e-9)
+    assert prior["val"]["images"] == metrics["n"]
     # export reads it like any run
     from export.rundir import open_run
 

@@ -21,11 +21,12 @@ ISIC_HEADER = ["image", *ISIC_COLUMNS]
 
 def test_evaluate_val_split_matches_fit_metrics(trained_run):
     run = trained_run.run_dir
-    m = evaluate(run, progress=False)
+    m = evaluate(run, progress=False, metadata=False)
     out = run / "eval-val"
     fit_metrics = json.loads((run / "metrics.json").read_text())
     assert m["balanced_accuracy"] == pytest.approx(fit_metrics["balanced_accuracy"], abs=1e-9)
     assert m["melanoma"]["threshold"] == fit_metrics["melanoma"]["threshold"]
+    assert m["metadata"] == {"applied": False, "reason": "--no-metadata"}
     for name in ("metrics.json", "predictions.csv", "predictions_full.csv", "report.md",
                  "plots/confusion_counts.png", "plots/confusion_normalized.png",
                  "plots/roc_melanoma.png"):

@@ -23,6 +23,7 @@ from export_fixtures import make_run_dir
 
 from export.api import QuantizationConfig, export_run
 from export.cli import main
+from export.errors import ExportError
 from export.litert import LiteModel
 from export.qat import (
     ENV_VAR,
@@ -88,6 +89,13 @@ def test_core_environment_has_and_imports_no_qat_packages(run_dir):
 
 
 # ----------------------------------------------------------------------------- the flat graph
+def test_qat_target_is_checked_and_named():
+    assert QuantizationConfig.int8_qat(20).qat.target == "distill"
+    assert QuantizationConfig.int8_qat(20, target="labels").qat.target == "labels"
+    with pytest.raises(ExportError, match="Unknown QAT target 'distil'; did you mean 'distill'"):
+        QuantizationConfig.int8_qat(20, target="distil")
+
+
 def test_graph_spec_inlines_the_backbone_and_keeps_names():
     import keras
 
@@ -142,6 +150,7 @@ def test_unknown_layers_are_named():
     (["--qat"], "--qat fine-tunes the model for full-integer int8"),
     (["--float16", "--qat"], "drop --float16"),
     (["--qat-epochs", "2"], "only apply with --qat"),
+    (["--int8", "--qat-target", "labels"], "only apply with --qat"),
     (["--int8", "--qat", "--keep-float", "block3_conv"], "cannot be combined with --qat"),
     (["--int8", "--qat", "--qat-epochs", "0"], "--qat-epochs must be a whole number >= 1"),
     (["--int8", "--qat", "--qat-steps", "-1"], "--qat-steps must be a whole number >= 1"),
@@ -245,6 +254,7 @@ def test_qat_int8_bundle_is_valid_named_and_reported_beside_ptq(run_dir, qat_pyt
     # What QAT did, and the PTQ model it is compared with (a different model).
     qat = ex["qat"]
     assert qat["epochs"] == 1 and qat["steps_per_epoch"] == 2 and len(qat["history"]) == 1
+    assert qat["target"] == "distill"  # the default: learn the float model's answers
     assert np.isfinite(qat["history"][0]["loss"]) and qat["train_images"] == 42
     assert qat["rebuild_max_abs_diff"] < 1e-4 and qat["calibration_images"] == 20
     assert qat["versions"]["tensorflow_model_optimization"].startswith("0.8")
@@ -289,10 +299,12 @@ def test_real_backbones_rebuild_and_convert(backbone, qat_python, tmp_path):
     """The generic flat rebuild on the real backbones (random weights, 32 px, one QAT step)."""
     run = make_run_dir(tmp_path, name=backbone, backbone=backbone, size=32, train=False,
                        train_per_class=2, val_per_class=1)
-    res = export_run(run, QuantizationConfig.int8_qat(14, epochs=1, steps_per_epoch=1),
+    res = export_run(run, QuantizationConfig.int8_qat(14, epochs=1, steps_per_epoch=1,
+                                                      target="labels"),
                      tmp_path / "b", validate=False, qat_python=qat_python)
     ex = res.card["export"]
     assert ex["checks"]["verified_mode"] == "int8" and ex["qat"]["rebuild_max_abs_diff"] < 1e-4
+    assert ex["qat"]["target"] == "labels"
     assert set(ex["outputs"]) == {"melanoma", "diagnosis"}
     out = LiteModel.load(res.path / "model.tflite").predict(
         np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))

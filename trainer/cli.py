@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Grad-CAM gallery: N correct and N wrong cases per class in gallery/ "
                    "(default 4)")
     e.add_argument("--no-gallery", action="store_true", help="skip the Grad-CAM gallery")
+    e.add_argument("--no-metadata", action="store_true",
+                   help="score the image model alone, ignoring the run's metadata tables")
 
     t = sub.add_parser("toy-data", help="write the synthetic toy-lesion dataset")
     t.add_argument("--out", required=True)
@@ -109,6 +111,21 @@ def _parser() -> argparse.ArgumentParser:
                         "with train.calibrate: false). Rewrites model.keras, the melanoma "
                         "threshold, metrics.json and the card.")
     ca.add_argument("run", help="run directory written by `trainer fit`")
+
+    me = sub.add_parser("metadata", help="add patient metadata (age/sex/site) evidence to a run",
+                        description="Count naive-Bayes tables of age, sex and body site per "
+                        "diagnosis on the run's train split and store them in its model card; "
+                        "`trainer evaluate`, the exported bundle's consumers and the demo then "
+                        "multiply the image model's probabilities by each case's metadata "
+                        "likelihood ratio where a case has metadata. Scores the val split with "
+                        "and without. The model itself is not changed.")
+    me.add_argument("run", help="run directory (from `trainer fit` or `trainer ensemble`)")
+    me.add_argument("--weight", type=float, default=None, metavar="W",
+                    help="exponent on the likelihood ratio (1: plain Bayes rule; default "
+                    "0.5, tempered for correlated fields and other clinics)")
+    me.add_argument("--smoothing", type=float, default=None, metavar="A",
+                    help="pseudo-count per table cell (default 1)")
+    me.add_argument("--remove", action="store_true", help="drop the run's metadata tables")
     return p
 
 
@@ -146,7 +163,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     m = evaluate(args.run, data=args.data, layout=args.layout, images=args.images,
                  split=args.split, tta=args.tta, out=args.out, batch_size=args.batch_size,
-                 gallery=0 if args.no_gallery else args.gallery)
+                 gallery=0 if args.no_gallery else args.gallery,
+                 metadata=not args.no_metadata)
     print(f"{m['source']} ({m['split']}):")
     print(summary_table(m))
     return 0
@@ -203,6 +221,38 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metadata(args: argparse.Namespace) -> int:
+    from trainer.metadata import (
+        DEFAULT_SMOOTHING,
+        DEFAULT_WEIGHT,
+        fit_run,
+        remove_from_run,
+        strongest,
+    )
+
+    if args.remove:
+        if args.weight is not None or args.smoothing is not None:
+            raise DermedgeError("--remove takes no --weight or --smoothing.")
+        gone = remove_from_run(args.run)
+        print(f"{args.run}: metadata tables {'removed' if gone else 'were not there'}")
+        return 0
+    s = fit_run(args.run, weight=DEFAULT_WEIGHT if args.weight is None else args.weight,
+                smoothing=DEFAULT_SMOOTHING if args.smoothing is None else args.smoothing)
+    fields = ", ".join(f"{f} ({len(v['values'])} values, {v['images']} images)"
+                       for f, v in s["fields"].items())
+    print(f"{args.run}: metadata tables from {s['fit_on']['images']} train images: {fields}")
+    print("strongest evidence: " + "; ".join(
+        f"{r['field']}={r['value']} x{r['ratio']:.2f} {r['class']}" for r in strongest(s)))
+    a, b = s["metrics"]["val_image_only"], s["metrics"]["val"]
+    print(f"val ({s['val']['with_metadata']} of {s['val']['images']} images with metadata, "
+          f"weight {s['weight']:g}):")
+    for key, name in (("balanced_accuracy", "balanced accuracy"), ("melanoma_auc", "melanoma AUC"),
+                      ("accuracy", "accuracy"),
+                      ("sensitivity_at_specificity_0.90", "mel sens @ 90% spec")):
+        print(f"  {name:<20} {a[key]:.3f} -> {b[key]:.3f}")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from trainer.explain import explain_images
 
@@ -217,7 +267,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 COMMANDS = {"fit": cmd_fit, "evaluate": cmd_evaluate, "toy-data": cmd_toy_data,
             "backbones": cmd_backbones, "explain": cmd_explain,
-            "ensemble": cmd_ensemble, "calibrate": cmd_calibrate}
+            "ensemble": cmd_ensemble, "calibrate": cmd_calibrate, "metadata": cmd_metadata}
 
 
 def _error(message: str) -> int:

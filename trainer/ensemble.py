@@ -113,6 +113,7 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
 
     from trainer.data import cache_images
     from trainer.evaluate import card_metrics, choose_threshold, score, write_outputs
+    from trainer.metadata import for_run as metadata_for_run
     from trainer.pipeline import MEL_INDEX, labels_from_dx, predict_arrays
     from trainer.run import (
         CARD_SCHEMA_VERSION,
@@ -218,6 +219,9 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
             "metrics": {"val": card_metrics(metrics)},
             "versions": versions(),
         }
+        prior = metadata_for_run(records, p_mel, probs, threshold, "youden")
+        if prior is not None:  # age/sex/site evidence (trainer.metadata)
+            card["metadata_prior"] = prior
         write_json_atomic(work / "model_card.json", card)
         move_into_place(work, out, overwrite=overwrite)
     except BaseException:

@@ -133,6 +133,7 @@ def report_markdown(m: dict[str, Any], *, gallery: dict[str, str] | str | None =
         f"| melanoma ROC AUC | {_f(mel['auc'])} |",
         f"| melanoma average precision | {_f(mel['average_precision'])} |",
         "",
+        *_metadata_lines(m.get("metadata")),
         "## Diagnosis head, per class", "",
         "| class | recall | precision | F1 | support |", "|---|---|---|---|---|",
     ]
@@ -155,6 +156,18 @@ def report_markdown(m: dict[str, Any], *, gallery: dict[str, str] | str | None =
     return "\n".join(lines) + "\n"
 
 
+def _metadata_lines(meta: dict[str, Any] | None) -> list[str]:
+    if not meta:
+        return []
+    if not meta.get("applied"):
+        return [f"Patient metadata: not used ({meta.get('reason', 'none')}).", ""]
+    io = meta["image_only"]
+    return [f"Patient metadata (age/sex/site, weight {meta['weight']:g}) applied to "
+            f"{meta['cases_with_metadata']} of {meta['n']} images; the image model alone: "
+            f"balanced accuracy {_f(io['balanced_accuracy'])}, melanoma AUC "
+            f"{_f(io['melanoma_auc'])}, accuracy {_f(io['accuracy'])} (`--no-metadata`).", ""]
+
+
 def summary_table(m: dict[str, Any]) -> str:
     """A few lines for the terminal."""
     mel = m["melanoma"]
@@ -165,6 +178,12 @@ def summary_table(m: dict[str, Any]) -> str:
              f"{_f(mel['sensitivity'])} / {_f(mel['specificity'])}")]
     for target, r in mel["at_sensitivity"].items():
         rows.append((f"mel spec @ sens {float(target):.0%}", _f(r["specificity"])))
+    meta = m.get("metadata") or {}
+    if meta.get("applied"):
+        io = meta["image_only"]
+        rows.append(("metadata", f"age/sex/site on {meta['cases_with_metadata']} of {meta['n']} "
+                     f"images (image only: bal. acc {_f(io['balanced_accuracy'])}, AUC "
+                     f"{_f(io['melanoma_auc'])})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
@@ -173,10 +192,12 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, layout: str
              images: str | Path | None = None, split: str = "val", tta: bool = False,
              out: str | Path | None = None, batch_size: int = 64,
              cache_dir: str | Path | None = None, progress: bool = True,
-             gallery: int = GALLERY_PER_CLASS) -> dict[str, Any]:
+             gallery: int = GALLERY_PER_CLASS, metadata: bool = True) -> dict[str, Any]:
     """Evaluate a run on its ``split`` (from splits.csv) or on ``data``; writes to ``out``
     (default ``<run>/eval-<split>`` or ``<run>/eval-<data folder name>``); returns the metrics.
     ``gallery``: Grad-CAM cases per true class and kind (correct / wrong) in ``gallery/``; 0: none.
+    ``metadata``: apply the card's ``metadata_prior`` (``trainer metadata``) to images that
+    carry age/sex/site; the image model's own figures stay under ``metrics["metadata"]``.
     """
     check_gallery(gallery)
     from trainer.data import cache_images, load_records, read_splits
@@ -207,12 +228,37 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, layout: str
         raise DataError(f"No images to evaluate in {data}.")
     cached = cache_images(records["path"].tolist(), size, cache_dir, progress=progress)
     p_mel, probs = predict_arrays(model, cached, batch_size=batch_size, tta=tta)
+    p_mel, probs, threshold, meta = _with_metadata(card, records, p_mel, probs, threshold,
+                                                   metadata)
     metrics = score(records, p_mel, probs, threshold=threshold)
-    metrics.update({"split": split_name, "source": source, "tta": bool(tta), "run": str(run)})
+    metrics.update({"split": split_name, "source": source, "tta": bool(tta), "run": str(run),
+                    "metadata": meta})
     out_dir = Path(out).expanduser().resolve() if out else default_out
     shown = gallery_step(out_dir, model, card, cached, records, probs, gallery)
     write_outputs(out_dir, records, p_mel, probs, metrics, gallery=shown)
     return metrics
+
+
+def _with_metadata(card: dict[str, Any], records: pd.DataFrame, p_mel: np.ndarray,
+                   probs: np.ndarray, threshold: float, use: bool):
+    """The card's metadata tables applied where the records carry age/sex/site."""
+    from trainer.metadata import apply_prior, has_metadata
+
+    prior = card.get("metadata_prior")
+    if not prior:
+        return p_mel, probs, threshold, {
+            "applied": False, "reason": "the run has no metadata tables (`trainer metadata RUN`)"}
+    if not use:
+        return p_mel, probs, threshold, {"applied": False, "reason": "--no-metadata"}
+    if not has_metadata(records):
+        return p_mel, probs, threshold, {"applied": False,
+                                         "reason": "the images carry no age, sex or site"}
+    image_only = card_metrics(score(records, p_mel, probs, threshold=threshold))
+    p_mel, probs, used = apply_prior(prior, p_mel, probs, records)
+    meta = {"applied": True, "weight": float(prior["weight"]), "n": int(len(records)),
+            "cases_with_metadata": int((used > 0).sum()), "fields": list(prior["fields"]),
+            "image_only": image_only}
+    return p_mel, probs, float(prior["melanoma_threshold"]), meta
 
 
 # --- Grad-CAM gallery (trainer.explain; issue 7) --------------------------------------------

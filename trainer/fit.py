@@ -470,6 +470,7 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
     from trainer.data import cache_images
     from trainer.evaluate import choose_threshold, score, write_outputs
     from trainer.losses import head_losses
+    from trainer.metadata import for_run as metadata_for_run
     from trainer.model import (
         backbone_submodel,
         build_augmenter,
@@ -590,6 +591,9 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
     wall = state["wall_time_before_s"] + time.time() - t_start
     card = _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed)
     card["training"]["distribution"] = dist.card_section(plan, t)
+    prior = metadata_for_run(records, p_mel, probs, threshold, t.melanoma_threshold)
+    if prior is not None:  # age/sex/site evidence for consumers that have it (trainer.metadata)
+        card["metadata_prior"] = prior
     write_json_atomic(work / "model_card.json", card)
     if not t.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)

@@ -37,6 +37,15 @@
       list.append(li);
     });
     $(prefix + "-latency").textContent = "Inference " + tier.latency_ms.toFixed(1) + " ms";
+    const meta = $(prefix + "-metadata");
+    if (tier.metadata_used && tier.metadata_used.length) {
+      meta.textContent = "Updated with the patient's " + tier.metadata_used.join(", ") +
+        " (photo alone: melanoma risk " + pct(tier.image_only.melanoma) + ", top " +
+        tier.image_only.top.label + " " + pct(tier.image_only.top.probability) + ")";
+      meta.hidden = false;
+    } else {
+      meta.hidden = true;
+    }
   }
 
   function render(body) {
@@ -89,6 +98,10 @@
     $("status").textContent = "Classifying…";
     const data = new FormData();
     data.append("image", file);
+    ["age", "sex", "site"].forEach((k) => {
+      const v = $(k + "-input").value.trim();
+      if (v) data.append(k, v);
+    });
     try {
       const explain = $("explain-input") && $("explain-input").checked;
       const url = "api/v1/classify" + (explain ? "?explain=1" : "");
