@@ -147,3 +147,28 @@ def jpeg_bytes(size=(64, 48), seed: int = 0, mode: str = "RGB", fmt: str = "JPEG
     buf = io.BytesIO()
     im.save(buf, fmt, **save_kw)
     return buf.getvalue()
+
+
+META_THRESHOLD = 0.42
+
+
+def demo_prior() -> dict:
+    """Metadata tables (trainer.metadata) where face + 70s + female points to melanoma."""
+    import pandas as pd
+
+    from trainer.metadata import fit_prior
+
+    rows = [("nv", 35, "male", "back")] * 30 + [("mel", 75, "female", "face")] * 10 + \
+        [("bkl", 65, "male", "face")] * 10 + [("bcc", 70, "male", "scalp")] * 5
+    prior = fit_prior(pd.DataFrame(rows, columns=["dx", "age", "sex", "site"]), weight=1.0)
+    prior["melanoma_threshold"] = META_THRESHOLD
+    return prior
+
+
+def with_metadata_tables(bundle: Path, dest: Path) -> Path:
+    """A copy of ``bundle`` whose card carries :func:`demo_prior`."""
+    shutil.copytree(bundle, dest)
+    card = json.loads((dest / "model_card.json").read_text())
+    card["metadata_prior"] = demo_prior()
+    (dest / "model_card.json").write_text(json.dumps(card))
+    return dest

@@ -167,3 +167,26 @@ def test_bad_upload_shows_error(server, browser, tmp_path):
     WebDriverWait(browser, 20).until(
         lambda d: d.find_element(By.ID, "error").get_attribute("hidden") is None)
     assert "not an image" in browser.find_element(By.ID, "error").text
+
+
+def test_patient_details_update_the_answer(browser, tmp_path_factory, tmp_path):
+    """Age and site typed on the page reach the server and the tier shows what they changed."""
+    from demo_fixtures import with_metadata_tables
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    root = tmp_path_factory.mktemp("meta")
+    b = tiny_bundles()
+    device = with_metadata_tables(b["int8"], root / "int8")
+    with demo_server(["--device", str(device), "--threads", "1"], root / "server.log") as url:
+        browser.get(url + "/")
+        browser.find_element(By.CSS_SELECTOR, "#patient summary").click()
+        browser.find_element(By.ID, "age-input").send_keys("74")
+        Select(browser.find_element(By.ID, "site-input")).select_by_value("face")
+        browser.find_element(By.ID, "image-input").send_keys(str(_photo(tmp_path)))
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 30).until(
+            ec.visibility_of_element_located((By.ID, "device-metadata")))
+        note = browser.find_element(By.ID, "device-metadata").text
+    assert "Updated with the patient's age, site" in note and "photo alone" in note

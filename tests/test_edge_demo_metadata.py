@@ -4,47 +4,34 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 
 pytest.importorskip("flask")
 pytest.importorskip("ai_edge_litert")
 
-from demo_fixtures import jpeg_bytes, tiny_bundles  # noqa: E402
+from demo_fixtures import (  # noqa: E402
+    META_THRESHOLD,
+    demo_prior,
+    jpeg_bytes,
+    tiny_bundles,
+    with_metadata_tables,
+)
 
 from edge_demo.app import create_app  # noqa: E402
 from edge_demo.cli import main as demo_main  # noqa: E402
 from edge_demo.metadata import adjust, parse  # noqa: E402
 from trainer.labels import DIAGNOSIS_LABELS  # noqa: E402
-from trainer.metadata import apply_prior, fit_prior  # noqa: E402
-
-META_THRESHOLD = 0.42
-
-
-def _prior() -> dict:
-    rows = [("nv", 35, "male", "back")] * 30 + [("mel", 75, "female", "face")] * 10 + \
-        [("bkl", 65, "male", "face")] * 10 + [("bcc", 70, "male", "scalp")] * 5
-    prior = fit_prior(pd.DataFrame(rows, columns=["dx", "age", "sex", "site"]), weight=1.0)
-    prior["melanoma_threshold"] = META_THRESHOLD
-    return prior
+from trainer.metadata import apply_prior  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def meta_bundles(tmp_path_factory):
     """The tiny int8/float32 bundles, copied, with metadata tables in their cards."""
     root = tmp_path_factory.mktemp("meta-bundles")
-    out = {}
-    for kind in ("int8", "float32"):
-        dst = root / kind
-        shutil.copytree(tiny_bundles()[kind], dst)
-        card = json.loads((dst / "model_card.json").read_text())
-        card["metadata_prior"] = _prior()
-        (dst / "model_card.json").write_text(json.dumps(card))
-        out[kind] = dst
-    return out
+    return {kind: with_metadata_tables(tiny_bundles()[kind], root / kind)
+            for kind in ("int8", "float32")}
 
 
 def _client(device, cloud):
@@ -65,7 +52,7 @@ def test_metadata_updates_both_tiers_like_the_trainer(meta_bundles):
     body = _post(client, age="77", sex="Female", site="face").get_json()
     assert body["metadata"]["received"] == {"age": 77.0, "sex": "female", "site": "face"}
     assert body["metadata"]["tables"] == {"device": True, "cloud": True}
-    prior = _prior()
+    prior = demo_prior()
     for tier in ("device", "cloud"):
         before, after = plain[tier], body[tier]
         assert after["metadata_used"] == ["age", "sex", "site"]
@@ -140,9 +127,9 @@ def test_parse_and_adjust_units():
         {"age": 45.5, "site": "lower extremity"}
     answer = {"melanoma": 0.3, "diagnosis": dict.fromkeys(DIAGNOSIS_LABELS, 1 / 7),
               "top": {"label": "akiec", "probability": 1 / 7}, "latency_ms": 1.0}
-    same, used = adjust(answer, _prior(), {"site": "moon"})
+    same, used = adjust(answer, demo_prior(), {"site": "moon"})
     assert same is answer and used == []
-    new, used = adjust(answer, _prior(), {"age": 79.9})  # bin "70-79": mel and bcc ages
+    new, used = adjust(answer, demo_prior(), {"age": 79.9})  # bin "70-79": mel and bcc ages
     assert used == ["age"] and new["top"]["label"] in ("mel", "bcc")
     assert new["melanoma"] > 0.3 and new["image_only"]["melanoma"] == 0.3
-    assert adjust(answer, _prior(), {"age": 120.0})[1] == []  # "80+": not in these tables
+    assert adjust(answer, demo_prior(), {"age": 120.0})[1] == []  # "80+": not in these tables
