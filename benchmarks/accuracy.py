@@ -66,7 +66,9 @@ def measure(run: Path, *, exports: Path, int8: bool, representative: int = 300) 
         row["float_tta"] = evaluate(run, tta=True, out=run / "eval-val-tta", progress=False,
                                    gallery=0, metadata=False)  # single pass has the gallery
     # ... and with the card's age/sex/site tables (`trainer metadata`), scored on the same split.
-    row["metadata"] = (card.get("metadata_prior") or {}).get("metrics", {}).get("val")
+    prior = card.get("metadata_prior") or {}
+    row["metadata"] = prior.get("metrics", {}).get("val")
+    row["metadata_recall"] = prior.get("per_class_recall", {}).get("val")
     f32, _ = _bundle(run, "float32", exports, representative)
     row["float32_bytes"] = (f32 / "model.tflite").stat().st_size
     if int8:
@@ -121,6 +123,9 @@ def markdown(rows: list[dict]) -> str:
         pc = r["float"]["per_class"]
         lines.append(f"| {r['name']} | " + " | ".join(
             f"{pc[k]['recall']:.2f} ({pc[k]['support']})" for k in DIAGNOSIS_LABELS) + " |")
+        if r.get("metadata_recall"):
+            lines.append(f"| {r['name']} + metadata | " + " | ".join(
+                f"{r['metadata_recall'][k]:.2f}" for k in DIAGNOSIS_LABELS) + " |")
     return "\n".join(lines) + "\n"
 
 

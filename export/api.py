@@ -126,7 +126,7 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     if config.qat is not None:  # --- QAT: the PTQ model above stays for the side-by-side
         from export.qat import run_qat
 
-        ptq = conv
+        ptq, ptq_bias, bias = conv, bias, None  # the shipped (QAT) model is not bias-corrected
         conv, qat_info = run_qat(run, model, config, rep, python=qat_exe, log=say)
     report: dict = {"run": str(run.path), "mode": config.mode, "config": config.to_dict(),
                     "data": where, "checks": conv.checks, "denylisted": conv.denylisted}
@@ -177,7 +177,9 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                "size_bytes": len(conv.tflite), "sha256": sha256_bytes(conv.tflite)}
     if ptq is not None:  # --- QAT: what was trained, and the PTQ model it is compared with
         ptq_section = {"size_bytes": len(ptq.tflite), "sha256": sha256_bytes(ptq.tflite),
-                       "integer_tensor_fraction": ptq.checks["integer_tensor_fraction"]}
+                       "integer_tensor_fraction": ptq.checks["integer_tensor_fraction"],
+                       "bias_correction": None if ptq_bias is None else {
+                           k: ptq_bias.get(k) for k in ("chosen", "method", "seconds")}}
         report["ptq"] = {**ptq_section, **report.get("ptq", {})}  # full validation report
         if validate:
             ptq_section["validation"] = _summary(report["ptq"]["validation"], where)

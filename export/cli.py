@@ -137,7 +137,8 @@ def _config(args):
                             "post-training --int8 exports with bias correction; drop it.")
     if args.bias_correction is not None and (mode != "int8" or args.qat):
         raise DermedgeError(f"--bias-correction {args.bias_correction} only applies to "
-                            "post-training --int8 exports (float modes and --qat do not correct "
+                            "post-training --int8 exports (float modes and --qat, which is "
+                            "compared with the default post-training export, do not correct "
                             "biases); drop it.")
     if args.float_heads:
         if mode != "int8" or args.qat:

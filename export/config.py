@@ -112,11 +112,10 @@ class QuantizationConfig:
             raise ExportError(f"--weight-rounding {self.weight_rounding} chooses how the "
                               "bias-corrected kernels are rounded, but bias correction is off. "
                               "Drop --weight-rounding or use --bias-correction auto|on.")
-        if self.bias_correction != "off" and (self.mode != "int8" or self.qat is not None):
-            what = "--qat" if self.qat is not None else f"a {self.mode} export"
+        if self.bias_correction != "off" and self.mode != "int8":
             raise ExportError(f"Bias correction prepares a model for post-training full-integer "
-                              f"int8; {what} does not use it. Pass --bias-correction off (or "
-                              "bias_correction='off').")
+                              f"int8; a {self.mode} export does not use it. Pass "
+                              "--bias-correction off (or bias_correction='off').")
         if self.qat is not None:
             if self.mode != "int8":
                 raise ExportError(f"--qat fine-tunes the model for full-integer int8, but the mode "
@@ -182,11 +181,13 @@ class QuantizationConfig:
                  target: str = "distill") -> QuantizationConfig:
         """Full-integer int8 after a few epochs of quantization-aware fine-tuning (export/qat.py).
 
-        The representative images calibrate the fake-quant ranges before fine-tuning (and the
-        PTQ model it is compared with).
+        The representative images calibrate the fake-quant ranges before fine-tuning. The QAT
+        model is validated side by side with the default post-training export of the same run
+        (``bias_correction`` applies to that one), so the report says whether QAT was worth it.
         """
         return cls("int8", io_dtype, int(representative_images), (), int(seed),
-                   QATConfig(epochs, steps_per_epoch, lr, target), output_dtype=output_dtype)
+                   QATConfig(epochs, steps_per_epoch, lr, target), output_dtype=output_dtype,
+                   bias_correction="auto")
 
     @classmethod
     def for_mode(cls, mode: str, **kwargs) -> QuantizationConfig:

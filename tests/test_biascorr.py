@@ -211,7 +211,8 @@ def test_a_model_without_a_backbone_is_refused_clearly():
 def test_config_rejects_bias_correction_outside_int8_ptq():
     assert QuantizationConfig.int8(30).bias_correction == "auto"
     assert QuantizationConfig.float32().bias_correction == "off"
-    assert QuantizationConfig.int8_qat(30).bias_correction == "off"
+    # QAT's side-by-side PTQ model is the default post-training export
+    assert QuantizationConfig.int8_qat(30).bias_correction == "auto"
     with pytest.raises(ExportError, match="float16"):
         QuantizationConfig("float16", bias_correction="on")
     with pytest.raises(ExportError, match="Unknown bias correction"):

@@ -259,6 +259,10 @@ def test_qat_int8_bundle_is_valid_named_and_reported_beside_ptq(run_dir, qat_pyt
     assert qat["rebuild_max_abs_diff"] < 1e-4 and qat["calibration_images"] == 20
     assert qat["versions"]["tensorflow_model_optimization"].startswith("0.8")
     assert qat["ptq"]["sha256"] != ex["sha256"]
+    # compared with the default post-training export (bias correction "auto"); the QAT model
+    # itself is not bias-corrected
+    assert qat["ptq"]["bias_correction"]["chosen"] in ("corrected", "plain")
+    assert ex["bias_correction"] is None
     assert qat["ptq"]["validation"]["passed"] is True and ex["validation"]["passed"] is True
     # Side by side in validation.json / validation.md, against the same float model.
     report = json.loads((out / "validation.json").read_text())
