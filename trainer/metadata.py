@@ -24,7 +24,7 @@ lazily to score the run's validation split with and without them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -194,11 +194,6 @@ def strongest(prior: Mapping[str, Any], top: int = 5) -> list[dict[str, Any]]:
                          "ratio": float(ratio[j])})
     rows.sort(key=lambda r: -r["ratio"])
     return rows[:top]
-
-
-def prior_records(items: Sequence[Mapping[str, Any]]):
-    """Records for :func:`apply_prior` from plain dicts (e.g. a form): keeps ``FIELDS`` only."""
-    return [{f: item.get(f) for f in FIELDS} for item in items]
 
 
 def fit_run(run_dir, *, weight: float = DEFAULT_WEIGHT, smoothing: float = DEFAULT_SMOOTHING,
