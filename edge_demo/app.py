@@ -295,8 +295,9 @@ def _add_explanation(body: dict[str, Any], data: bytes, head: str, answer: dict)
 @api.post("/classify")
 def classify():
     head = _explain_head()
+    meta = parse_metadata(request.form)  # checked before the upload is read (or saved)
     data = _upload_bytes()
-    body = _service().classify(data, parse_metadata(request.form))
+    body = _service().classify(data, meta)
     if head is not None:
         _add_explanation(body, data, head, body["cloud"] or body["device"])
     g.tier_path = body["tier_path"]
@@ -311,8 +312,9 @@ def cloud_classify():
         raise RequestError("No cloud tier is loaded on this server (start it with --cloud).",
                            status=404, code="no_cloud_tier")
     head = _explain_head()
+    meta = parse_metadata(request.form)
     data = _upload_bytes()
-    body = svc.classify_cloud(data, parse_metadata(request.form))
+    body = svc.classify_cloud(data, meta)
     if head is not None:
         _add_explanation(body, data, head, body["cloud"])
     g.tier_path = "cloud"
