@@ -208,10 +208,10 @@ def fit_run(run_dir, *, weight: float = DEFAULT_WEIGHT, smoothing: float = DEFAU
     from trainer.data import cache_images, read_splits
     from trainer.errors import RunDirError
     from trainer.pipeline import predict_arrays
-    from trainer.run import load_run, write_json_atomic
+    from trainer.run import load_run, read_card, write_json_atomic
 
     run = Path(run_dir).expanduser().resolve()
-    model, card = load_run(run)
+    card = read_card(run)
     records = read_splits(run / "splits.csv")
     train = records[records["split"] == "train"].reset_index(drop=True)
     val = records[records["split"] == "val"].reset_index(drop=True)
@@ -221,6 +221,7 @@ def fit_run(run_dir, *, weight: float = DEFAULT_WEIGHT, smoothing: float = DEFAU
     if not has_metadata(val):
         raise RunDirError(f"The validation images of {run} carry no age, sex or site; the "
                           "metadata tables would change nothing there.")
+    model, card = load_run(run)  # only once the splits are known to be usable
     size = int(card["input"]["shape"][0])
     images = cache_images(val["path"].tolist(), size, None, progress=progress)
     train_cfg = (card.get("config") or {}).get("train", {})
