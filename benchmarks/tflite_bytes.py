@@ -1,5 +1,6 @@
 """Where the bytes of .tflite files go: weights by dtype, quantization parameters (scales,
-zero points), tensor names and the rest of the flatbuffer.
+zero points, as stored: a vector shared by several tensors counts once), tensor names and the
+rest of the flatbuffer.
 
     python benchmarks/tflite_bytes.py exports/mnv2-int8 exports/mnv2-float32 [--json OUT]
 
@@ -19,32 +20,58 @@ REPO = Path(__file__).resolve().parents[1]
 DTYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 9: "int8", 7: "int16"}
 
 
-def count(path: Path) -> dict:
-    from tensorflow.lite.tools import flatbuffer_utils
+def _vector(table, field: int) -> tuple[int, int] | None:
+    """(position, element count) of a table's vector field, read from the flatbuffer itself."""
+    tab = table._tab  # noqa: SLF001 - positions are what tell shared vectors apart
+    o = tab.Offset(4 + 2 * field)
+    return None if o == 0 else (tab.Vector(o), tab.VectorLen(o))
 
-    model = flatbuffer_utils.read_model(str(path))
+
+def count(path: Path) -> dict:
+    """Bytes stored per kind. A vector several tensors share (export/compact.py) counts once;
+    ``*_listed`` counts it once per tensor, as a file without sharing would store it."""
+    from tensorflow.lite.python import schema_py_generated as fb
+
+    buf = path.read_bytes()
+    model = fb.Model.GetRootAs(buf, 0)
     by_dtype: dict[str, int] = {}
-    scales = zero_points = per_channel_zero_points = names = 0
-    for graph in model.subgraphs:
-        for t in graph.tensors:
-            data = model.buffers[t.buffer].data
-            if data is not None and len(data):
-                key = DTYPES.get(t.type, str(t.type))
-                by_dtype[key] = by_dtype.get(key, 0) + len(data)
-            names += len(t.name or b"")
-            q = t.quantization
-            if q is not None and q.scale is not None:
-                scales += 4 * len(q.scale)
-                n_zp = 0 if q.zeroPoint is None else len(q.zeroPoint)
-                zero_points += 8 * n_zp
-                if n_zp > 1:
-                    per_channel_zero_points += 8 * n_zp
+    seen_data: set[int] = set()
+    stored = {"scales": {}, "zero_points": {}, "per_channel_zero_points": {}}
+    listed = {"scales": 0, "zero_points": 0, "per_channel_zero_points": 0}
+    names = 0
+    for g in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(g)
+        for i in range(graph.TensorsLength()):
+            t = graph.Tensors(i)
+            b = model.Buffers(t.Buffer())
+            data = _vector(b, 0)
+            if data is not None and data[1] and data[0] not in seen_data:
+                seen_data.add(data[0])
+                key = DTYPES.get(t.Type(), str(t.Type()))
+                by_dtype[key] = by_dtype.get(key, 0) + data[1]
+            names += len(t.Name() or b"")
+            q = t.Quantization()
+            if q is None:
+                continue
+            for kind, field, width in (("scales", 2, 4), ("zero_points", 3, 8)):
+                v = _vector(q, field)
+                if v is None or v[1] == 0:
+                    continue
+                kinds = [kind] + (["per_channel_zero_points"]
+                                  if kind == "zero_points" and v[1] > 1 else [])
+                for k in kinds:
+                    stored[k][v[0]] = width * v[1]
+                    listed[k] += width * v[1]
     size = path.stat().st_size
-    known = sum(by_dtype.values()) + scales + zero_points + names
+    totals = {k: sum(v.values()) for k, v in stored.items()}
+    known = sum(by_dtype.values()) + totals["scales"] + totals["zero_points"] + names
     return {"file": str(path), "size_bytes": size, "tensor_data": by_dtype,
-            "quantization_scales": scales, "quantization_zero_points": zero_points,
-            "per_channel_zero_points": per_channel_zero_points, "tensor_names": names,
-            "other": size - known}
+            "quantization_scales": totals["scales"],
+            "quantization_zero_points": totals["zero_points"],
+            "per_channel_zero_points": totals["per_channel_zero_points"],
+            "quantization_scales_listed": listed["scales"],
+            "quantization_zero_points_listed": listed["zero_points"],
+            "tensor_names": names, "other": size - known}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         rows.append(count(f))
     print(f"{'file':<40} {'size':>11} {'weights by dtype':<40} {'scales':>8} {'zero pts':>9} "
-          f"{'(per-ch.)':>9} {'names':>7} {'other':>8}")
+          f"{'(per-ch.)':>9} {'zp listed':>10} {'names':>7} {'other':>8}")
     for r in rows:
         w = ", ".join(f"{k} {v:,}" for k, v in sorted(r["tensor_data"].items()))
         print(f"{r['file'][-40:]:<40} {r['size_bytes']:>11,} {w:<40} "
               f"{r['quantization_scales']:>8,} {r['quantization_zero_points']:>9,} "
-              f"{r['per_channel_zero_points']:>9,} {r['tensor_names']:>7,} {r['other']:>8,}")
+              f"{r['per_channel_zero_points']:>9,} {r['quantization_zero_points_listed']:>10,} "
+              f"{r['tensor_names']:>7,} {r['other']:>8,}")
     out = args.json or REPO / "benchmarks" / "results" / \
         f"tflite_bytes-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

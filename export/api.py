@@ -22,6 +22,7 @@ __all__ = ["BundleResult", "export_run", "load_bundle", "run_tflite", "default_o
            "keras_predict", "QuantizationConfig", "Tolerances", "Bundle", "LiteModel"]
 
 VALIDATION_BATCH = 16
+COMPACT_CHECK_IMAGES = 8  # calibration images the compacted file must reproduce bit for bit
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,17 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
 
         ptq, ptq_bias, bias = conv, bias, None  # the shipped (QAT) model is not bias-corrected
         conv, qat_info = run_qat(run, model, config, rep, python=qat_exe, log=say)
+    if config.compact:  # lossless: identical quantization vectors stored once
+        check = rep[:COMPACT_CHECK_IMAGES] if rep is not None else _noise(run.input_size)
+        conv = _compacted(conv, config, check, say)
+        if ptq is not None:
+            ptq = _compacted(ptq, config, check, say)
     report: dict = {"run": str(run.path), "mode": config.mode, "config": config.to_dict(),
                     "data": where, "checks": conv.checks, "denylisted": conv.denylisted}
     if bias is not None:
         report["bias_correction"] = bias
+    if conv.compaction is not None:
+        report["compaction"] = conv.compaction
     if conv.debug:
         report["debug"] = conv.debug
     if validate:
@@ -171,6 +179,7 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                       "layers_skipped": len(bias.get("layers_skipped", {}))}),
                "converter": {"tensorflow": tf.__version__, "path": "saved_model",
                              "optimizations": config.mode != "float32"},
+               "compaction": conv.compaction,
                "checks": {k: conv.checks[k] for k in ("verified_mode", "integer_tensor_fraction",
                                                       "ops")},
                "validation": summary,
@@ -271,6 +280,32 @@ def _correct_quantized(model, config, conv, images, say):
         return conv, {"stage": "quantized_model", "skipped": str(exc), "layers_corrected": 0}
     checks = verify_mode(tflite, config.mode, config.io_dtype, config.out_dtype)
     return replace(conv, tflite=tflite, io=checks.pop("io"), checks=checks), report
+
+
+def _noise(size: int, n: int = 4) -> np.ndarray:
+    """Deterministic uint8 images for the compaction check of a model with no calibration set
+    (any input serves: the check is that two files compute the same numbers)."""
+    return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _compacted(conv, config, images, say):
+    """``conv`` with its file compacted (export/compact.py) if that is lossless on ``images``."""
+    from dataclasses import replace
+
+    from export.compact import compact
+    from export.convert import verify_mode
+
+    tflite, report = compact(conv.tflite, images)
+    if report["applied"]:
+        say(f"compacted: identical quantization vectors stored once, "
+            f"{report['size_before']:,} → {report['size_after']:,} bytes "
+            f"(checked bit-identical on {report['checked_images']} images)")
+        checks = verify_mode(tflite, config.mode, config.io_dtype, config.out_dtype)
+        return replace(conv, tflite=tflite, io=checks.pop("io"), checks=checks,
+                       compaction=report)
+    if report.get("check"):
+        say(f"compaction not applied: {report['check']}")
+    return replace(conv, compaction=report)
 
 
 def _qat_md(report: dict) -> str:

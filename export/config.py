@@ -69,6 +69,9 @@ class QuantizationConfig:
     # int8 only: the outputs' dtype when it differs from the input's (``io_dtype``), e.g. uint8
     # camera pixels in, float32 probabilities out. None: the same as io_dtype.
     output_dtype: str | None = None
+    # Re-serialise the converted file with identical vectors (zero points, scales, shapes)
+    # stored once (export/compact.py): lossless, checked bit-identical before it is used.
+    compact: bool = True
 
     @property
     def out_dtype(self) -> str:
@@ -148,7 +151,8 @@ class QuantizationConfig:
              io_dtype: str = "uint8", keep_float: tuple[str, ...] | list[str] = (),
              seed: int = 0, bias_correction: str = "auto",
              weight_rounding: str = "nearest",
-             output_dtype: str | None = None, float_heads: bool = False) -> QuantizationConfig:
+             output_dtype: str | None = None, float_heads: bool = False,
+             compact: bool = True) -> QuantizationConfig:
         """Full-integer int8; uint8 RGB 0–255 input by default (raw camera pixels).
 
         ``output_dtype``: the outputs' dtype if not ``io_dtype`` (e.g. ``"float32"``: the
@@ -171,14 +175,14 @@ class QuantizationConfig:
             keep_float = tuple(dict.fromkeys([*keep_float, *FLOAT_HEAD_OPS]))
         return cls("int8", io_dtype, int(representative_images), keep_float, int(seed),
                    bias_correction=str(bias_correction), weight_rounding=str(weight_rounding),
-                   output_dtype=output_dtype)
+                   output_dtype=output_dtype, compact=bool(compact))
 
     @classmethod
     def int8_qat(cls, representative_images: int = DEFAULT_REPRESENTATIVE_IMAGES,
                  io_dtype: str = "uint8", *, epochs: int = DEFAULT_QAT_EPOCHS,
                  steps_per_epoch: int | None = None, lr: float = DEFAULT_QAT_LR,
                  seed: int = 0, output_dtype: str | None = None,
-                 target: str = "distill") -> QuantizationConfig:
+                 target: str = "distill", compact: bool = True) -> QuantizationConfig:
         """Full-integer int8 after a few epochs of quantization-aware fine-tuning (export/qat.py).
 
         The representative images calibrate the fake-quant ranges before fine-tuning. The QAT
@@ -187,7 +191,7 @@ class QuantizationConfig:
         """
         return cls("int8", io_dtype, int(representative_images), (), int(seed),
                    QATConfig(epochs, steps_per_epoch, lr, target), output_dtype=output_dtype,
-                   bias_correction="auto")
+                   bias_correction="auto", compact=bool(compact))
 
     @classmethod
     def for_mode(cls, mode: str, **kwargs) -> QuantizationConfig:

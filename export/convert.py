@@ -34,6 +34,7 @@ class Converted:
     representative_images: int = 0
     debug: dict | None = None
     denylisted: dict = field(default_factory=dict)
+    compaction: dict | None = None  # export/compact.py's report, once compacted
 
 
 def _tf():
