@@ -1,13 +1,15 @@
 """Compare float32 / float16 / dynamic / int8 exports of one run side by side, in one process.
 
     python benchmarks/export_modes.py RUN [--out DIR] [--runs 50] [--threads N]
-                                      [--representative 300] [--adaptive]
+                                      [--representative 300] [--float-heads]
 
-Converts every mode (validated on the run's val split), int8 both as trained (``int8-plain``,
-``--bias-correction off``), with the default bias correction (``int8``) and with ``--float-heads``
-(``int8-floatheads``; with ``--adaptive`` also ``int8-adaptive``, ``--weight-rounding
-adaptive``), benchmarks each with
-LiteRT, prints a table and writes JSON to benchmarks/results/export_modes-<run>-<timestamp>.json.
+Converts every mode (validated on the run's val split), int8 three ways: as trained
+(``int8-plain``, ``--bias-correction off``), bias-corrected with nearest rounding
+(``int8-nearest``, ``--weight-rounding nearest``) and the default export (``int8``: bias
+correction with adaptive rounding); with ``--float-heads`` also ``int8-floatheads``. Every file
+is written as the exporter ships it (compacted, export/compact.py). Benchmarks each with LiteRT
+in this one process, prints a table and writes JSON to
+benchmarks/results/export_modes-<run>-<timestamp>.json.
 """
 
 from __future__ import annotations
@@ -30,23 +32,24 @@ from export.errors import DermedgeError  # noqa: E402
 
 COLUMNS = [("mode", "mode", ""), ("size MB", "size_mb", ".2f"), ("size ×", "size_ratio", ".3f"),
            ("median ms", "median_ms", ".2f"), ("p90 ms", "p90_ms", ".2f"),
-           ("latency ×", "latency_ratio", ".3f"), ("dx agree", "diagnosis_agreement", ".4f"),
+           ("latency ×", "latency_ratio", ".3f"), ("export s", "convert_s", ".0f"),
+           ("dx agree", "diagnosis_agreement", ".4f"),
            ("mel agree", "melanoma_agreement", ".4f"), ("bal acc", "balanced_accuracy", ".4f"),
            ("mel AUC", "melanoma_auc", ".4f"), ("valid", "passed", "")]
 
 
 def compare_modes(run: str | Path, out: Path, *, runs: int = 50, threads: int | None = None,
-                  representative: int = 300, adaptive: bool = False) -> list[dict]:
+                  representative: int = 300, float_heads: bool = False) -> list[dict]:
     rows = []
     configs = {"float32": QuantizationConfig.float32(), "float16": QuantizationConfig.float16(),
                "dynamic": QuantizationConfig.dynamic(),
                "int8-plain": QuantizationConfig.int8(representative, bias_correction="off"),
-               "int8": QuantizationConfig.int8(representative),  # default: --bias-correction auto
-               # --int8 --float-heads: uint8 input, heads in float, float32 probabilities out
-               "int8-floatheads": QuantizationConfig.int8(representative, float_heads=True)}
-    if adaptive:
-        configs["int8-adaptive"] = QuantizationConfig.int8(representative,
-                                                          weight_rounding="adaptive")
+               "int8-nearest": QuantizationConfig.int8(representative,
+                                                       weight_rounding="nearest"),
+               # the default: --bias-correction auto, --weight-rounding adaptive
+               "int8": QuantizationConfig.int8(representative)}
+    if float_heads:  # --int8 --float-heads: uint8 input, heads in float, float32 out
+        configs["int8-floatheads"] = QuantizationConfig.int8(representative, float_heads=True)
     for label, cfg in configs.items():
         t = time.perf_counter()
         res = export_run(run, cfg, out / f"{Path(run).name}-{label}")
@@ -76,14 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--representative", type=int, default=300)
-    p.add_argument("--adaptive", action="store_true",
-                   help="also int8 with --weight-rounding adaptive")
+    p.add_argument("--float-heads", action="store_true",
+                   help="also int8 with --float-heads")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         rows = compare_modes(args.run, args.out, runs=args.runs, threads=args.threads,
-                             representative=args.representative, adaptive=args.adaptive)
+                             representative=args.representative, float_heads=args.float_heads)
     except DermedgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default): convert with and without both, keep the one closer to float on "
                    "the calibration images")
     t.add_argument("--weight-rounding", choices=WEIGHT_ROUNDING, default=None,
-                   help="int8 with bias correction: round kernels to the nearest grid point "
-                   "(default) or choose floor/ceil per weight to minimise each layer's output "
-                   "error (adaptive, Nagel et al. 2020; slower)")
+                   help="int8 with bias correction: choose floor/ceil per weight to minimise "
+                   "each layer's output error on calibration images (adaptive, Nagel et al. "
+                   "2020; the default) or round kernels to the nearest grid point (nearest)")
     t.add_argument("--no-validate", action="store_true", help="skip validation (not advised)")
     t.add_argument("--no-compact", action="store_true",
                    help="ship the converter's bytes as they are: do not store identical "
@@ -170,7 +170,7 @@ def _config(args):
         return QuantizationConfig.int8(args.representative, io_dtype=args.io or "uint8",
                                        keep_float=args.keep_float, seed=args.seed,
                                        bias_correction=args.bias_correction or "auto",
-                                       weight_rounding=args.weight_rounding or "nearest",
+                                       weight_rounding=args.weight_rounding,
                                        output_dtype=args.output_io,
                                        float_heads=args.float_heads,
                                        compact=not args.no_compact)

@@ -11,6 +11,9 @@ MODES: tuple[str, ...] = ("float32", "float16", "dynamic", "int8")
 IO_DTYPES: tuple[str, ...] = ("uint8", "int8", "float32")
 BIAS_CORRECTION: tuple[str, ...] = ("auto", "on", "kernel", "off")
 WEIGHT_ROUNDING: tuple[str, ...] = ("nearest", "adaptive")
+# The default for bias-corrected int8 exports: adaptive rounding took the same export time as
+# nearest and agreed better with float on both edge runs (benchmarks/quantization.md).
+DEFAULT_WEIGHT_ROUNDING = "adaptive"
 DEFAULT_REPRESENTATIVE_IMAGES = 300
 MIN_REPRESENTATIVE_IMAGES = 10
 # --float-heads: the two heads' dense layers and softmax/sigmoid stay in float (the backbones
@@ -150,7 +153,7 @@ class QuantizationConfig:
     def int8(cls, representative_images: int = DEFAULT_REPRESENTATIVE_IMAGES,
              io_dtype: str = "uint8", keep_float: tuple[str, ...] | list[str] = (),
              seed: int = 0, bias_correction: str = "auto",
-             weight_rounding: str = "nearest",
+             weight_rounding: str | None = None,
              output_dtype: str | None = None, float_heads: bool = False,
              compact: bool = True) -> QuantizationConfig:
         """Full-integer int8; uint8 RGB 0–255 input by default (raw camera pixels).
@@ -164,8 +167,12 @@ class QuantizationConfig:
         ``"kernel"`` does the first stage only; ``"auto"`` (the default) converts with and
         without both and keeps the model that agrees better with float on the calibration
         images; ``"off"`` converts the model as trained.
-        ``weight_rounding``: ``"nearest"`` or ``"adaptive"`` (see export/biascorr.py).
+        ``weight_rounding``: ``"adaptive"`` (the default with bias correction) or ``"nearest"``
+        (see export/biascorr.py); without bias correction kernels are rounded to nearest by the
+        converter.
         """
+        if weight_rounding is None:
+            weight_rounding = DEFAULT_WEIGHT_ROUNDING if bias_correction != "off" else "nearest"
         keep_float = tuple(keep_float)
         if float_heads:
             if output_dtype not in (None, "float32"):
@@ -191,7 +198,8 @@ class QuantizationConfig:
         """
         return cls("int8", io_dtype, int(representative_images), (), int(seed),
                    QATConfig(epochs, steps_per_epoch, lr, target), output_dtype=output_dtype,
-                   bias_correction="auto", compact=bool(compact))
+                   bias_correction="auto", weight_rounding=DEFAULT_WEIGHT_ROUNDING,
+                   compact=bool(compact))
 
     @classmethod
     def for_mode(cls, mode: str, **kwargs) -> QuantizationConfig:

@@ -220,7 +220,11 @@ def test_config_rejects_bias_correction_outside_int8_ptq():
 
 
 def test_config_weight_rounding_choices():
-    assert QuantizationConfig.int8(30).weight_rounding == "nearest"
+    assert QuantizationConfig.int8(30).weight_rounding == "adaptive"  # the default
+    assert QuantizationConfig.int8(30, weight_rounding="nearest").weight_rounding == "nearest"
+    # without bias correction the converter rounds to nearest, and the config says so
+    assert QuantizationConfig.int8(30, bias_correction="off").weight_rounding == "nearest"
+    assert QuantizationConfig.int8_qat(30).weight_rounding == "adaptive"  # its PTQ comparator
     assert QuantizationConfig.int8(30, weight_rounding="adaptive").weight_rounding == "adaptive"
     with pytest.raises(ExportError, match="did you mean 'adaptive'"):
         QuantizationConfig.int8(30, weight_rounding="adaptiv")
@@ -298,8 +302,13 @@ def test_cli_weight_rounding_flag(run_dir, tmp_path, capsys):
     assert "--weight-rounding adaptive only applies to post-training --int8" in \
         capsys.readouterr().err
     rc = main(["tflite", str(run_dir), "--int8", "--representative", "20", "--bias-correction",
-               "on", "--weight-rounding", "adaptive", "--out", str(tmp_path / "ada")])
+               "on", "--out", str(tmp_path / "ada")])
     assert rc in (0, 3)
     bc = json.loads((tmp_path / "ada" / "model_card.json").read_text())["export"]["bias_correction"]
-    assert bc["rounding"] == "adaptive" and bc["chosen"] == "corrected"
+    assert bc["rounding"] == "adaptive" and bc["chosen"] == "corrected"  # the default rounding
     assert bc["layers_corrected"] > 0
+    rc = main(["tflite", str(run_dir), "--int8", "--representative", "20", "--bias-correction",
+               "on", "--weight-rounding", "nearest", "--out", str(tmp_path / "near")])
+    assert rc in (0, 3)
+    bc = json.loads((tmp_path / "near" / "model_card.json").read_text())["export"]["bias_correction"]
+    assert bc["rounding"] == "nearest" and bc["output_error_vs_nearest"] is None
