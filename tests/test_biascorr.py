@@ -310,5 +310,6 @@ def test_cli_weight_rounding_flag(run_dir, tmp_path, capsys):
     rc = main(["tflite", str(run_dir), "--int8", "--representative", "20", "--bias-correction",
                "on", "--weight-rounding", "nearest", "--out", str(tmp_path / "near")])
     assert rc in (0, 3)
-    bc = json.loads((tmp_path / "near" / "model_card.json").read_text())["export"]["bias_correction"]
+    card = json.loads((tmp_path / "near" / "model_card.json").read_text())
+    bc = card["export"]["bias_correction"]
     assert bc["rounding"] == "nearest" and bc["output_error_vs_nearest"] is None
