@@ -71,6 +71,11 @@ def share_vectors(tflite: bytes) -> tuple[bytes, dict]:
     except Exception as exc:  # noqa: BLE001 - flatbuffers raises many types on bad bytes
         raise ExportError(f"Cannot read the .tflite flatbuffer to compact it "
                           f"({type(exc).__name__}: {exc}).") from exc
+    if any((b.offset or 0) > 1 for b in model.buffers):
+        # Models over 2 GB keep buffers after the flatbuffer (offset/size); not rewritten here.
+        return tflite, {"size_before": len(tflite), "size_after": len(tflite), "bytes_saved": 0,
+                        "vectors": 0, "vectors_shared": 0,
+                        "reason": "buffers stored outside the flatbuffer (a model over 2 GB)"}
     builder = _builder_class()(max(1024, len(tflite)))
     builder.Finish(model.Pack(builder), file_identifier=_TFLITE_FILE_IDENTIFIER)
     out = bytes(builder.Output())
@@ -104,7 +109,7 @@ def compact(tflite: bytes, images: np.ndarray) -> tuple[bytes, dict]:
     """
     out, report = share_vectors(tflite)
     if report["bytes_saved"] <= 0:
-        return tflite, {**report, "applied": False, "reason": "nothing to share",
+        return tflite, {"reason": "nothing to share", **report, "applied": False,
                         "size_after": len(tflite), "bytes_saved": 0}
     ok, why = same_outputs(tflite, out, images)
     report.update(applied=ok, checked_images=int(len(images)), check=why)
