@@ -67,7 +67,9 @@ class QuantizationConfig:
     # and without and keeps the one closer to float on the calibration images.
     bias_correction: str = "off"
     # How the bias-corrected kernels are rounded onto the int8 grid: "nearest", or "adaptive"
-    # (floor or ceil chosen per weight to minimise each layer's output error; slower).
+    # (floor or ceil chosen per weight to minimise each layer's output error). The field default is
+    # "nearest" because the dataclass default has no bias correction; QuantizationConfig.int8()
+    # picks DEFAULT_WEIGHT_ROUNDING.
     weight_rounding: str = "nearest"
     # int8 only: the outputs' dtype when it differs from the input's (``io_dtype``), e.g. uint8
     # camera pixels in, float32 probabilities out. None: the same as io_dtype.
