@@ -6,10 +6,11 @@ channel, all zero for symmetric weights, so a MobileNetV2 file holds 34,000 zero
 (273 KB, 10 % of the file) that are a handful of distinct vectors repeated. FlatBuffers lets
 any number of tables point at the same vector (the format's shared-string mechanism, which
 the verifier accepts), so this module re-serialises the model with every numeric vector
-(zero points, scales, shapes, operator index lists, identical constant buffers) written once
-and referenced from each user. Nothing is re-quantized or renamed: every table and value reads
-back the same, and :func:`compact` checks that the compacted file gives bit-identical outputs
-before it is used.
+(zero points, scales, shapes, operator index lists) written once and referenced from each
+user. Constant tensor data (the byte buffers) is never shared: two tensors never alias the
+same weights, whatever a delegate assumes. Nothing is re-quantized or renamed: every table
+and value reads back the same, and :func:`compact` checks that the compacted file gives
+bit-identical outputs before it is used.
 
 Constant buffers are aligned to 16 bytes, as the converter writes them (the object-API writer
 in ``flatbuffer_utils`` aligns them only to their element size).
@@ -42,6 +43,8 @@ def _builder_class():
             x = np.ascontiguousarray(x)
             if x.ndim != 1 or x.dtype.kind not in "biuf":
                 return super().CreateNumpyVector(x)
+            if x.dtype == np.uint8:  # constant tensor data: never aliased between tensors
+                return self._bytes(x.tobytes())
             le = x if x.dtype.str[0] in "<|" else x.byteswap().view(x.dtype.newbyteorder("<"))
             payload = le.tobytes()
             key = (le.dtype.str, x.size, hashlib.sha256(payload).digest())
@@ -50,14 +53,19 @@ def _builder_class():
                 self.shared += 1
                 self.bytes_shared += len(payload)
                 return self.memo[key]
-            align = BUFFER_ALIGNMENT if x.dtype == np.uint8 and x.size >= BUFFER_ALIGNMENT \
-                else x.dtype.alignment
-            self.StartVector(x.itemsize, x.size, align)
+            self.memo[key] = self._write(payload, x.itemsize, x.size, x.dtype.alignment)
+            return self.memo[key]
+
+        def _bytes(self, payload: bytes) -> int:
+            align = BUFFER_ALIGNMENT if len(payload) >= BUFFER_ALIGNMENT else 1
+            return self._write(payload, 1, len(payload), align)
+
+        def _write(self, payload: bytes, itemsize: int, n: int, align: int) -> int:
+            self.StartVector(itemsize, n, align)
             self.head -= len(payload)
             self.Bytes[self.head:self.head + len(payload)] = payload
-            self.vectorNumElems = x.size
-            self.memo[key] = self.EndVector()
-            return self.memo[key]
+            self.vectorNumElems = n
+            return self.EndVector()
 
     return SharingBuilder
 
