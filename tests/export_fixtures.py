@@ -39,6 +39,13 @@ def write_images(folder: Path, per_class: dict[str, int], *, seed: int = 0,
     return rows
 
 
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Image-like uint8 inputs, ``(n, size, size, 3)``: a per-image colour plus noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(40, 200, (n, 1, 1, 3))
+    return np.clip(base + rng.normal(0, 25, (n, size, size, 3)), 0, 255).astype(np.uint8)
+
+
 def card_for(name: str, backbone: str, size: int, threshold: float = 0.5) -> dict:
     return {
         "schema_version": 1, "name": name, "created": "2026-01-01T00:00:00+00:00",

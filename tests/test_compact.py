@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from export_fixtures import make_run_dir
+from export_fixtures import make_run_dir, smooth_images
 
 from export.compact import BUFFER_ALIGNMENT, compact, same_outputs, share_vectors
 from export.config import QuantizationConfig
@@ -23,9 +23,7 @@ def converted():
 
     keras.utils.set_random_seed(5)
     model = build_model("tiny_cnn", input_size=32, weights=None)
-    rng = np.random.default_rng(0)
-    base = rng.integers(40, 200, (40, 1, 1, 3))
-    images = np.clip(base + rng.normal(0, 25, (40, 32, 32, 3)), 0, 255).astype(np.uint8)
+    images = smooth_images(40)
     int8 = convert_model(model, QuantizationConfig.int8(24, compact=False), images[:24]).tflite
     f32 = convert_model(model, QuantizationConfig.float32()).tflite
     return int8, f32, images

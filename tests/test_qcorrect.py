@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from export_fixtures import smooth_images
 
 from export.config import QuantizationConfig
 from export.errors import ExportError
@@ -18,10 +19,7 @@ def converted():
 
     keras.utils.set_random_seed(3)
     model = build_model("tiny_cnn", input_size=32, weights=None)
-    rng = np.random.default_rng(0)
-    # Smooth, image-like inputs: a per-image colour plus noise.
-    base = rng.integers(40, 200, (64, 1, 1, 3))
-    images = np.clip(base + rng.normal(0, 25, (64, 32, 32, 3)), 0, 255).astype(np.uint8)
+    images = smooth_images(64)
     q = convert_model(model, QuantizationConfig.int8(32), images[:32]).tflite
     f = convert_model(model, QuantizationConfig.float32()).tflite
     return q, f, images
