@@ -1,7 +1,8 @@
 """ResNet50 and Inception-ResNet-v2 (random weights, small inputs) convert in every mode.
 
-Slow: ~13 min on a loaded 2-core CPU (IRv2 float32 alone ~2.5 min; the converter handles
-~200 MB of weights), so it sits behind ``--run-slow``.
+Slow: 33 min on a loaded 2-core CPU with the adaptive-rounding int8 default (ResNet50 11 min,
+IRv2 21 min; ~13 min with nearest rounding, under a different load; IRv2 float32 alone
+~2.5 min, the converter handles ~200 MB of weights), so it sits behind ``--run-slow``.
 """
 
 from __future__ import annotations
