@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-validate", action="store_true", help="skip validation (not advised)")
     t.add_argument("--no-compact", action="store_true",
                    help="ship the converter's bytes as they are: do not store identical "
-                   "quantization vectors once (lossless; saves ~9%% of an int8 file)")
+                   "quantization vectors once (lossless; saves 7-9%% of an int8 file)")
     t.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     q = t.add_argument_group("quantization-aware training (with --int8; needs `python -m "
                              "export qat-setup` once)")
