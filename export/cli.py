@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-rounding", choices=WEIGHT_ROUNDING, default=None,
                    help="int8 with bias correction: choose floor/ceil per weight to minimise "
                    "each layer's output error on calibration images (adaptive, Nagel et al. "
-                   "2020; the default) or round kernels to the nearest grid point (nearest)")
+                   "2020; the default) or round kernels to the nearest grid point (nearest: "
+                   "faster on wide backbones such as ResNet50)")
     t.add_argument("--no-validate", action="store_true", help="skip validation (not advised)")
     t.add_argument("--no-compact", action="store_true",
                    help="ship the converter's bytes as they are: do not store identical "

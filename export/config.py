@@ -11,8 +11,9 @@ MODES: tuple[str, ...] = ("float32", "float16", "dynamic", "int8")
 IO_DTYPES: tuple[str, ...] = ("uint8", "int8", "float32")
 BIAS_CORRECTION: tuple[str, ...] = ("auto", "on", "kernel", "off")
 WEIGHT_ROUNDING: tuple[str, ...] = ("nearest", "adaptive")
-# The default for bias-corrected int8 exports: adaptive rounding took the same export time as
-# nearest and agreed better with float on both edge runs (benchmarks/quantization.md).
+# The default for bias-corrected int8 exports: on the mobile backbones adaptive rounding took the
+# same export time as nearest and agreed better with float on both edge runs
+# (benchmarks/quantization.md); on wide backbones (ResNet50) it is several times slower.
 DEFAULT_WEIGHT_ROUNDING = "adaptive"
 DEFAULT_REPRESENTATIVE_IMAGES = 300
 MIN_REPRESENTATIVE_IMAGES = 10
