@@ -37,7 +37,7 @@ def _builder_class():
         def __init__(self, size: int):
             super().__init__(size)
             self.memo: dict[tuple, int] = {}
-            self.vectors = self.shared = self.bytes_shared = 0
+            self.vectors = self.shared = 0
 
         def CreateNumpyVector(self, x):  # noqa: N802 - FlatBuffers' method name
             x = np.ascontiguousarray(x)
@@ -51,7 +51,6 @@ def _builder_class():
             self.vectors += 1
             if key in self.memo:
                 self.shared += 1
-                self.bytes_shared += len(payload)
                 return self.memo[key]
             self.memo[key] = self._write(payload, x.itemsize, x.size, x.dtype.alignment)
             return self.memo[key]
