@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="fine-tune learning rate")
     g.add_argument("--seed", type=int)
     g.add_argument("--name", help="run name recorded in the model card")
+    g.add_argument("--distill-from", metavar="RUN", help="learn from a finished teacher run's "
+                   "answers too (e.g. the cloud ensemble, runs/cloud); it must share this run's "
+                   "validation split")
+    g.add_argument("--distill-weight", type=float, metavar="A", help="the teacher's share of "
+                   "each training target, in (0, 1] (default 0.5)")
     g.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="any config key, e.g. --set train.lr=3e-4 "
                    "(repeatable)")
@@ -135,7 +140,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     flags = {"data": args.data, "layout": args.layout, "backbone": args.backbone,
              "weights": args.weights, "input_size": args.input_size, "epochs": args.epochs,
              "head_epochs": args.head_epochs, "batch_size": args.batch_size, "lr": args.lr,
-             "seed": args.seed, "name": args.name, "distribute": args.distribute}
+             "seed": args.seed, "name": args.name, "distribute": args.distribute,
+             "distill_from": args.distill_from, "distill_weight": args.distill_weight}
     if flags["weights"] is not None and flags["weights"].lower() in ("none", "null", ""):
         flags["weights"] = "none"
     given = args.config or args.overrides or any(v is not None for v in flags.values())

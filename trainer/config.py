@@ -1,6 +1,7 @@
 """Typed, frozen run configuration: YAML file + CLI overrides -> ``RunConfig``.
 
-Relative paths (``data.path``, ``data.images``, ``data.cache_dir``, ``model.weights``) resolve
+Relative paths (``data.path``, ``data.images``, ``data.cache_dir``, ``model.weights``,
+``train.distill_from``) resolve
 against the current working directory; ``RunConfig.resolved()`` makes them absolute, and that
 resolved form is what a run records in ``config.yaml`` and its model card.
 """
@@ -118,6 +119,10 @@ class TrainConfig:
     workers: int = 1
     steps_per_epoch: int | None = None
     keep_checkpoints: bool = False
+    # Knowledge distillation (trainer/distill.py): a finished run (e.g. the cloud ensemble)
+    # whose answers on the training images are mixed into the targets with this weight.
+    distill_from: str | None = None
+    distill_weight: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,7 @@ class RunConfig:
                                      images=absolute(self.data.images),
                                      cache_dir=absolute(self.data.cache_dir)),
             model=dataclasses.replace(self.model, weights=weights),
+            train=dataclasses.replace(self.train, distill_from=absolute(self.train.distill_from)),
         )
 
     def validate(self) -> None:
@@ -228,6 +234,9 @@ class RunConfig:
                               f"fine-tune epochs ({t.epochs}); average at most train.epochs.")
         positive("model.dropout", self.model.dropout, allow_zero=True)
         positive("augment.mixup", self.augment.mixup, allow_zero=True)
+        if t.distill_from is not None and not 0 < t.distill_weight <= 1:
+            raise ConfigError("`train.distill_weight` must be in (0, 1]: the teacher's share of "
+                              f"each target. Received: {t.distill_weight!r}.")
         if t.bn_momentum is not None and not 0 < t.bn_momentum < 1:
             raise ConfigError("`train.bn_momentum` must be in (0, 1) or null. "
                               f"Received: {t.bn_momentum!r}.")
@@ -273,6 +282,8 @@ FLAG_KEYS = {
     "lr": "train.lr",
     "seed": "seed",
     "name": "name",
+    "distill_from": "train.distill_from",
+    "distill_weight": "train.distill_weight",
 }
 
 

@@ -118,6 +118,11 @@ def prepare(config: RunConfig) -> tuple[Any, int, pd.DataFrame, str]:
         raise
     except ValueError as e:  # bad fractions slipped past config validation
         raise ConfigError(str(e)) from None
+    if config.train.distill_from:
+        from trainer.distill import check_no_leak, check_teacher
+
+        check_teacher(config.train.distill_from)
+        check_no_leak(config.train.distill_from, records)
     return spec, size, records, layout
 
 
@@ -505,6 +510,21 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
     val_images = cache_images(val_rec["path"].tolist(), size, config.data.cache_dir,
                               workers=t.workers, progress=progress)
 
+    soft, distillation = None, None
+    if t.distill_from:
+        from trainer.distill import agreement, soft_targets, teacher_answers
+        from trainer.losses import log_prior
+
+        p_t, d_t, distillation = teacher_answers(
+            t.distill_from, train_rec["path"].tolist(), cache_dir=config.data.cache_dir,
+            batch_size=64, workers=t.workers, progress=progress)
+        adjust = log_prior(train_y, len(DIAGNOSIS_LABELS)) \
+            if t.class_balance == "logit_adjust" else None
+        soft = soft_targets(p_t, d_t, log_prior=adjust, tau=t.logit_adjust_tau)
+        distillation.update({"weight": t.distill_weight,
+                             "teacher_train_agreement": round(agreement(d_t, train_y), 4)})
+        state["distillation"] = distillation
+
     mixed = _mixed_precision(config)
     previous_policy = keras.mixed_precision.global_policy().name
     scope = contextlib.ExitStack()
@@ -547,7 +567,8 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
                 shuffle=True, balance=t.class_balance, weight_method=t.class_weight_method,
                 resample_cap=t.resample_cap, seed=config.seed, initial_epoch=begin,
                 steps_per_epoch=t.steps_per_epoch, workers=t.workers,
-                mixup=config.augment.mixup if config.augment.enabled else 0.0)
+                mixup=config.augment.mixup if config.augment.enabled else 0.0,
+                soft_targets=soft, distill_weight=t.distill_weight)
             cbs = _callbacks(config, model, train_model, work, val_images, val_y, state,
                              verbose, t_start, plan=plan, losses=losses) + list(callbacks)
             # shuffle=False: CachedDataset already shuffles from (seed, epoch); Keras would also
@@ -636,6 +657,7 @@ def _card(config, spec, size, records, layout, state, metrics, threshold, wall, 
                      "wall_time_s": round(wall, 1), "backend": keras.backend.backend(),
                      "device": "gpu" if _gpu_visible() else "cpu", "mixed_precision": mixed},
         "calibration": state.get("calibration"),
+        "distillation": state.get("distillation"),
         "metrics": {"val": card_metrics(metrics)},
         "versions": versions(),
     }

@@ -42,7 +42,8 @@ class CachedDataset(keras.utils.PyDataset):
                  shuffle: bool = True, balance: str = "weights",
                  weight_method: str = "median_frequency", resample_cap: float = 5.0,
                  seed: int = 0, initial_epoch: int = 0, steps_per_epoch: int | None = None,
-                 mixup: float = 0.0, workers: int = 1, max_queue_size: int = 10):
+                 mixup: float = 0.0, soft_targets: dict | None = None,
+                 distill_weight: float = 0.0, workers: int = 1, max_queue_size: int = 10):
         super().__init__(workers=workers, use_multiprocessing=False,
                          max_queue_size=max_queue_size)
         if balance not in BALANCE_MODES:
@@ -54,6 +55,19 @@ class CachedDataset(keras.utils.PyDataset):
         if not 0.0 <= float(mixup):
             raise ValueError(f"mixup must be >= 0 (0 = off); received {mixup!r}.")
         self.mixup = float(mixup)
+        self.distill_weight = float(distill_weight) if soft_targets is not None else 0.0
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1]; received {distill_weight!r}.")
+        self.soft = None
+        if soft_targets is not None:
+            self.soft = {"melanoma": np.asarray(soft_targets["melanoma"], np.float32)
+                         .reshape(-1, 1),
+                         "diagnosis": np.asarray(soft_targets["diagnosis"], np.float32)}
+            if (len(self.soft["melanoma"]) != len(images)
+                    or self.soft["diagnosis"].shape != (len(images), N_CLASSES)):
+                raise ValueError(f"soft_targets must hold one answer per image ({len(images)}); "
+                                 f"received {len(self.soft['melanoma'])} melanoma and "
+                                 f"{self.soft['diagnosis'].shape} diagnosis answers.")
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.mel = (self.labels == MEL_INDEX).astype(np.int64)
@@ -107,6 +121,9 @@ class CachedDataset(keras.utils.PyDataset):
         mel = self.mel[idx]
         targets = {"melanoma": mel.astype(np.float32)[:, None],
                    "diagnosis": self._onehot[y]}
+        if self.soft is not None and self.distill_weight > 0:
+            a = np.float32(self.distill_weight)
+            targets = {k: (1 - a) * v + a * self.soft[k][idx] for k, v in targets.items()}
         weights = {"melanoma": self.mel_weights[mel].astype(np.float32),
                    "diagnosis": self.diag_weights[y].astype(np.float32)}
         if self.mixup > 0 and len(idx) > 1:
