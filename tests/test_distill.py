@@ -4,6 +4,7 @@ the student's validation images, or is not a run, is refused before training sta
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -16,7 +17,7 @@ from test_cli import _assert_one_paragraph_error, _run  # noqa: E402
 from test_fit import tiny_config, toy_data_fixture, trained_run_fixture  # noqa: E402,F401
 
 from trainer.config import RunConfig  # noqa: E402
-from trainer.distill import _file_sha256, soft_targets  # noqa: E402
+from trainer.distill import soft_targets  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 from trainer.pipeline import CachedDataset, predict_arrays  # noqa: E402
 
@@ -92,7 +93,7 @@ def test_distilled_fit_records_the_teacher_and_reuses_its_answers(trained_run, t
     first = fit(cfg, tmp_path_factory.mktemp("kd") / "s1", verbose=0)
     d = first.card["distillation"]
     assert d["teacher"] == str(teacher) and d["weight"] == 0.6 and d["cached"] is False
-    assert d["teacher_sha256"] == _file_sha256(teacher / "model.keras")
+    assert d["teacher_sha256"] == hashlib.sha256((teacher / "model.keras").read_bytes()).hexdigest()
     assert 0.0 <= d["teacher_train_agreement"] <= 1.0
 
     # the cached answers are the teacher's on the unaugmented training images

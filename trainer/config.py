@@ -1,9 +1,9 @@
 """Typed, frozen run configuration: YAML file + CLI overrides -> ``RunConfig``.
 
 Relative paths (``data.path``, ``data.images``, ``data.cache_dir``, ``model.weights``,
-``train.distill_from``) resolve
-against the current working directory; ``RunConfig.resolved()`` makes them absolute, and that
-resolved form is what a run records in ``config.yaml`` and its model card.
+``train.distill_from``) resolve against the current working directory; ``RunConfig.resolved()``
+makes them absolute, and that resolved form is what a run records in ``config.yaml`` and its
+model card.
 """
 
 from __future__ import annotations

@@ -36,14 +36,6 @@ from trainer.errors import ConfigError
 TARGETS_VERSION = 1
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_teacher(teacher: str | Path) -> dict[str, Any]:
     """The teacher's model card; a clear error if it is not a finished run with both heads."""
     from trainer.errors import RunDirError
@@ -88,13 +80,13 @@ def teacher_answers(teacher: str | Path, paths: list[str], *, cache_dir: str | P
     """``(p_mel (N,), probs (N, 7), info)``: the teacher's answers on ``paths`` (one pass over
     the unaugmented images; an ensemble's flips are inside its model), cached on disk."""
     from trainer.data import _cache_key, cache_images, default_cache_dir
-    from trainer.pipeline import predict_arrays
+    from trainer.pipeline import N_CLASSES, predict_arrays
     from trainer.run import load_run
 
     teacher = Path(teacher)
     card = check_teacher(teacher)
     size = int(card["input"]["shape"][0])
-    sha = _file_sha256(teacher / "model.keras")
+    sha = hashlib.sha256((teacher / "model.keras").read_bytes()).hexdigest()  # as trainer ensemble
     key, _ = _cache_key(paths, size)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -109,14 +101,14 @@ def teacher_answers(teacher: str | Path, paths: list[str], *, cache_dir: str | P
         try:
             with np.load(final) as z:
                 p_mel, probs = z["p_mel"], z["probs"]
-            if p_mel.shape == (len(paths),) and probs.shape == (len(paths), 7):
+            if p_mel.shape == (len(paths),) and probs.shape == (len(paths), N_CLASSES):
                 return p_mel, probs, {**info, "cached": True}
         except (OSError, ValueError, KeyError):
             pass  # a corrupt cache file is recomputed
     images = cache_images(paths, size, cache_dir, workers=workers, progress=progress)
     model, _ = load_run(teacher)
     n, t0 = len(paths), time.time()
-    p_mel, probs = np.empty(n), np.empty((n, 7))
+    p_mel, probs = np.empty(n), np.empty((n, N_CLASSES))
     chunk = max(batch_size, 256)
     for start in range(0, n, chunk):
         p_mel[start:start + chunk], probs[start:start + chunk] = predict_arrays(
