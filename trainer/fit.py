@@ -517,7 +517,7 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
 
         p_t, d_t, distillation = teacher_answers(
             t.distill_from, train_rec["path"].tolist(), cache_dir=config.data.cache_dir,
-            batch_size=64, workers=t.workers, progress=progress)
+            batch_size=t.batch_size, workers=t.workers, progress=progress)
         adjust = log_prior(train_y, len(DIAGNOSIS_LABELS)) \
             if t.class_balance == "logit_adjust" else None
         soft = soft_targets(p_t, d_t, log_prior=adjust, tau=t.logit_adjust_tau)
