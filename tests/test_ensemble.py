@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 keras = pytest.importorskip("keras")
@@ -18,6 +19,7 @@ from test_fit import tiny_config, toy_data_fixture, trained_run_fixture  # noqa:
 from trainer.cli import main  # noqa: E402
 from trainer.ensemble import build_ensemble, ensemble_runs, flip  # noqa: E402
 from trainer.errors import DermedgeError  # noqa: E402
+from trainer.labels import DIAGNOSIS_LABELS  # noqa: E402
 from trainer.pipeline import predict_arrays  # noqa: E402
 from trainer.run import RUN_FILES, load_run  # noqa: E402
 
@@ -80,12 +82,20 @@ def test_ensemble_is_the_mean_over_members_and_flips(two_runs, tmp_path):
 
 def test_calibrated_ensemble_via_cli(two_runs, tmp_path, capsys):
     out = tmp_path / "ens"
-    assert main(["ensemble", *map(str, two_runs), "--out", str(out), "--no-tta"]) == 0
+    assert main(["ensemble", *map(str, two_runs), "--out", str(out), "--no-tta",
+                 "--class-bias"]) == 0
     assert "ensemble of 2 runs x 1 views" in capsys.readouterr().out
     card = json.loads((out / "model_card.json").read_text())
     assert card["ensemble"]["tta"] == ["identity"] and card["ensemble"]["passes"] == 2
     cal = card["calibration"]
     assert cal["n"] == card["data"]["splits"]["val"]
+    # the class offsets are folded into every member: the saved ensemble scores what the
+    # card says the offsets reach
+    assert set(cal["class_bias"]["offsets"]) == set(DIAGNOSIS_LABELS)
+    assert card["metrics"]["val"]["balanced_accuracy"] == pytest.approx(
+        cal["class_bias"]["balanced_accuracy_after"], abs=1e-4)
+    assert yaml.safe_load((out / "config.yaml").read_text())["ensemble"]["class_bias"] is True
+    assert card["ensemble"]["member_offsets_removed"] == []
     assert card["metrics"]["val"]["diagnosis_ece"] == pytest.approx(
         cal["ece_after"]["diagnosis"], abs=1e-4)
     # the member runs on disk are untouched by the folding
@@ -123,3 +133,20 @@ def test_members_that_do_not_belong_together(two_runs, tmp_path, capsys):
     assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()
     with pytest.raises(DermedgeError, match="at least one member"):
         build_ensemble([], 32)
+
+
+def test_class_bias_ensemble_replaces_the_members_own_offsets(two_runs, tmp_path):
+    """A member calibrated with offsets enters a --class-bias ensemble without them: the
+    ensemble's "before" is the member's score before its own offsets."""
+    member = tmp_path / "member"
+    shutil.copytree(two_runs[0], member)
+    plain = json.loads((member / "metrics.json").read_text())["balanced_accuracy"]
+    assert main(["calibrate", str(member), "--class-bias"]) == 0
+    offsets = load_run(member)[1]["calibration"]["class_bias"]["offsets"]
+    assert any(abs(v) > 1e-3 for v in offsets.values())
+    card = ensemble_runs([member], tmp_path / "ens", tta=False, class_bias=True, progress=False)
+    assert card["ensemble"]["member_offsets_removed"] == [str(member)]
+    section = card["calibration"]["class_bias"]
+    assert section["balanced_accuracy_before"] == pytest.approx(plain, abs=1e-9)
+    # the member run on disk keeps its offsets
+    assert load_run(member)[1]["calibration"]["class_bias"]["offsets"] == offsets

@@ -4,8 +4,18 @@ Diagnosis: temperature scaling (Guo et al., 2017), ``z -> z / T``. Melanoma: Pla
 ``z -> z / T + c``: a temperature and a shift. The shift matters because the melanoma head is
 trained with class weights, which move every logit by roughly the log of the weight ratio; a
 temperature alone cannot undo that (on the EfficientNet-Lite0 recipe it made the melanoma ECE
-worse, 0.070 -> 0.084). The diagnosis head gets no per-class shift: that would move its argmax,
-and the class weights that cause the shift are there for balanced accuracy.
+worse, 0.070 -> 0.084). The diagnosis head gets no per-class shift by default: that would move
+its argmax, and the class weights that cause the shift are there for balanced accuracy.
+
+Class-bias correction (opt-in, ``train.class_bias`` / ``trainer calibrate --class-bias``): one
+logit offset per diagnosis class, ``z -> z / T + b``, fitted on the validation split to minimise
+the *class-balanced* NLL (every class weighs the same however many images it has). It does move
+the argmax, on purpose: training with a balanced loss on a few hundred images of a rare class
+fits those images, and the model ends up predicting the rare classes more or less often on new
+images than a balanced posterior would (the recipes over-predicted ``df`` and under-predicted
+``bcc`` / ``vasc``). The offsets undo that drift. Because they are fitted on the split they are
+scored on, the card also records balanced accuracy *cross-fitted* (offsets from one half of the
+split, scored on the other), the honest figure for new images.
 
 A head ``Dense(k, softmax|sigmoid)`` computes ``f(W x + b)``; both maps are the same layer with
 ``W / T`` and ``b / T + c``, so the calibrated model has the same graph, loads without custom
@@ -138,9 +148,67 @@ def fit_platt_sigmoid(p: np.ndarray, y: np.ndarray, iters: int = 40) -> tuple[fl
     return best_t(shift), shift
 
 
-def apply_softmax(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Calibrated (N, K) probabilities from (N, K) or (P, N, K) per-pass probabilities."""
-    return _softmax(_softmax_logits(probs), temperature)
+def apply_softmax(probs: np.ndarray, temperature: float,
+                  bias: np.ndarray | None = None) -> np.ndarray:
+    """Calibrated (N, K) probabilities from (N, K) or (P, N, K) per-pass probabilities
+    (``softmax(log p / T + bias)`` per pass, then averaged)."""
+    z = _softmax_logits(probs)
+    if bias is not None:
+        z = z + np.asarray(bias, np.float64) * temperature
+    return _softmax(z, temperature)
+
+
+def _balanced_nll(z: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray):
+    """Class-balanced NLL of ``mean over passes of softmax(z + b)`` and its gradient in ``b``;
+    ``z`` is (P, N, K), ``w`` the per-image weights (1 / (classes * class count))."""
+    a = z + b
+    a = a - a.max(axis=-1, keepdims=True)
+    q = np.exp(a)
+    q /= q.sum(axis=-1, keepdims=True)  # (P, N, K) per-pass probabilities
+    rows = np.arange(len(y))
+    qy = q[:, rows, y]  # (P, N)
+    p_y = np.clip(qy.mean(axis=0), 1e-300, None)
+    f = float(-(w * np.log(p_y)).sum())
+    # d p_y / d b = mean_p q_py (e_y - q_p)
+    d = -(qy[..., None] * q).mean(axis=0)
+    d[rows, y] += qy.mean(axis=0)
+    g = -((w / p_y)[:, None] * d).sum(axis=0)
+    return f, g
+
+
+def fit_class_bias(probs: np.ndarray, y: np.ndarray, temperature: float = 1.0, *,
+                   n_classes: int | None = None, iters: int = 2000,
+                   tol: float = 1e-9) -> np.ndarray:
+    """Per-class logit offsets ``b`` (K,), mean 0, minimising the class-balanced NLL of
+    ``mean over passes of softmax(log probs / T + b)`` (``probs`` (N, K) or (P, N, K)) for
+    class indices ``y``. Every class must occur in ``y``: a class without images would have its
+    offset pushed to minus infinity. Gradient descent with backtracking (the one-pass loss is
+    convex in ``b``; K parameters)."""
+    y = np.asarray(y, np.int64).reshape(-1)
+    z = _softmax_logits(probs)
+    z = (z if z.ndim == 3 else z[None]) / temperature
+    k = z.shape[-1] if n_classes is None else n_classes
+    counts = np.bincount(y, minlength=k)
+    if (counts == 0).any():
+        raise ValueError("class-bias fitting needs every class in the labels; missing: "
+                         f"{np.flatnonzero(counts == 0).tolist()}")
+    w = 1.0 / (k * counts[y])
+    b = np.zeros(k)
+    f, g = _balanced_nll(z, y, w, b)
+    step = 1.0
+    for _ in range(iters):
+        while True:
+            nb = b - step * g
+            nf, ng = _balanced_nll(z, y, w, nb)
+            if nf <= f - 0.5 * step * float(g @ g) or step < 1e-12:
+                break
+            step /= 2
+        converged = f - nf < tol
+        b, f, g = nb, nf, ng
+        step *= 2
+        if converged:
+            break
+    return b - b.mean()
 
 
 def apply_sigmoid(p: np.ndarray, temperature: float, shift: float = 0.0) -> np.ndarray:
@@ -163,8 +231,102 @@ def fold_temperatures(heads_of, temperatures: dict[str, float],
             layer.set_weights([kernel / t, bias / t + shifts.get(head, 0.0)])
 
 
+def fold_class_bias(heads_of, bias: np.ndarray) -> None:
+    """Add ``bias`` (K,) to the diagnosis head's logits in place (its Dense bias), in a model
+    or in every model of a list (ensemble members)."""
+    models = heads_of if isinstance(heads_of, list | tuple) else [heads_of]
+    for model in models:
+        layer = model.get_layer(HEAD_LAYERS["diagnosis"])
+        kernel, b = layer.get_weights()
+        layer.set_weights([kernel, (b + np.asarray(bias, np.float64)).astype(b.dtype)])
+
+
+def member_offsets(card: dict) -> np.ndarray | None:
+    """The class offsets folded into a run (its card's ``calibration.class_bias``), or None."""
+    from trainer.labels import DIAGNOSIS_LABELS
+
+    offsets = ((card.get("calibration") or {}).get("class_bias") or {}).get("offsets")
+    return None if not offsets else np.array([offsets[c] for c in DIAGNOSIS_LABELS])
+
+
+def strip_class_bias(model, card: dict) -> None:
+    """Take a run's class offsets back out of its loaded ``model`` (exact: they were added to
+    the diagnosis bias)."""
+    offsets = member_offsets(card)
+    if offsets is not None:
+        fold_class_bias(model, -offsets)
+
+
+def _balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
+    from trainer.metrics import balanced_accuracy
+
+    return float(balanced_accuracy(y, probs.argmax(axis=-1), probs.shape[-1]))
+
+
+CROSSFIT_REPEATS = 10
+
+
+def class_bias_section(probs: np.ndarray, y: np.ndarray, temperature: float, *, seed: int = 0,
+                       fold_temperature=None, repeats: int = CROSSFIT_REPEATS):
+    """Fit the class-bias offsets on all of ``y``, and cross-fitted: offsets from one half of
+    the split score the other half, over ``repeats`` random halvings (seeded: the first is the
+    halving ``calibrate`` uses for its cross-fitted calibration error), averaged.
+
+    ``probs`` (P, N, K) are per-pass probabilities before ``temperature``;
+    ``fold_temperature(mask)`` refits the temperature on a half (default: keep
+    ``temperature``). Returns ``(offsets, card section, cross-fitted (N, K) probabilities of
+    the first halving that kept every class on both sides)``: offsets ``None`` when the split
+    lacks a class, probabilities ``None`` when no halving kept every class on both sides."""
+    from trainer.labels import DIAGNOSIS_LABELS
+
+    k = probs.shape[-1]
+    counts = np.bincount(y, minlength=k)
+    section: dict[str, Any] = {
+        "method": "one logit offset per diagnosis class minimising the class-balanced NLL on "
+                  "the validation split, added to the diagnosis head's bias",
+        "fitted_on": "val",
+    }
+    missing = [DIAGNOSIS_LABELS[i] for i in np.flatnonzero(counts == 0)]
+    if missing:
+        section["skipped"] = (f"no validation images of {', '.join(missing)}: an offset "
+                              "cannot be fitted for a class the split does not have")
+        return None, section, None
+    bias = fit_class_bias(probs, y, temperature)
+    before = apply_softmax(probs, temperature)
+    after = apply_softmax(probs, temperature, bias)
+    rng = np.random.default_rng(seed)
+    scores, first = [], None
+    for _ in range(repeats):
+        fold = rng.permutation(len(y)) % 2
+        crossfit = np.empty(probs.shape[1:])
+        for half in (0, 1):
+            fit_on, test_on = fold != half, fold == half
+            if (np.bincount(y[fit_on], minlength=k) == 0).any():
+                crossfit = None
+                break
+            t = temperature if fold_temperature is None else fold_temperature(fit_on)
+            crossfit[test_on] = apply_softmax(probs[:, test_on], t,
+                                              fit_class_bias(probs[:, fit_on], y[fit_on], t))
+        if crossfit is not None:
+            scores.append(_balanced_accuracy(y, crossfit))
+            first = crossfit if first is None else first
+    section.update({
+        "offsets": {label: float(v) for label, v in zip(DIAGNOSIS_LABELS, bias, strict=True)},
+        "balanced_accuracy_before": _balanced_accuracy(y, before),
+        "balanced_accuracy_after": _balanced_accuracy(y, after),
+        "balanced_accuracy_after_crossfit": float(np.mean(scores)) if scores else None,
+        "balanced_accuracy_after_crossfit_sd": float(np.std(scores)) if scores else None,
+        "crossfit_halvings": len(scores),
+        "accuracy_before": float((before.argmax(-1) == y).mean()),
+        "accuracy_after": float((after.argmax(-1) == y).mean()),
+    })
+    if not scores:
+        section["crossfit_skipped"] = "no halving of the split kept every class on both sides"
+    return bias, section, first
+
+
 def calibrate(model, p_mel: np.ndarray, probs: np.ndarray, y: np.ndarray, mel: np.ndarray,
-              *, seed: int = 0) -> dict[str, Any]:
+              *, seed: int = 0, class_bias: bool = False) -> dict[str, Any]:
     """Fit the diagnosis temperature and the melanoma temperature and shift on validation
     predictions, fold them into ``model`` (a model, or the list of ensemble members whose
     per-pass outputs are ``p_mel`` (P, N) / ``probs`` (P, N, K)), and report the expected
@@ -173,6 +335,10 @@ def calibrate(model, p_mel: np.ndarray, probs: np.ndarray, y: np.ndarray, mel: n
     ``ece_after`` is measured on the split the parameters were fitted on (optimistic);
     ``ece_after_crossfit`` fits on one half and measures on the other (two folds, seeded), an
     honest estimate of what the fitted parameters do on unseen images.
+
+    ``class_bias``: also fit per-class diagnosis offsets (module docstring) and fold them in;
+    the section's ``class_bias`` entry has them and balanced accuracy before / after /
+    cross-fitted.
     """
     from trainer.metrics import expected_calibration_error as ece
 
@@ -195,11 +361,23 @@ def calibrate(model, p_mel: np.ndarray, probs: np.ndarray, y: np.ndarray, mel: n
         cf_probs[test_on] = apply_softmax(probs[:, test_on], td)
         cf_mel[test_on] = apply_sigmoid(p_mel[:, test_on], tm, cm)
 
+    bias, bias_section = None, None
+    if class_bias:
+        bias, bias_section, crossfit = class_bias_section(
+            probs, y, t_diag, seed=seed,
+            fold_temperature=lambda mask: fit_temperature_softmax(probs[:, mask], y[mask]))
+        if crossfit is not None:  # the cross-fitted calibration error includes the offsets
+            cf_probs = crossfit
+
     fold_temperatures(model, {"diagnosis": t_diag, "melanoma": t_mel}, {"melanoma": c_mel})
+    if bias is not None:
+        fold_class_bias(model, bias)
     before_probs, before_mel = probs.mean(axis=0), p_mel.mean(axis=0)
-    after_probs, after_mel = apply_softmax(probs, t_diag), apply_sigmoid(p_mel, t_mel, c_mel)
+    after_probs = apply_softmax(probs, t_diag, bias)
+    after_mel = apply_sigmoid(p_mel, t_mel, c_mel)
     zd, zm = _softmax_logits(probs), _sigmoid_logits(p_mel)
-    return {
+    zd_after = zd if bias is None else zd + bias * t_diag
+    section = {
         "method": "temperature scaling (diagnosis) and Platt scaling (melanoma: temperature "
                   "and logit shift), folded into the head weights",
         "fitted_on": "val",
@@ -210,42 +388,71 @@ def calibrate(model, p_mel: np.ndarray, probs: np.ndarray, y: np.ndarray, mel: n
         "ece_after": {"diagnosis": ece(after_probs, y), "melanoma": ece(after_mel, mel)},
         "ece_after_crossfit": {"diagnosis": ece(cf_probs, y), "melanoma": ece(cf_mel, mel)},
         "nll_before": {"diagnosis": softmax_nll(zd, y, 1.0), "melanoma": sigmoid_nll(zm, mel, 1.0)},
-        "nll_after": {"diagnosis": softmax_nll(zd, y, t_diag),
+        "nll_after": {"diagnosis": softmax_nll(zd_after, y, t_diag),
                       "melanoma": sigmoid_nll(zm, mel, t_mel, c_mel)},
     }
+    if class_bias:
+        section["class_bias"] = bias_section
+    return section
 
 
-def calibrate_run(run_dir, *, batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
+def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
+                  progress: bool = True) -> dict[str, Any]:
     """Calibrate a finished run that was trained with ``train.calibrate: false`` (or before
     calibration existed): fit on its validation split, fold, and rewrite ``model.keras``, the
-    melanoma threshold, ``metrics.json`` and the card. Returns the card's calibration section."""
+    melanoma threshold, ``metrics.json`` and the card. Returns the card's calibration section.
+
+    ``class_bias``: also fit the per-class diagnosis offsets; on a run that is already
+    calibrated without them, fit only the offsets, on top of its folded temperatures (the
+    same fit ``train.class_bias`` makes during ``trainer fit``)."""
     import shutil
     from pathlib import Path
 
     from trainer.data import cache_images, read_splits
     from trainer.errors import RunDirError
     from trainer.evaluate import card_metrics, choose_threshold, score, write_outputs
+    from trainer.metrics import expected_calibration_error as ece
     from trainer.pipeline import MEL_INDEX, labels_from_dx, predict_arrays
     from trainer.run import load_run, move_into_place, partial_dir, write_json_atomic
 
     run = Path(run_dir).expanduser().resolve()
     model, card = load_run(run)
-    if card.get("calibration"):
-        t = card["calibration"]["temperature"]
-        raise RunDirError(f"{run} is already calibrated (temperatures diagnosis="
+    existing = card.get("calibration")
+    if existing and (not class_bias or (existing.get("class_bias") or {}).get("offsets")):
+        t = existing["temperature"]
+        what = ("calibrated with class offsets" if existing.get("class_bias", {}).get("offsets")
+                else "calibrated")
+        raise RunDirError(f"{run} is already {what} (temperatures diagnosis="
                           f"{t['diagnosis']:.3f}, melanoma={t['melanoma']:.3f}); calibrating "
-                          "twice would fit on predictions that already use them.")
+                          "twice would fit on predictions that already use them."
+                          + ("" if class_bias else " (--class-bias adds only the per-class "
+                             "offsets to a calibrated run.)"))
     if card.get("backbone") == "ensemble":
         raise RunDirError(f"{run} is an ensemble: rebuild it with `trainer ensemble` (which "
-                          "calibrates) instead.")
+                          "calibrates; --class-bias for the offsets) instead.")
     records = read_splits(run / "splits.csv")
     val = records[records["split"] == "val"].reset_index(drop=True)
     size = int(card["input"]["shape"][0])
     images = cache_images(val["path"].tolist(), size, None, progress=progress)
     y = labels_from_dx(val["dx"])
     p_mel, probs = predict_arrays(model, images, batch_size=batch_size)
-    section = calibrate(model, p_mel, probs, y, y == MEL_INDEX,
-                        seed=int(card.get("config", {}).get("seed", 0) or 0))
+    seed = int(card.get("config", {}).get("seed", 0) or 0)
+    if existing:  # temperatures already folded: the offsets alone, at T = 1
+        bias, bias_section, crossfit = class_bias_section(probs[None], y, 1.0, seed=seed)
+        if bias is None:
+            raise RunDirError(f"{run}: {bias_section['skipped']}.")
+        fold_class_bias(model, bias)
+        bias_section["after_temperature_scaling"] = True
+        section = dict(existing)
+        section["class_bias"] = bias_section
+        after = apply_softmax(probs, 1.0, bias)
+        section["ece_after"] = {**existing["ece_after"], "diagnosis": ece(after, y)}
+        if crossfit is not None:
+            section["ece_after_crossfit"] = {**existing["ece_after_crossfit"],
+                                             "diagnosis": ece(crossfit, y)}
+    else:
+        section = calibrate(model, p_mel, probs, y, y == MEL_INDEX, seed=seed,
+                            class_bias=class_bias)
     p_mel, probs = predict_arrays(model, images, batch_size=batch_size)
     spec = card.get("config", {}).get("train", {}).get("melanoma_threshold", "youden")
     threshold = choose_threshold(val, p_mel, spec)

@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     en.add_argument("--out", required=True, help="run directory to create")
     en.add_argument("--no-tta", action="store_true", help="members only, no flip averaging")
     en.add_argument("--no-calibrate", action="store_true", help="skip calibration")
+    en.add_argument("--class-bias", action="store_true",
+                    help="also fit one diagnosis logit offset per class on the validation split "
+                    "(class-balanced log loss); the card records balanced accuracy before, "
+                    "after and cross-fitted")
     en.add_argument("--name", help="name recorded in the model card")
     en.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -116,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                         "with train.calibrate: false). Rewrites model.keras, the melanoma "
                         "threshold, metrics.json and the card.")
     ca.add_argument("run", help="run directory written by `trainer fit`")
+    ca.add_argument("--class-bias", action="store_true",
+                    help="also fit one diagnosis logit offset per class (class-balanced log "
+                    "loss) and fold it into the head; on a calibrated run, adds only these")
 
     me = sub.add_parser("metadata", help="add patient metadata (age/sex/site) evidence to a run",
                         description="Count naive-Bayes tables of age, sex and body site per "
@@ -202,7 +209,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from trainer.evaluate import summary_table
 
     card = ensemble_runs(args.runs, args.out, tta=not args.no_tta,
-                         calibrate=not args.no_calibrate, name=args.name,
+                         calibrate=not args.no_calibrate, class_bias=args.class_bias,
+                         name=args.name,
                          overwrite=args.overwrite)
     e = card["ensemble"]
     print(f"ensemble of {len(e['members'])} runs x {len(e['tta'])} views written to {args.out}; "
@@ -217,13 +225,23 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from trainer.calibration import calibrate_run
 
-    c = calibrate_run(args.run)
+    c = calibrate_run(args.run, class_bias=args.class_bias)
     t, before, after = c["temperature"], c["ece_before"], c["ece_after_crossfit"]
     print(f"{args.run}: temperatures diagnosis {t['diagnosis']:.3f}, melanoma "
           f"{t['melanoma']:.3f} (shift {c['shift']['melanoma']:+.3f}); "
           f"ECE diagnosis {before['diagnosis']:.3f} -> "
           f"{after['diagnosis']:.3f}, melanoma {before['melanoma']:.3f} -> "
           f"{after['melanoma']:.3f} (cross-fitted on the validation split)")
+    b = c.get("class_bias")
+    if b and b.get("offsets"):
+        offsets = ", ".join(f"{k} {v:+.2f}" for k, v in b["offsets"].items())
+        cf = b["balanced_accuracy_after_crossfit"]
+        print(f"class offsets: {offsets}; balanced accuracy {b['balanced_accuracy_before']:.3f}"
+              f" -> {b['balanced_accuracy_after']:.3f} on the split they were fitted on, "
+              + (f"{cf:.3f} +- {b['balanced_accuracy_after_crossfit_sd']:.3f} cross-fitted "
+                 f"(offsets from one half, scored on the other; {b['crossfit_halvings']} "
+                 "random halvings)"
+                 if cf is not None else "no cross-fit (a half of the split lacks a class)"))
     return 0
 
 

@@ -113,6 +113,9 @@ class TrainConfig:
     average_epochs: int = 3
     # Temperature scaling of both heads on the validation split, folded into the head weights.
     calibrate: bool = True
+    # Also one logit offset per diagnosis class fitted on the validation split for the
+    # class-balanced log loss (trainer/calibration.py): undoes the rare classes' drift.
+    class_bias: bool = False
     mixed_precision: MixedPrecision = "auto"
     melanoma_threshold: Union[str, float] = "youden"  # noqa: UP007
     tta: bool = False
@@ -237,6 +240,9 @@ class RunConfig:
         if t.distill_from is not None and not 0 < t.distill_weight <= 1:
             raise ConfigError("`train.distill_weight` must be in (0, 1]: the teacher's share of "
                               f"each target. Received: {t.distill_weight!r}.")
+        if t.class_bias and not t.calibrate:
+            raise ConfigError("`train.class_bias` is fitted together with the temperatures: it "
+                              "needs train.calibrate: true (or set train.class_bias: false).")
         if t.bn_momentum is not None and not 0 < t.bn_momentum < 1:
             raise ConfigError("`train.bn_momentum` must be in (0, 1) or null. "
                               f"Received: {t.bn_momentum!r}.")

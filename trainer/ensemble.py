@@ -106,9 +106,14 @@ def _member_passes(members, images: np.ndarray, *, tta: bool, batch_size: int):
 
 
 def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool = True,
-                  calibrate: bool = True, name: str | None = None, overwrite: bool = False,
-                  batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
-    """Combine finished runs into the run directory ``out``; returns its model card."""
+                  calibrate: bool = True, class_bias: bool = False, name: str | None = None,
+                  overwrite: bool = False, batch_size: int = 64,
+                  progress: bool = True) -> dict[str, Any]:
+    """Combine finished runs into the run directory ``out``; returns its model card.
+    ``class_bias``: calibration also fits per-class diagnosis offsets (trainer.calibration) on
+    the averaged output, after removing any offsets the members carry (those were fitted for
+    each member alone, on the same images; the ensemble's cross-fitted figure then covers every
+    offset in the model)."""
     import keras
 
     from trainer.data import cache_images
@@ -127,6 +132,9 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
         write_text_atomic,
     )
 
+    if class_bias and not calibrate:
+        raise DermedgeError("--class-bias is fitted with the calibration; drop --no-calibrate "
+                            "or --class-bias.")
     t0 = time.time()
     runs = [Path(r).expanduser().resolve() for r in run_dirs]
     if len(set(runs)) != len(runs):
@@ -153,12 +161,21 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
     val_y = labels_from_dx(val["dx"])
     images = cache_images(val["path"].tolist(), size, None, progress=progress)
 
+    stripped = []
+    if class_bias:  # members' own offsets were fitted for each alone: the average gets its own
+        from trainer.calibration import member_offsets, strip_class_bias
+
+        for run, (model, card) in zip(runs, loaded, strict=True):
+            if member_offsets(card) is not None:
+                strip_class_bias(model, card)
+                stripped.append(str(run))
     calibration = None
     if calibrate:
         from trainer.calibration import calibrate as fit_and_fold
 
         p_passes, d_passes = _member_passes(members, images, tta=tta, batch_size=batch_size)
-        calibration = fit_and_fold(members, p_passes, d_passes, val_y, val_y == MEL_INDEX)
+        calibration = fit_and_fold(members, p_passes, d_passes, val_y, val_y == MEL_INDEX,
+                                   class_bias=class_bias)
     model = build_ensemble(members, size, tta=tta)
     p_mel, probs = predict_arrays(model, images, batch_size=batch_size)
     threshold = choose_threshold(val, p_mel, "youden")
@@ -179,7 +196,8 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
         import yaml
 
         spec = {"ensemble": {"members": [str(r) for r in runs], "tta": bool(tta),
-                             "calibrate": bool(calibrate)}}
+                             "calibrate": bool(calibrate),
+                             "class_bias": bool(calibrate and class_bias)}}
         write_text_atomic(work / "config.yaml", yaml.safe_dump(spec, sort_keys=False))
         write_text_atomic(work / "history.csv", "epoch,phase\n")
         write_outputs(work, val, p_mel, probs, metrics, predictions=False, report=False)
@@ -207,6 +225,7 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
                              "val_balanced_accuracy": c.get("metrics", {}).get("val", {})
                              .get("balanced_accuracy")}
                             for r, (_, c) in zip(runs, loaded, strict=True)],
+                "member_offsets_removed": stripped,
             },
             "data": first.get("data"),
             "config": spec,

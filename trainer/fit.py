@@ -585,7 +585,7 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
 
             p_mel, probs = predict_arrays(model, val_images, batch_size=t.batch_size)
             calibration = calibrate(model, p_mel, probs, val_y, val_y == MEL_INDEX,
-                                    seed=config.seed)
+                                    seed=config.seed, class_bias=t.class_bias)
             state["calibration"] = calibration
         p_mel, probs = predict_arrays(model, val_images, batch_size=t.batch_size,
                                       tta=t.tta)
