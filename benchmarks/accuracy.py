@@ -5,7 +5,9 @@ validation split, as a float Keras model and as the int8 TFLite file a phone run
                                   [--int8 effl0 mnv2] [--md benchmarks/accuracy.md]
 
 For every run: ``trainer evaluate`` on the run's val split (the image model alone: single
-pass, and with flip TTA unless the run is an ensemble, whose TTA is in the graph), the figures
+pass, and with flip TTA unless the run is an ensemble, whose TTA is in the graph), the
+cross-fitted balanced accuracy of its class offsets and the figure without them (the card's
+``calibration.class_bias``), the figures
 with patient metadata from the card (``trainer metadata``), the float32 export's size, and for
 the runs named in ``--int8`` (default: every run that is not an ensemble) the validated int8
 export (size, LiteRT balanced accuracy and melanoma AUC). Bundles already in ``--exports``
@@ -92,10 +94,11 @@ def markdown(rows: list[dict]) -> str:
     from trainer.labels import DIAGNOSIS_LABELS
 
     lines = [
-        "| run | backbone | input | params | float32 MB | int8 MB | bal. acc | bal. acc TTA "
+        "| run | backbone | input | params | float32 MB | int8 MB | bal. acc "
+        "| cross-fitted (without class offsets) | bal. acc TTA "
         "| int8 bal. acc | + metadata bal. acc | mel AUC | int8 mel AUC | + metadata mel AUC "
         "| sens @ 90% spec | ECE dx before → after | train wall (2 CPU) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f, t, q, m = r["float"], r.get("float_tta"), r.get("int8"), r.get("metadata") or {}
@@ -105,12 +108,17 @@ def markdown(rows: list[dict]) -> str:
                _f(f.get("diagnosis_ece")))
         backbone = r["backbone"] + (f" ({' + '.join(r['members'])}, ×4 flips)"
                                     if r["members"] else "")
+        bias = cal.get("class_bias") or {}
+        crossfit = (f"{_f(bias.get('balanced_accuracy_after_crossfit'))} "
+                    f"({_f(bias.get('balanced_accuracy_before'))})" if bias.get("offsets")
+                    else "–")
         wall = r["train_wall_s"]
         lines.append(
             f"| {r['name']} | {backbone} | {r['input']} | {r['params'] / 1e6:.2f} M "
             f"| {r['float32_bytes'] / 1e6:.1f} | "
             f"{_f(r['int8_bytes'] / 1e6, '.1f') if q else '–'} "
-            f"| **{f['balanced_accuracy']:.3f}** | {_f(t['balanced_accuracy']) if t else '–'} "
+            f"| **{f['balanced_accuracy']:.3f}** | {crossfit} "
+            f"| {_f(t['balanced_accuracy']) if t else '–'} "
             f"| {_f(q['balanced_accuracy']) if q else '–'} "
             f"| {_f(m.get('balanced_accuracy'))} | {f['melanoma']['auc']:.3f} "
             f"| {_f(q['melanoma_auc']) if q else '–'} | {_f(m.get('melanoma_auc'))} "

@@ -156,6 +156,11 @@ def test_fit_with_class_bias_and_trainer_calibrate_adds_it_once(toy_data, tmp_pa
                                                        abs=1e-6)
     assert card["metrics"]["val"]["balanced_accuracy"] == pytest.approx(
         after["balanced_accuracy"], abs=1e-4)
+    # the metadata tables stay; their validation scores are those of the new answers
+    prior = card["metadata_prior"]
+    assert prior["fields"] == before_card["metadata_prior"]["fields"]
+    assert prior["metrics"]["val_image_only"]["balanced_accuracy"] == pytest.approx(
+        after["balanced_accuracy"], abs=1e-9)
     # twice is refused, and the run is left as it was
     model_bytes = (run / "model.keras").read_bytes()
     assert main(["calibrate", str(run), "--class-bias"]) == 2

@@ -464,6 +464,11 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
     card["calibration"] = section
     card["heads"]["melanoma"]["threshold"] = float(threshold)
     card.setdefault("metrics", {})["val"] = card_metrics(metrics)
+    if card.get("metadata_prior"):  # same tables; its val scores used the old answers
+        from trainer.metadata import score_on_val
+
+        card["metadata_prior"].update(
+            score_on_val(card["metadata_prior"], val, p_mel, probs, threshold, spec))
     # Rewrite a copy and swap it in: an interruption leaves the run as it was.
     work = partial_dir(run)
     if work.exists():
