@@ -249,12 +249,13 @@ def member_offsets(card: dict) -> np.ndarray | None:
     return None if not offsets else np.array([offsets[c] for c in DIAGNOSIS_LABELS])
 
 
-def strip_class_bias(model, card: dict) -> None:
+def strip_class_bias(model, card: dict) -> bool:
     """Take a run's class offsets back out of its loaded ``model`` (exact: they were added to
-    the diagnosis bias)."""
+    the diagnosis bias); returns whether it had any."""
     offsets = member_offsets(card)
     if offsets is not None:
         fold_class_bias(model, -offsets)
+    return offsets is not None
 
 
 def _balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
@@ -447,6 +448,8 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
         section["class_bias"] = bias_section
         after = apply_softmax(probs, 1.0, bias)
         section["ece_after"] = {**existing["ece_after"], "diagnosis": ece(after, y)}
+        section["nll_after"] = {**existing["nll_after"],
+                                "diagnosis": softmax_nll(_softmax_logits(after), y, 1.0)}
         if crossfit is not None:
             section["ece_after_crossfit"] = {**existing["ece_after_crossfit"],
                                              "diagnosis": ece(crossfit, y)}

@@ -163,12 +163,10 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
 
     stripped = []
     if class_bias:  # members' own offsets were fitted for each alone: the average gets its own
-        from trainer.calibration import member_offsets, strip_class_bias
+        from trainer.calibration import strip_class_bias
 
-        for run, (model, card) in zip(runs, loaded, strict=True):
-            if member_offsets(card) is not None:
-                strip_class_bias(model, card)
-                stripped.append(str(run))
+        stripped = [str(run) for run, (model, card) in zip(runs, loaded, strict=True)
+                    if strip_class_bias(model, card)]
     calibration = None
     if calibrate:
         from trainer.calibration import calibrate as fit_and_fold
