@@ -177,8 +177,7 @@ def _balanced_nll(z: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray):
 
 
 def fit_class_bias(probs: np.ndarray, y: np.ndarray, temperature: float = 1.0, *,
-                   n_classes: int | None = None, iters: int = 2000,
-                   tol: float = 1e-9) -> np.ndarray:
+                   iters: int = 2000, tol: float = 1e-9) -> np.ndarray:
     """Per-class logit offsets ``b`` (K,), mean 0, minimising the class-balanced NLL of
     ``mean over passes of softmax(log probs / T + b)`` (``probs`` (N, K) or (P, N, K)) for
     class indices ``y``. Every class must occur in ``y``: a class without images would have its
@@ -187,7 +186,7 @@ def fit_class_bias(probs: np.ndarray, y: np.ndarray, temperature: float = 1.0, *
     y = np.asarray(y, np.int64).reshape(-1)
     z = _softmax_logits(probs)
     z = (z if z.ndim == 3 else z[None]) / temperature
-    k = z.shape[-1] if n_classes is None else n_classes
+    k = z.shape[-1]
     counts = np.bincount(y, minlength=k)
     if (counts == 0).any():
         raise ValueError("class-bias fitting needs every class in the labels; missing: "
@@ -419,10 +418,10 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
     run = Path(run_dir).expanduser().resolve()
     model, card = load_run(run)
     existing = card.get("calibration")
-    if existing and (not class_bias or (existing.get("class_bias") or {}).get("offsets")):
+    has_offsets = member_offsets(card) is not None
+    if existing and (not class_bias or has_offsets):
         t = existing["temperature"]
-        what = ("calibrated with class offsets" if existing.get("class_bias", {}).get("offsets")
-                else "calibrated")
+        what = "calibrated with class offsets" if has_offsets else "calibrated"
         raise RunDirError(f"{run} is already {what} (temperatures diagnosis="
                           f"{t['diagnosis']:.3f}, melanoma={t['melanoma']:.3f}); calibrating "
                           "twice would fit on predictions that already use them."
