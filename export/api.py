@@ -148,15 +148,18 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
         float_out = keras_predict(model, images)
         lite = LiteModel.load(conv.tflite)
         lite_out = lite.predict(images, batch_size=VALIDATION_BATCH)
+        offsets = _offsets_fitted_on(run, data, split)
         report["validation"] = compare(float_out, lite_out, val_rows["dx"].tolist(),
                                        val_rows["melanoma"].to_numpy(), run.diagnosis_labels,
-                                       run.melanoma_threshold, tolerances)
+                                       run.melanoma_threshold, tolerances,
+                                       class_offsets=offsets)
         passed = report["validation"]["passed"]
         if ptq is not None:  # --- QAT: the PTQ model through the same gate
             ptq_out = LiteModel.load(ptq.tflite).predict(images, batch_size=VALIDATION_BATCH)
             report["ptq"] = {"validation": compare(
                 float_out, ptq_out, val_rows["dx"].tolist(), val_rows["melanoma"].to_numpy(),
-                run.diagnosis_labels, run.melanoma_threshold, tolerances)}
+                run.diagnosis_labels, run.melanoma_threshold, tolerances,
+                class_offsets=offsets)}
     else:
         report["validation"] = {"passed": None, "skipped": True, "n": 0, "gates": [],
                                 "failed": []}
@@ -215,6 +218,16 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     say(f"wrote {path} ({len(conv.tflite):,} bytes)")
     return BundleResult(path=path, mode=config.mode, passed=passed, card=card, report=report,
                         tflite_bytes=len(conv.tflite), seconds=time.perf_counter() - t0)
+
+
+def _offsets_fitted_on(run: Run, data, split: str) -> np.ndarray | None:
+    """The run's class offsets (in its diagnosis-label order) when the images being validated
+    on are the ones they were fitted on (its own ``split``), else None."""
+    section = (run.card.get("calibration") or {}).get("class_bias") or {}
+    offsets = section.get("offsets")
+    if not offsets or data is not None or section.get("fitted_on", "val") != split:
+        return None
+    return np.array([offsets[c] for c in run.diagnosis_labels], dtype=np.float64)
 
 
 def _bias_corrected(run, model, config, rep, plain, debug, say):

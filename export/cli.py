@@ -206,7 +206,7 @@ def cmd_tflite(args) -> int:
     print(f"validation on {v['n']} images: diagnosis agreement "
           f"{h['diagnosis']['top1_agreement']:.4f}, melanoma agreement "
           f"{h['melanoma']['threshold_agreement']:.4f}, Δ balanced acc "
-          f"{_s(v['metrics']['delta']['balanced_accuracy'])}, Δ melanoma AUC "
+          f"{_s(v['metrics']['delta']['balanced_accuracy'])}{_crossfit(v)}, Δ melanoma AUC "
           f"{_s(v['metrics']['delta']['melanoma_auc'])}")
     if "ptq" in res.report:
         print(_qat_table(res.report))
@@ -266,6 +266,12 @@ def cmd_bench(args) -> int:
 
 def _para(msg: str) -> str:
     return textwrap.fill(" ".join(str(msg).split()), width=100)
+
+
+def _crossfit(v: dict) -> str:
+    cf = v["metrics"].get("balanced_accuracy_crossfit")
+    return "" if not cf else (f" (cross-fitted {_s(-cf['drop'])}, the gate's: the run's class "
+                              "offsets were fitted on these images)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -186,3 +186,88 @@ def test_config_and_ensemble_refuse_offsets_without_calibration(toy_data, tmp_pa
     with pytest.raises(DermedgeError, match="--class-bias"):
         ensemble_runs([tmp_path / "a"], tmp_path / "out", calibrate=False, class_bias=True)
     assert not (tmp_path / "out").exists()
+
+
+# --- int8 vs float when the offsets were fitted on the validation images ------------------------
+def _val_like(seed=0):
+    """Posterior logits and labels with the validation split's class counts (9 df, 12 vasc)."""
+    rng = np.random.default_rng(seed)
+    counts = [27, 40, 87, 9, 74, 648, 12]
+    y = np.repeat(np.arange(7), counts)
+    z = rng.normal(size=(len(y), 7))
+    z[np.arange(len(y)), y] += 1.5  # informative but unsure: many near-ties
+    return z, y
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_crossfit_pair_scores_both_models_with_offsets_they_were_not_fitted_on():
+    from trainer.calibration import crossfit_pair
+
+    z, y = _val_like()
+    b = fit_class_bias(_softmax(z), y)
+    reference = _softmax(z + b)  # the float model, offsets fitted on these labels
+    same = crossfit_pair(reference, reference, y, b)
+    assert same["drop"] == 0.0 and same["reference"] == same["other"]
+    assert same["halvings"] == 10
+    # the reference's cross-fitted score is the card's (same halvings, same refits)
+    _, section, _ = class_bias_section(_softmax(z)[None], y, 1.0)
+    assert same["reference"] == pytest.approx(section["balanced_accuracy_after_crossfit"],
+                                              abs=1e-9)
+    # the offsets fitted on these labels play no part: both models with them or without them
+    # (a copy that answers near-ties differently, as quantization does) score the same
+    rng = np.random.default_rng(1)
+    noise = rng.normal(scale=0.15, size=z.shape)
+    with_b = crossfit_pair(reference, _softmax(z + b + noise), y, b)
+    without = crossfit_pair(_softmax(z), _softmax(z + noise), y, np.zeros(7))
+    for key in ("reference", "other", "drop", "drop_sd"):
+        assert with_b[key] == pytest.approx(without[key], abs=1e-9)
+    assert with_b["drop"] != 0.0
+    # real damage is not hidden: a copy that has lost one class
+    damaged = z + b
+    damaged[:, 1] -= 10.0  # bcc is never answered any more
+    hurt = crossfit_pair(reference, _softmax(damaged), y, b)
+    assert hurt["drop"] > 0.05
+
+
+def test_export_gate_uses_the_crossfitted_drop_only_for_offsets_fitted_on_those_images():
+    from types import SimpleNamespace
+
+    from export.api import _offsets_fitted_on
+    from export.config import Tolerances
+    from export.validate import compare, to_markdown
+
+    z, y = _val_like()
+    b = fit_class_bias(_softmax(z), y)
+    rng = np.random.default_rng(2)
+    pf, pl = _softmax(z + b), _softmax(z + b + rng.normal(scale=0.15, size=z.shape))
+    dx = [DIAGNOSIS_LABELS[i] for i in y]
+    mel = (y == 4).astype(np.int64)
+    outs = ({"diagnosis": pf, "melanoma": pf[:, 4]}, {"diagnosis": pl, "melanoma": pl[:, 4]})
+    tol = Tolerances(balanced_accuracy_drop=0.01)
+    plain = compare(*outs, dx, mel, DIAGNOSIS_LABELS, 0.5, tol)
+    fair = compare(*outs, dx, mel, DIAGNOSIS_LABELS, 0.5, tol, class_offsets=b)
+    gate = {g["name"]: g for g in fair["gates"]}["balanced_accuracy_drop"]
+    cf = fair["metrics"]["balanced_accuracy_crossfit"]
+    assert gate["basis"] == "cross-fitted" and gate["value"] == pytest.approx(max(0, cf["drop"]))
+    plain_gate = {g["name"]: g for g in plain["gates"]}["balanced_accuracy_drop"]
+    assert "basis" not in plain_gate and "balanced_accuracy_crossfit" not in plain["metrics"]
+    assert plain_gate["value"] == pytest.approx(max(0, -plain["metrics"]["delta"]
+                                                    ["balanced_accuracy"]))
+    # the in-sample figures stay in the report; validation.md names the basis
+    assert fair["metrics"]["delta"] == plain["metrics"]["delta"]
+    md = to_markdown({"validation": fair, "mode": "int8", "data": "val"}, "t")
+    assert "balanced_accuracy_drop (cross-fitted)" in md
+    assert "balanced_accuracy, cross-fitted" in md
+    # which runs get it: offsets fitted on the split being validated, the run's own images
+    run = SimpleNamespace(diagnosis_labels=tuple(reversed(DIAGNOSIS_LABELS)), card={
+        "calibration": {"class_bias": {"fitted_on": "val", "offsets": dict(
+            zip(DIAGNOSIS_LABELS, b.tolist(), strict=True))}}})
+    np.testing.assert_allclose(_offsets_fitted_on(run, None, "val"), b[::-1])  # label order
+    assert _offsets_fitted_on(run, "other/labelled/set", "val") is None
+    assert _offsets_fitted_on(run, None, "train") is None
+    run.card["calibration"]["class_bias"] = {"skipped": "no vasc"}
+    assert _offsets_fitted_on(run, None, "val") is None

@@ -325,6 +325,49 @@ def class_bias_section(probs: np.ndarray, y: np.ndarray, temperature: float, *, 
     return bias, section, first
 
 
+
+def crossfit_pair(reference: np.ndarray, other: np.ndarray, y: np.ndarray, offsets: np.ndarray,
+                  *, seed: int = 0, repeats: int = CROSSFIT_REPEATS) -> dict[str, Any] | None:
+    """Balanced accuracy of two models of the same network (a float model and its quantized
+    copy, say) whose diagnosis outputs ``reference`` / ``other`` (N, K) both carry class
+    ``offsets`` (K,) that were fitted on these very images, cross-fitted.
+
+    In-sample, the offsets make ``reference`` look better than it will on new images (they
+    were chosen for these labels), and any copy that answers slightly differently regresses
+    toward the honest figure: comparing the two in-sample penalises the copy for the
+    offsets' fit, not for its own error. So the offsets are taken out of both (exact for
+    ``reference``: ``log p - offsets``), refitted from ``reference`` on one half of the images
+    and applied to **both** models on the other half, as ``class_bias_section`` scores the
+    float model; over ``repeats`` seeded halvings. Returns ``{"reference", "other"}`` (mean
+    balanced accuracies), ``"drop"`` (mean of ``reference - other`` per halving), ``"drop_sd"``
+    and ``"halvings"``; None when no halving kept every class on both sides."""
+    y = np.asarray(y, np.int64).reshape(-1)
+    offsets = np.asarray(offsets, np.float64).reshape(-1)
+    zr = _softmax_logits(reference) - offsets
+    zo = _softmax_logits(other) - offsets
+    pr = _softmax(zr, 1.0)
+    k = zr.shape[-1]
+    rng = np.random.default_rng(seed)
+    ref_scores, other_scores = [], []
+    for _ in range(repeats):
+        fold = rng.permutation(len(y)) % 2
+        a, b = np.empty_like(zr), np.empty_like(zo)
+        for half in (0, 1):
+            fit_on, test_on = fold != half, fold == half
+            if (np.bincount(y[fit_on], minlength=k) == 0).any():
+                break
+            bias = fit_class_bias(pr[fit_on], y[fit_on])
+            a[test_on], b[test_on] = zr[test_on] + bias, zo[test_on] + bias
+        else:
+            ref_scores.append(_balanced_accuracy(y, a))
+            other_scores.append(_balanced_accuracy(y, b))
+    if not ref_scores:
+        return None
+    drops = np.array(ref_scores) - np.array(other_scores)
+    return {"reference": float(np.mean(ref_scores)), "other": float(np.mean(other_scores)),
+            "drop": float(drops.mean()), "drop_sd": float(drops.std()),
+            "halvings": len(ref_scores)}
+
 def calibrate(model, p_mel: np.ndarray, probs: np.ndarray, y: np.ndarray, mel: np.ndarray,
               *, seed: int = 0, class_bias: bool = False) -> dict[str, Any]:
     """Fit the diagnosis temperature and the melanoma temperature and shift on validation
