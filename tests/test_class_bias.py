@@ -262,6 +262,15 @@ def test_export_gate_uses_the_crossfitted_drop_only_for_offsets_fitted_on_those_
     md = to_markdown({"validation": fair, "mode": "int8", "data": "val"}, "t")
     assert "balanced_accuracy_drop (cross-fitted)" in md
     assert "balanced_accuracy, cross-fitted" in md
+    # a class with one image cannot be on both sides of a halving: the in-sample gate, saying so
+    df = DIAGNOSIS_LABELS.index("df")
+    keep = np.flatnonzero(y != df).tolist() + [int(np.flatnonzero(y == df)[0])]
+    small = compare({"diagnosis": pf[keep], "melanoma": pf[keep, 4]},
+                    {"diagnosis": pl[keep], "melanoma": pl[keep, 4]}, [dx[i] for i in keep],
+                    mel[keep], DIAGNOSIS_LABELS, 0.5, tol, class_offsets=b)
+    g = {g["name"]: g for g in small["gates"]}["balanced_accuracy_drop"]
+    assert "basis" not in g and "could not be cross-fitted" in g["note"]
+    assert "balanced_accuracy_crossfit" not in small["metrics"]
     # which runs get it: offsets fitted on the split being validated, the run's own images
     run = SimpleNamespace(diagnosis_labels=tuple(reversed(DIAGNOSIS_LABELS)), card={
         "calibration": {"class_bias": {"fitted_on": "val", "offsets": dict(
