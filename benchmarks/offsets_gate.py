@@ -36,11 +36,6 @@ import numpy as np  # noqa: E402
 GATE = 0.01
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def drops(pf: np.ndarray, pl: np.ndarray, y: np.ndarray, offsets: np.ndarray,
           repeats: int = 5) -> dict:
     """The three drops (float minus copy) of one copy ``pl`` of ``pf``."""
@@ -68,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.api import _offsets_fitted_on, keras_predict
     from export.bench import table
     from export.rundir import load_images, open_run, validation_records
+    from trainer.calibration import _softmax
 
     run = open_run(args.run)
     offsets = _offsets_fitted_on(run, None, "val")
@@ -84,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     rows, records = [], []
     for scale in args.noise:
-        got = [drops(pf, _softmax(z + rng.normal(scale=scale, size=z.shape)), y, offsets)
+        got = [drops(pf, _softmax(z + rng.normal(scale=scale, size=z.shape), 1.0), y, offsets)
                for _ in range(args.copies)]
         rec = {"copy": f"float + noise {scale}", "copies": args.copies,
                "agreement": float(np.mean([g["agreement"] for g in got]))}
