@@ -33,7 +33,9 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-GATE = 0.01
+from export.config import Tolerances  # noqa: E402
+
+GATE = Tolerances().balanced_accuracy_drop  # the export's default
 
 
 def drops(pf: np.ndarray, pl: np.ndarray, y: np.ndarray, offsets: np.ndarray,
