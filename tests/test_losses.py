@@ -37,7 +37,7 @@ def test_categorical_loss_is_cross_entropy_of_the_shifted_logits(smoothing):
     lp = log_prior(np.repeat(np.arange(7), PRIOR_COUNTS), 7)
     got = np.asarray(adjusted_categorical_crossentropy(lp, tau=1.0, label_smoothing=smoothing)(
         y, _softmax(z)))
-    target = y * (1 - smoothing) + smoothing / 7
+    target = y * (1 - smoothing) + smoothing * np.exp(lp) / np.exp(lp).sum()  # toward the prior
     want = -(target * np.log(_softmax(z + lp))).sum(axis=1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -90,6 +90,20 @@ def test_minimiser_is_the_balanced_posterior_not_the_prior():
     adjusted = _constant_predictor(adjusted_categorical_crossentropy(log_prior(labels, 7)), labels)
     np.testing.assert_allclose(plain, prior, atol=0.02)
     np.testing.assert_allclose(adjusted, np.full(7, 1 / 7), atol=0.02)
+
+
+@pytest.mark.parametrize("cls", [5, 3])  # nv (67 % of the prior), df (1 %)
+def test_label_smoothing_keeps_the_true_class_on_top(cls):
+    """Smoothing mass is spread by the prior, so dividing the prior back out (what the model's
+    own softmax does) leaves every other class the same small share. Spread uniformly, it
+    would come back as 1/prior: on an all-`nv` input the model would answer `df`."""
+    lp = log_prior(np.repeat(np.arange(7), PRIOR_COUNTS), 7)
+    p = _constant_predictor(adjusted_categorical_crossentropy(lp, label_smoothing=0.2),
+                            np.full(40, cls))
+    assert p.argmax() == cls, p
+    others = np.delete(p, cls)
+    np.testing.assert_allclose(others, others.mean(), rtol=0.05)
+    assert p[cls] > 3 * others.max()
 
 
 def test_pipeline_gives_unit_weights_under_logit_adjustment():
