@@ -88,7 +88,7 @@ def compare(float_out: dict, lite_out: dict, dx: list[str], mel_true, labels: tu
 
     gates = []
 
-    def gate(name, value, limit, kind):
+    def gate(name, value, limit, kind, **extra):
         if limit is None:
             return
         if value is None:
@@ -97,7 +97,7 @@ def compare(float_out: dict, lite_out: dict, dx: list[str], mel_true, labels: tu
             return
         ok = value >= limit if kind == "min" else value <= limit
         gates.append({"name": name, "value": value, "limit": limit, "passed": bool(ok),
-                      "kind": kind})
+                      "kind": kind, **extra})
 
     t = tolerances
     gate("diagnosis_agreement", heads["diagnosis"]["top1_agreement"], t.diagnosis_agreement, "min")
@@ -118,14 +118,13 @@ def compare(float_out: dict, lite_out: dict, dx: list[str], mel_true, labels: tu
                     "why": "the run's class offsets were fitted on these images: refitted on "
                            "one half from the float model, both models scored on the other"}
         gate("balanced_accuracy_drop", max(0.0, crossfit["drop"]), t.balanced_accuracy_drop,
-             "max")
-        gates[-1]["basis"] = "cross-fitted"
+             "max", basis="cross-fitted")
     else:
+        uncrossed = {} if class_offsets is None else {
+            "note": "in sample: no halving of these images kept every class on both sides, so "
+                    "the offsets could not be cross-fitted"}
         gate("balanced_accuracy_drop", drop("balanced_accuracy"), t.balanced_accuracy_drop,
-             "max")
-        if class_offsets is not None and gates and gates[-1]["name"] == "balanced_accuracy_drop":
-            gates[-1]["note"] = ("in sample: no halving of these images kept every class on "
-                                 "both sides, so the offsets could not be cross-fitted")
+             "max", **uncrossed)
     gate("melanoma_auc_drop", drop("melanoma_auc"), t.melanoma_auc_drop, "max")
     gate("melanoma_sensitivity_drop", drop("melanoma_sensitivity"), t.melanoma_sensitivity_drop,
          "max")

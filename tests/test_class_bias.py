@@ -257,6 +257,11 @@ def test_export_gate_uses_the_crossfitted_drop_only_for_offsets_fitted_on_those_
     assert "basis" not in plain_gate and "balanced_accuracy_crossfit" not in plain["metrics"]
     assert plain_gate["value"] == pytest.approx(max(0, -plain["metrics"]["delta"]
                                                     ["balanced_accuracy"]))
+    # a disabled balanced-accuracy gate stays absent, and no other gate takes its basis
+    off = compare(*outs, dx, mel, DIAGNOSIS_LABELS, 0.5, Tolerances(balanced_accuracy_drop=None),
+                  class_offsets=b)
+    assert "balanced_accuracy_drop" not in {g["name"] for g in off["gates"]}
+    assert not any("basis" in g for g in off["gates"])
     # the in-sample figures stay in the report; validation.md names the basis
     assert fair["metrics"]["delta"] == plain["metrics"]["delta"]
     md = to_markdown({"validation": fair, "mode": "int8", "data": "val"}, "t")
