@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dermedge.errors import DermedgeError
+
 from .errors import EdgeDemoError
 
 
@@ -130,6 +132,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except EdgeDemoError as exc:
+    except DermedgeError as exc:
         print(f"edge-demo {args.command}: error: {exc}", file=sys.stderr)
         return 2

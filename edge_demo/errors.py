@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from dermedge.errors import BundleError, DermedgeError
 
-class EdgeDemoError(ValueError):
+__all__ = ["EdgeDemoError", "BundleError", "PolicyError", "CalibrationError", "RequestError"]
+
+
+class EdgeDemoError(DermedgeError):
     """A problem the operator can fix; the message says how."""
-
-
-class BundleError(EdgeDemoError):
-    """An export bundle is missing, incomplete or unreadable."""
 
 
 class PolicyError(EdgeDemoError):

@@ -1,35 +1,21 @@
-"""Decode uploads safely and apply the card's resize (Pillow and numpy only).
-
-``center_crop_resize`` re-implements ``trainer.data.load_image`` (the reference) line for
-line: EXIF orientation -> 8-bit RGB (alpha dropped) -> centred square crop of side
-min(w, h) -> ``resize((S, S), BILINEAR, reducing_gap=None)``.
-"""
+"""Decode uploads safely; the resize itself is the shared image contract (dermedge.image)."""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from dermedge.image import RESIZE, center_crop_resize, to_rgb8, upright_rgb8
 
 from .errors import RequestError
 
+__all__ = ["ALLOWED_FORMATS", "RESIZE_MODES", "center_crop_resize", "decode_upload",
+           "load_path", "to_rgb8"]
+
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
-RESIZE_MODES: tuple[str, ...] = ("center_crop_resize",)
-
-
-def to_rgb8(im: Image.Image) -> Image.Image:
-    """8-bit RGB. Alpha is dropped (not composited); 16/32-bit grey keeps its high byte."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(im).astype(np.int64)
-        a = (np.clip(a, 0, 65535) >> 8).astype(np.uint8)
-        return Image.fromarray(a).convert("RGB")
-    if im.mode == "F":
-        a = np.clip(np.asarray(im), 0, 255).astype(np.uint8)
-        return Image.fromarray(a).convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    return im.convert("RGB") if im.mode != "RGB" else im
+RESIZE_MODES: tuple[str, ...] = (RESIZE,)
 
 
 def decode_upload(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -65,8 +51,7 @@ def decode_upload(data: bytes, *, max_pixels: int) -> Image.Image:
         raise _too_many_pixels((w, h), max_pixels)
     try:
         im.load()
-        im = ImageOps.exif_transpose(im)
-        return to_rgb8(im)
+        return upright_rgb8(im)
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
         raise RequestError(
             f"The uploaded {im.format} image could not be decoded ({type(exc).__name__}:"
@@ -80,17 +65,6 @@ def _too_many_pixels(size: tuple[int, int] | None, max_pixels: int) -> RequestEr
         f"The image declares {got}, over the limit of {max_pixels:,} pixels (a guard against"
         " decompression bombs). Resize the photo before uploading.",
         status=413, code="too_many_pixels")
-
-
-def center_crop_resize(im: Image.Image, size: int) -> np.ndarray:
-    """``(size, size, 3)`` uint8: centred square crop of side min(w, h), bilinear resize."""
-    im = to_rgb8(im)
-    w, h = im.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    im = im.crop((left, top, left + s, top + s))
-    im = im.resize((int(size), int(size)), Image.BILINEAR, reducing_gap=None)
-    return np.asarray(im, dtype=np.uint8).copy()
 
 
 def load_path(path, size: int, *, max_pixels: int = 40_000_000) -> np.ndarray:

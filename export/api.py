@@ -129,8 +129,11 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
 
         ptq, ptq_bias, bias = conv, bias, None  # the shipped (QAT) model is not bias-corrected
         conv, qat_info = run_qat(run, model, config, rep, python=qat_exe, log=say)
+    check = rep[:COMPACT_CHECK_IMAGES] if rep is not None else _noise(run.input_size)
+    conv = _batch_fixed(conv, check)  # the file phones and browsers run: [1, S, S, 3]
+    if ptq is not None:
+        ptq = _batch_fixed(ptq, check)
     if config.compact:  # lossless: identical quantization vectors stored once
-        check = rep[:COMPACT_CHECK_IMAGES] if rep is not None else _noise(run.input_size)
         conv = _compacted(conv, config, check, say)
         if ptq is not None:
             ptq = _compacted(ptq, config, check, say)
@@ -299,6 +302,16 @@ def _noise(size: int, n: int = 4) -> np.ndarray:
     """Deterministic uint8 images for the compaction check of a model with no calibration set
     (any input serves: the check is that two files compute the same numbers)."""
     return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _batch_fixed(conv, images):
+    """``conv`` with its signature's batch fixed to 1 (export/batch.py), outputs unchanged."""
+    from dataclasses import replace
+
+    from export.batch import fix_batch
+
+    tflite, _ = fix_batch(conv.tflite, images)
+    return replace(conv, tflite=tflite)
 
 
 def _compacted(conv, config, images, say):

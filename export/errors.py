@@ -1,6 +1,7 @@
 """Export errors. CLIs print them as one paragraph: exit 2 for bad input, 3 for a failed gate."""
 
-from trainer.errors import DermedgeError, RunDirError
+from dermedge.errors import BundleError, DermedgeError
+from trainer.errors import RunDirError
 
 __all__ = ["DermedgeError", "RunDirError", "ExportError", "CalibrationError",
            "QuantizationCheckError", "BundleError"]
@@ -16,7 +17,3 @@ class CalibrationError(ExportError):
 
 class QuantizationCheckError(ExportError):
     """The converted model is not what its mode claims (e.g. an "int8" model with float I/O)."""
-
-
-class BundleError(DermedgeError):
-    """A bundle directory or .tflite file is missing, incomplete or corrupt."""

@@ -448,11 +448,11 @@ def test_demo_without_explain_answers_501(bundles):
 
 
 def test_demo_bad_explain_run_fails_at_start(bundles, tmp_path, capsys):
+    from dermedge.errors import DermedgeError
     from edge_demo.app import create_app
     from edge_demo.cli import main as demo_main
-    from edge_demo.errors import EdgeDemoError
 
-    with pytest.raises(EdgeDemoError, match="not a run directory"):
+    with pytest.raises(DermedgeError, match="not a run directory"):
         create_app({"DEVICE_BUNDLE": str(bundles["int8"]), "LOG_JSON": False,
                     "EXPLAIN_RUN": str(bundles["float32"])})  # a bundle, not a run
     code = demo_main(["serve", "--device", str(bundles["int8"]), "--explain",
@@ -466,7 +466,7 @@ def test_demo_without_tensorflow(bundles, corner):
     code = (
         "import sys, io\n"
         "for m in ('tensorflow', 'keras'):\n    sys.modules[m] = None\n"
-        "from edge_demo.app import create_app\nfrom edge_demo.errors import EdgeDemoError\n"
+        "from edge_demo.app import create_app\nfrom dermedge.errors import DermedgeError\n"
         "from PIL import Image\n"
         f"cfg = {{'DEVICE_BUNDLE': {str(bundles['int8'])!r}, 'LOG_JSON': False}}\n"
         "client = create_app(cfg).test_client()\n"
@@ -479,7 +479,7 @@ def test_demo_without_tensorflow(bundles, corner):
         "print('EXPLAIN', r.status_code, r.get_json()['error']['code'])\n"
         "try:\n"
         f"    create_app(dict(cfg, EXPLAIN_RUN={str(corner.run)!r}))\n"
-        "except EdgeDemoError as e:\n    print('START', e)\n"
+        "except DermedgeError as e:\n    print('START', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=120)

@@ -60,12 +60,31 @@ def test_every_mode_converts_and_bundle_matches_contract(bundles, mode):
     assert lite.io == {"inputs": ex["inputs"], "outputs": ex["outputs"]}
     assert ex["outputs"]["melanoma"]["shape"] == [1, 1]
     assert ex["outputs"]["diagnosis"]["shape"] == [1, 7]
+    # Mobile-ready: the signature's batch is fixed to 1 (LiteRT.js refuses a dynamic batch).
+    detail = lite.interpreter.get_signature_runner("serving_default").get_input_details()
+    assert list(detail["image"]["shape_signature"]) == [1, 32, 32, 3]
     report = json.loads((res.path / "validation.json").read_text())
     assert report["validation"]["passed"] is True and report["validation"]["n"] == 28
     assert "PASSED" in (res.path / "validation.md").read_text()
     usage = (res.path / "USAGE.md").read_text()
     assert "runSignature" in usage and 'output(named: "melanoma")' in usage
     assert f"`{ex['inputs']['image']['dtype']}`" in usage
+
+
+def test_fix_batch_changes_only_the_signature(run_dir):
+    from export.batch import batch_size, fix_batch
+    from export.convert import convert_model
+    from export.rundir import open_run
+
+    conv = convert_model(open_run(run_dir).load_model(), QuantizationConfig.float32())
+    assert batch_size(conv.tflite) is None  # the converter's file: dynamic batch
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    fixed, report = fix_batch(conv.tflite, images)
+    assert batch_size(fixed) == 1 and report["tensors_changed"] > 0
+    a, b = LiteModel.load(conv.tflite), LiteModel.load(fixed)
+    for name, out in a.predict(images, batch_size=3).items():  # a batched call still works
+        np.testing.assert_array_equal(out, b.predict(images, batch_size=3)[name])
+    assert fix_batch(fixed, images) == (fixed, {"batch": 1, "tensors_changed": 0})
 
 
 def test_float_modes_match_keras_tightly(bundles):

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
 
+from dermedge import image as image_contract
+from dermedge.errors import ImageError
 from trainer.errors import DataError
 from trainer.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, ISIC_COLUMNS, ISIC_TO_DX, MELANOMA_DX
 
@@ -589,47 +590,12 @@ def read_splits(path: str | Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------- images
 
 
-def _to_rgb8(im: Image.Image) -> Image.Image:
-    """8-bit RGB. Alpha is dropped (not composited); 16/32-bit grey keeps its high byte."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(im).astype(np.int64)
-        a = (np.clip(a, 0, 65535) >> 8).astype(np.uint8)
-        return Image.fromarray(a).convert("RGB")
-    if im.mode == "F":
-        a = np.clip(np.asarray(im), 0, 255).astype(np.uint8)
-        return Image.fromarray(a).convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    return im.convert("RGB") if im.mode != "RGB" else im
-
-
 def load_image(path: str | Path, size: int) -> np.ndarray:
-    """THE reference resize: ``(size, size, 3)`` uint8 RGB.
-
-    EXIF orientation → 8-bit RGB (alpha dropped) → centred square crop of side min(w, h)
-    (offsets ``(w - s) // 2``, ``(h - s) // 2``) → ``resize((size, size), BILINEAR,
-    reducing_gap=None)``.
-    """
-    if int(size) <= 0:
-        raise ValueError(f"size must be a positive number of pixels; received {size!r}.")
+    """THE reference resize (``dermedge.image.load_image``): ``(size, size, 3)`` uint8 RGB."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            im = _to_rgb8(im)
-            w, h = im.size
-            s = min(w, h)
-            left, top = (w - s) // 2, (h - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-            im = im.resize((int(size), int(size)), Image.BILINEAR, reducing_gap=None)
-            return np.asarray(im, dtype=np.uint8).copy()
-    except FileNotFoundError as exc:
-        raise DataError(f"Image file not found: {path}.") from exc
-    except Exception as exc:  # noqa: BLE001 - any decode failure is a bad file
-        raise DataError(
-            f"Cannot read the image {path} ({type(exc).__name__}: {exc}). The file is unreadable,"
-            " truncated or not an image; replace or remove it."
-        ) from exc
+        return image_contract.load_image(path, size)
+    except ImageError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def default_cache_dir() -> Path:

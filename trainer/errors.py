@@ -1,8 +1,8 @@
 """User-facing errors. CLIs print them as one paragraph and exit non-zero."""
 
+from dermedge.errors import DermedgeError
 
-class DermedgeError(ValueError):
-    """A problem with the user's input that they can fix; the message says how."""
+__all__ = ["DermedgeError", "DataError", "ConfigError", "UnknownBackboneError", "RunDirError"]
 
 
 class DataError(DermedgeError):

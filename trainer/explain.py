@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from trainer.errors import DataError, DermedgeError, RunDirError
 
@@ -304,12 +304,12 @@ def heatmap_on_photo(photo: Image.Image, cam: np.ndarray, *,
 
 def open_photo(path: str | Path) -> Image.Image:
     """The photo as ``load_image`` sees it before cropping: EXIF-upright 8-bit RGB."""
-    from trainer.data import _to_rgb8
+    from dermedge.image import upright_rgb8
 
     try:
         with Image.open(path) as im:
             im.load()
-            return _to_rgb8(ImageOps.exif_transpose(im))
+            return upright_rgb8(im)
     except FileNotFoundError as exc:
         raise DataError(f"Image file not found: {path}. Check the path.") from exc
     except Exception as exc:  # noqa: BLE001 - any decode failure is a bad file

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dermedge import image as image_contract
 from trainer import distribute as dist
 from trainer.config import MAXIMISED_MONITORS, ConfigError, RunConfig
 from trainer.errors import DataError, RunDirError
@@ -637,8 +638,7 @@ def _card(config, spec, size, records, layout, state, metrics, threshold, wall, 
         "created": now_iso(),
         "backbone": spec.name,
         "weights": config.model.weights,
-        "input": {"name": "image", "shape": [size, size, 3], "dtype": "float32",
-                  "range": [0, 255], "color": "RGB", "resize": "center_crop_resize"},
+        "input": {**image_contract.describe(size), "dtype": "float32"},
         "preprocessing": {"in_model": True, "mode": spec.preprocessing,
                           "formula": spec.preprocessing_formula},
         "heads": {
