@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import tempfile
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +77,57 @@ class Decision:
         return bool(self.fallback_rules)
 
 
+RULES_FILE = Path(__file__).with_name("static") / "policy_rules.json"
+
+
+@functools.cache
+def rules() -> dict[str, Any]:
+    """The rule definitions (``static/policy_rules.json``), shared with the page's policy.js."""
+    return json.loads(RULES_FILE.read_text(encoding="utf-8"))
+
+
 def _f(x: float) -> str:
-    return f"{x:.2f}"
+    """Two decimals, halves rounded up, as JavaScript's ``toFixed(2)`` does."""
+    return str(Decimal(float(x)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+
+
+_OPS = {"<": lambda v, t: v < t, ">=": lambda v, t: v >= t,
+        "in": lambda v, t: t[0] <= v <= t[1]}
+
+
+def evaluate(rule: dict[str, Any], answer: dict[str, Any],
+             params: dict[str, Any]) -> RuleCheck | None:
+    """One rule of ``policy_rules.json`` on one answer; None when its ``when`` switch is off.
+
+    ``params`` holds the policy thresholds plus the context switches (``cloud_used``,
+    ``fallback_unanswered``); policy.js mirrors this function line by line.
+    """
+    if rule.get("when") and (params.get(rule["when"]) is None
+                             or params.get(rule["when"]) is False):
+        return None
+    top = answer["top"]["label"]
+    values = {"top_probability": float(answer["top"]["probability"]),
+              "melanoma": float(answer["melanoma"])}
+    value = values[rule["value"]] if rule["value"] else None
+    key = rule["threshold"]
+    threshold = ([float(params[k]) for k in key] if isinstance(key, list)
+                 else None if key is None else float(params[key]))
+    op = rule["op"]
+    if op == "always":
+        fired = True
+    elif op == "top_in_and_>=":
+        fired = top in params[rule["classes"]] and value >= threshold
+    else:
+        fired = _OPS[op](value, threshold)
+    fields = {"top": top, "value": "" if value is None else _f(value)}
+    if isinstance(threshold, list):
+        fields.update(low=_f(threshold[0]), high=_f(threshold[1]))
+    elif threshold is not None:
+        fields["threshold"] = _f(threshold)
+    if rule.get("classes"):
+        fields["classes"] = "[" + ", ".join(f"'{c}'" for c in params[rule["classes"]]) + "]"
+    text = rule["fired" if fired else "not_fired"].format(**fields)
+    return RuleCheck(rule["id"], fired, value, threshold, op, text)
 
 
 @dataclass(frozen=True)
@@ -111,7 +162,17 @@ class Policy:
         if self.mel_band_low is not None and self.mel_band_low > self.mel_band_high:
             raise PolicyError(f"mel_band_low ({self.mel_band_low}) must be <= mel_band_high"
                               f" ({self.mel_band_high}).")
-        object.__setattr__(self, "malignant_classes", tuple(self.malignant_classes))
+        mc = self.malignant_classes
+        if isinstance(mc, str) or not isinstance(mc, list | tuple) or not all(
+                isinstance(c, str) for c in mc):
+            raise PolicyError(
+                "Policy.malignant_classes must be a list of diagnosis labels, e.g."
+                f' ["mel", "bcc", "akiec"]; received {mc!r}. Fix the field in the policy file'
+                " (or re-run `edge-demo calibrate`).")
+        if not isinstance(self.second_opinion, bool):
+            raise PolicyError("Policy.second_opinion must be true or false; received"
+                              f" {self.second_opinion!r}.")
+        object.__setattr__(self, "malignant_classes", tuple(mc))
         object.__setattr__(self, "coverage", tuple(self.coverage))
 
     # --- named constructors -----------------------------------------------------------
@@ -189,25 +250,10 @@ class Policy:
 
     # --- the rules --------------------------------------------------------------------
     def fallback_checks(self, device: dict[str, Any]) -> tuple[RuleCheck, ...]:
-        """Stage 1 on the device answer."""
-        top, p_top = device["top"]["label"], float(device["top"]["probability"])
-        mel = float(device["melanoma"])
-        checks = [RuleCheck(
-            "low_confidence", p_top < self.min_confidence, p_top, self.min_confidence, "<",
-            f"top diagnosis {top!r} at {_f(p_top)} is below the confidence threshold"
-            f" {_f(self.min_confidence)}")]
-        if self.mel_band_low is not None:
-            inside = self.mel_band_low <= mel <= self.mel_band_high
-            checks.append(RuleCheck(
-                "melanoma_uncertain", inside, mel, [self.mel_band_low, self.mel_band_high],
-                "in", f"melanoma probability {_f(mel)} is inside the uncertain band"
-                f" [{_f(self.mel_band_low)}, {_f(self.mel_band_high)}]"))
-        if self.second_opinion:
-            checks.append(RuleCheck(
-                "second_opinion", mel >= self.second_opinion_above, mel,
-                self.second_opinion_above, ">=", f"melanoma probability {_f(mel)} is at or"
-                f" above {_f(self.second_opinion_above)}: a second opinion is wanted"))
-        return tuple(checks)
+        """Stage 1 on the device answer (every enabled rule, fired or not)."""
+        params = self.thresholds()
+        checks = (evaluate(r, device, params) for r in rules()["fallback"])
+        return tuple(c for c in checks if c is not None)
 
     def decide(self, device: dict[str, Any], cloud: dict[str, Any] | None = None, *,
                device_threshold: float = 0.5, cloud_threshold: float | None = None) -> Decision:
@@ -233,26 +279,10 @@ class Policy:
                 else device_threshold
         top, p_top = final["top"]["label"], float(final["top"]["probability"])
         mel = float(final["melanoma"])
-        checks: list[RuleCheck] = []
-        if use_cloud:
-            checks.append(RuleCheck(
-                "cloud_unsure", p_top < self.cloud_min_confidence, p_top,
-                self.cloud_min_confidence, "<", f"the cloud model is also unsure (top {top!r}"
-                f" at {_f(p_top)} < {_f(self.cloud_min_confidence)})"))
-        elif wants:
-            checks.append(RuleCheck(
-                "fallback_unavailable", True, None, None, "",
-                "the device model was unsure and no cloud answer is available"))
-        checks.append(RuleCheck(
-            "melanoma_risk", mel >= thr, mel, float(thr), ">=",
-            f"melanoma risk {_f(mel)} is at or above the referral threshold {_f(thr)}"))
-        mal = top in self.malignant_classes and p_top >= self.malignant_min_prob
-        checks.append(RuleCheck(
-            "malignant_top", mal, p_top, self.malignant_min_prob, ">=",
-            f"the top diagnosis {top!r} ({_f(p_top)}) is a malignant class at >="
-            f" {_f(self.malignant_min_prob)}" if mal else
-            f"the top diagnosis {top!r} ({_f(p_top)}) is not one of"
-            f" {list(self.malignant_classes)} at >= {_f(self.malignant_min_prob)}"))
+        params = {**self.thresholds(), "refer_threshold": float(thr), "cloud_used": use_cloud,
+                  "fallback_unanswered": wants and not use_cloud}
+        checks = [c for c in (evaluate(r, final, params) for r in rules()["advice"])
+                  if c is not None]
         fired = [c for c in checks if c.fired]
         if fired:
             decision = REFER

@@ -1,0 +1,48 @@
+"use strict";
+// The fallback/referral rules of policy_rules.json, evaluated in the browser: a line-by-line
+// mirror of evaluate() in edge_demo/policy.py (tests/test_policy_table.py runs both on one
+// table of cases). Loaded as a classic script (window.dermedgePolicy) and by Node (require).
+(function (root) {
+  const fmt = (x) => Number(x).toFixed(2);  // Python's _f: 2 decimals, halves rounded up
+  const OPS = {
+    "<": (v, t) => v < t,
+    ">=": (v, t) => v >= t,
+    "in": (v, t) => t[0] <= v && v <= t[1],
+  };
+
+  function evaluate(rule, answer, params) {
+    if (rule.when) {
+      const on = params[rule.when];
+      if (on === null || on === undefined || on === false) return null;
+    }
+    const top = answer.top.label;
+    const values = { top_probability: Number(answer.top.probability),
+      melanoma: Number(answer.melanoma) };
+    const value = rule.value ? values[rule.value] : null;
+    const key = rule.threshold;
+    const threshold = Array.isArray(key) ? key.map((k) => Number(params[k]))
+      : (key === null ? null : Number(params[key]));
+    let fired;
+    if (rule.op === "always") fired = true;
+    else if (rule.op === "top_in_and_>=") {
+      fired = params[rule.classes].includes(top) && value >= threshold;
+    } else fired = OPS[rule.op](value, threshold);
+    const fields = { top: top, value: value === null ? "" : fmt(value) };
+    if (Array.isArray(threshold)) { fields.low = fmt(threshold[0]); fields.high = fmt(threshold[1]); }
+    else if (threshold !== null) fields.threshold = fmt(threshold);
+    if (rule.classes) fields.classes = "[" + params[rule.classes].map((c) => "'" + c + "'").join(", ") + "]";
+    const text = rule[fired ? "fired" : "not_fired"].replace(/\{(\w+)\}/g, (_, k) => fields[k]);
+    return { id: rule.id, fired: fired, value: value, threshold: threshold, op: rule.op, text: text };
+  }
+
+  /** Stage 1 on the device answer: every enabled check and whether any fired. */
+  function fallbackChecks(rules, policy, answer) {
+    const checks = rules.fallback.map((r) => evaluate(r, answer, policy)).filter((c) => c);
+    return { checks: checks, rules_fired: checks.filter((c) => c.fired).map((c) => c.id),
+      wanted: checks.some((c) => c.fired) };
+  }
+
+  const api = { evaluate: evaluate, fallbackChecks: fallbackChecks, fmt: fmt };
+  if (typeof module !== "undefined" && module.exports) module.exports = api;
+  root.dermedgePolicy = api;
+})(typeof globalThis !== "undefined" ? globalThis : this);

@@ -1,0 +1,113 @@
+"""The policy's one source of truth: the Python and JS evaluators agree on a table of cases.
+
+Needs ``node`` (Debian package nodejs); skips without it, and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from policy_table import BASE, CASES, contexts
+
+from edge_demo.errors import PolicyError
+from edge_demo.policy import RULES_FILE, Policy, evaluate, rules
+
+POLICY_JS = RULES_FILE.with_name("policy.js")
+
+
+def _node() -> str:
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        msg = "node not found: install Debian nodejs (apt-get install nodejs) to run policy.js"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return node
+
+
+def _python_side():
+    """Every check of every case, as the server computes it."""
+    out = []
+    for name, over, device, cloud in CASES:
+        pol = Policy(**{**BASE, **over})
+        params = pol.thresholds()
+        d = pol.decide(device, cloud, device_threshold=0.5)
+        assert [c.to_dict() for c in d.fallback_checks] == [
+            c.to_dict() for c in (evaluate(r, device, params) for r in rules()["fallback"]) if c]
+        out.append({"name": name, "params": params, "device": device,
+                    "advice": [{"answer": a, "params": p}
+                               for a, p in contexts(params, device, cloud, d.wants_fallback)],
+                    "fallback": [c.to_dict() for c in d.fallback_checks],
+                    "wanted": d.wants_fallback,
+                    "advice_checks": [c.to_dict() for c in d.advice_checks]})
+    return out
+
+
+JS_DRIVER = r"""
+const P = require(process.argv[1]);
+const rules = JSON.parse(require("fs").readFileSync(process.argv[2], "utf8"));
+const cases = JSON.parse(require("fs").readFileSync(0, "utf8"));
+const out = cases.map((c) => {
+  const fb = P.fallbackChecks(rules, c.params, c.device);
+  const adv = c.advice.flatMap((a) => rules.advice.map((r) => P.evaluate(r, a.answer, a.params))
+    .filter((x) => x));
+  return { name: c.name, fallback: fb.checks, wanted: fb.wanted, advice_checks: adv };
+});
+process.stdout.write(JSON.stringify(out));
+"""
+
+
+def test_every_rule_fires_and_stays_quiet_somewhere():
+    seen = {}
+    for case in _python_side():
+        for c in case["fallback"] + case["advice_checks"]:
+            seen.setdefault(c["id"], set()).add(c["fired"])
+    ids = [r["id"] for r in rules()["fallback"] + rules()["advice"]]
+    assert sorted(seen) == sorted(ids)
+    assert all(True in seen[i] for i in ids), seen
+    assert all(False in seen[i] for i in ids if i != "fallback_unavailable"), seen
+
+
+def test_js_evaluator_equals_python_on_the_table():
+    py = _python_side()
+    proc = subprocess.run([_node(), "-e", JS_DRIVER, str(POLICY_JS), str(RULES_FILE)],
+                          input=json.dumps(py), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    js = json.loads(proc.stdout)
+    assert len(js) == len(py) == len(CASES)
+    for p, j in zip(py, js, strict=True):
+        for key in ("fallback", "wanted", "advice_checks"):
+            assert j[key] == p[key], (p["name"], key)
+
+
+def test_check_texts_say_what_happened():
+    pol = Policy(**BASE)
+    d = pol.decide({"melanoma": 0.0, "top": {"label": "nv", "probability": 0.97},
+                    "diagnosis": {}}, None)
+    mel = next(c for c in d.advice_checks if c.id == "melanoma_risk")
+    assert not mel.fired
+    assert mel.text == "melanoma risk 0.00 is below the referral threshold 0.30"
+    low = d.fallback_checks[0]
+    assert low.text == ("top diagnosis 'nv' at 0.97 is at or above the confidence threshold"
+                        " 0.60")
+    assert "0.125" not in Policy(**{**BASE, "min_confidence": 0.125}).decide(
+        {"melanoma": 0.0, "top": {"label": "nv", "probability": 0.5}, "diagnosis": {}},
+        None).fallback_checks[0].text
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("malignant_classes", 5, r"malignant_classes must be a list of diagnosis labels.*"
+                             r"received 5"),
+    ("malignant_classes", "mel", "received 'mel'"),
+    ("second_opinion", "yes", "second_opinion must be true or false"),
+])
+def test_bad_policy_fields_are_policy_errors(tmp_path, field, value, match):
+    doc = Policy().to_dict()
+    doc["policy"][field] = value
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(PolicyError, match=match):
+        Policy.load(tmp_path / "p.json")
