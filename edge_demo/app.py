@@ -13,6 +13,9 @@ Config keys (defaults < ``EDGE_DEMO_<KEY>`` environment variables < the ``config
 ``LOG_JSON``          one JSON line per request on the ``edge_demo.request`` logger (default on)
 ``EXPLAIN_RUN``       optional; a ``trainer fit`` run directory: enables Grad-CAM heatmaps
                       (``?explain=1``) on its float ``model.keras``; needs TensorFlow + Keras
+``BROWSER_INFERENCE`` default on: the page runs the device model in the browser (LiteRT.js)
+                      and uploads the photo only on fallback; off: the server runs it
+``WEB_RUNTIME_DIR``   default ``edge_demo/web/node_modules``: where ``npm ci`` put LiteRT.js
 """
 
 from __future__ import annotations
@@ -29,9 +32,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, Request, current_app, g, jsonify, render_template, request
+from flask import (
+    Blueprint,
+    Flask,
+    Request,
+    current_app,
+    g,
+    jsonify,
+    render_template,
+    request,
+    send_from_directory,
+)
 from werkzeug.exceptions import HTTPException
 
+from . import browser
 from .errors import EdgeDemoError, RequestError
 from .explain import NOT_ENABLED, explain_head
 from .imaging import decode_upload
@@ -49,6 +63,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "INTERPRETERS": 4,
     "LOG_JSON": True,
     "EXPLAIN_RUN": None,
+    "BROWSER_INFERENCE": True,
+    "WEB_RUNTIME_DIR": None,
 }
 _INT_KEYS = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "INTERPRETERS")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -73,7 +89,7 @@ def env_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
             except ValueError as exc:
                 raise EdgeDemoError(f"EDGE_DEMO_{key} must be an integer; received {raw!r}."
                                     ) from exc
-        elif key == "LOG_JSON":
+        elif key in ("LOG_JSON", "BROWSER_INFERENCE"):
             out[key] = raw.strip().lower() not in ("0", "false", "no", "off")
         else:
             out[key] = raw
@@ -336,4 +352,68 @@ def index():
                    set(site_choices(svc.cloud.card) if svc.cloud else ()))
     return render_template("index.html", service=svc, sites=sites,
                            defaults=svc.policy.source == "defaults",
-                           explainer=current_app.extensions["edge_demo"]["explainer"])
+                           explainer=current_app.extensions["edge_demo"]["explainer"],
+                           browser=browser.browser_config(svc, current_app.config,
+                                                          request.script_root + "/"),
+                           synthetic=_synthetic(svc))
+
+
+def _synthetic(svc) -> bool:
+    """True when a loaded model was trained on synthetic (toy) data, per its model card."""
+    tiers = [t for t in (svc.device, svc.cloud) if t is not None]
+    return any(bool(((t.card or {}).get("data") or {}).get("synthetic")) for t in tiers)
+
+
+# --- the in-browser device tier (edge_demo/browser.py) ---------------------------------
+@api.get("/policy")
+def policy():
+    return jsonify(browser.policy_body(_service()))
+
+
+@api.get("/device/model.tflite")
+def device_model():
+    svc = _service()
+    resp = send_from_directory(svc.device.bundle, "model.tflite",
+                               mimetype="application/octet-stream", etag=True, max_age=0)
+    resp.headers["X-Model-SHA256"] = svc.device.sha256
+    return resp
+
+
+@page.get("/runtime/<path:name>")
+def runtime(name: str):
+    """The pinned LiteRT.js files (from `npm ci` in edge_demo/web); nothing else is served."""
+    status = browser.runtime_status(current_app.config)
+    if name not in browser.RUNTIME_FILES or not status["enabled"]:
+        why = status["reason"] or "not one of the LiteRT.js files the page loads"
+        raise RequestError(f"No runtime file {name!r} here ({why}).", status=404,
+                           code="not_found")
+    mime = "application/wasm" if name.endswith(".wasm") else "text/javascript"
+    return send_from_directory(browser.runtime_root(current_app.config), name, mimetype=mime,
+                               max_age=3600)
+
+
+@api.post("/decide")
+def decide():
+    """The page's device answer (+ the photo only on fallback) -> the classify body."""
+    svc = _service()
+    meta = parse_metadata(request.form)
+    device = browser.parse_device_answer(request.form.get("device_answer"), svc.device.labels)
+    f = request.files.get("image")
+    data = f.read() if f is not None else None
+    if data:
+        _maybe_save(data)
+    ask = request.form.get("ask_cloud", "").lower() in ("1", "true", "on", "yes")
+    body = browser.decide(svc, device, data, meta, ask_cloud=ask)
+    g.tier_path = body["tier_path"]
+    body["request_id"] = g.request_id
+    if current_app.config["LOG_JSON"]:  # the study log: answers, never the photo
+        request_log.info(json.dumps({
+            "ts": round(time.time(), 3), "event": "result", "request_id": g.request_id,
+            "tier_path": body["tier_path"], "photo_received": body["photo_received"],
+            "device": {"melanoma": device["melanoma"], "top": device["top"],
+                       "latency_ms": device["latency_ms"]},
+            "cloud": body["cloud"] and {"melanoma": body["cloud"]["melanoma"],
+                                        "top": body["cloud"]["top"]},
+            "fallback_rules": body["fallback"]["rules_fired"],
+            "advice": body["advice"]["decision"]}))
+    return jsonify(body)

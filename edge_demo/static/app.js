@@ -6,6 +6,9 @@
   const form = $("upload-form"), input = $("image-input"), preview = $("preview");
   const button = $("submit");
   const pct = (p) => (100 * p).toFixed(1) + "%";
+  const browserConfig = JSON.parse($("browser-config").textContent);
+  let policyDoc = null;  // GET api/v1/policy: thresholds + the rules policy.js evaluates
+  let deviceState = { ok: false, reason: browserConfig.reason };
   const el = (tag, cls, text) => {
     const e = document.createElement(tag);
     if (cls) e.className = cls;
@@ -36,7 +39,9 @@
       li.append(el("span", "p", pct(p)));
       list.append(li);
     });
-    $(prefix + "-latency").textContent = "Inference " + tier.latency_ms.toFixed(1) + " ms";
+    $(prefix + "-latency").textContent = "Inference " + tier.latency_ms.toFixed(1) + " ms" +
+      (prefix === "device" ? (tier.computed_on === "browser" ? " on this phone (in the browser)"
+        : " on the server") : " on the server");
     const meta = $(prefix + "-metadata");
     if (tier.metadata_used && tier.metadata_used.length) {
       meta.textContent = "Updated with the patient's " + tier.metadata_used.join(", ") +
@@ -81,12 +86,148 @@
       $("explanation").hidden = true;
       $("heatmap").removeAttribute("src");
     }
+    renderWhere(body);
     const t = body.timings_ms;
     $("timings").textContent = "Decode " + t.decode.toFixed(1) + " ms · device " +
       t.device.toFixed(1) + " ms · cloud " + t.cloud.toFixed(1) + " ms · total " +
       t.total.toFixed(1) + " ms · request " + body.request_id;
     $("result").hidden = false;
     $("result").scrollIntoView({ block: "start" });
+  }
+
+  function renderWhere(body) {
+    const dev = body.device, onPhone = dev.computed_on === "browser";
+    const parts = [onPhone ? "Device answer: on this phone, " + dev.latency_ms.toFixed(0) + " ms"
+      : "Device answer: on the server, " + dev.latency_ms.toFixed(0) + " ms" +
+        (deviceState.reason ? " (" + deviceState.reason + ")" : "")];
+    if (body.cloud) parts.push("cloud answer: cloud, " + body.cloud.latency_ms.toFixed(0) + " ms");
+    const left = onPhone ? body.photo_received : true;
+    parts.push(left ? "the photo left the phone" : "the photo did not leave the phone");
+    $("where").textContent = parts.join(" · ") + ".";
+    $("where").dataset.photoLeft = String(left);
+  }
+
+  async function post(url, data) {
+    const resp = await fetch(url, { method: "POST", body: data });
+    const body = await resp.json().catch(() => null);
+    if (!resp.ok) {
+      throw new Error(body && body.error ? body.error.message : "HTTP " + resp.status);
+    }
+    return body;
+  }
+
+  function formData(withPhoto, file) {
+    const data = new FormData();
+    if (withPhoto) data.append("image", file);
+    ["age", "sex", "site"].forEach((k) => {
+      const v = $(k + "-input").value.trim();
+      if (v) data.append(k, v);
+    });
+    return data;
+  }
+
+  /** The device tier in this browser; the photo goes up only when a fallback rule fires. */
+  async function classifyInBrowser(file) {
+    let answer;
+    try {
+      answer = await window.dermedgeDevice.classifyFile(file);
+    } catch (err) {
+      if (err && err.name === "InvalidStateError" || /decode|source image/i.test(String(err))) {
+        throw new Error("the file is not an image this browser can decode; choose a JPEG," +
+          " PNG or WebP photo.");
+      }
+      throw err;
+    }
+    const local = window.dermedgePolicy.fallbackChecks(policyDoc.rules, policyDoc.policy.policy,
+      answer);
+    const ask = $("ask-cloud-input") && $("ask-cloud-input").checked;
+    const send = ask || (local.wanted && browserConfig.cloud);
+    window.dermedgeLast = { answer: answer, fallback: local, sentPhoto: send };
+    const data = formData(send, file);
+    data.append("device_answer", JSON.stringify(answer));
+    if (ask) data.append("ask_cloud", "1");
+    let body = await post("api/v1/decide", data);
+    if (body.fallback.wanted && !body.photo_received && browserConfig.cloud) {
+      // the patient details moved the answer into a fallback rule (server-side tables)
+      const again = formData(true, file);
+      again.append("device_answer", JSON.stringify(answer));
+      body = await post("api/v1/decide", again);
+      window.dermedgeLast.sentPhoto = true;
+    }
+    window.dermedgeLast.body = body;
+    return body;
+  }
+
+  async function classifyOnServer(file, explain) {
+    const body = await post("api/v1/classify" + (explain ? "?explain=1" : ""),
+      formData(true, file));
+    window.dermedgeLast = { answer: null, fallback: null, sentPhoto: true, body: body };
+    return body;
+  }
+
+  function renderOperatingPoint(doc) {
+    const box = $("operating-point-body");
+    box.replaceChildren();
+    const op = doc.operating_point;
+    if (!op) {
+      box.append(el("p", "meta", "These are default thresholds, not calibrated on any" +
+        " labelled data, so there is no measured fallback or referral rate to state. " +
+        doc.calibrate_note));
+      return;
+    }
+    box.append(el("p", "meta", "On the split it was calibrated on (" + (op.split || "?") +
+      ", n = " + op.n + "), the active policy did this (95 % intervals):"));
+    const table = el("table");
+    [["fallback_rate", "Sent to the cloud"], ["referral_rate", "Referred"],
+      ["melanoma_sensitivity", "Melanoma sensitivity"],
+      ["melanoma_specificity", "Melanoma specificity"]].forEach(([k, name]) => {
+      const v = op[k], tr = el("tr");
+      tr.append(el("th", "", name));
+      tr.append(el("td", "", v.value === null ? "n/a" : pct(v.value)));
+      tr.append(el("td", "", v.ci95 ? pct(v.ci95[0]) + " to " + pct(v.ci95[1]) : ""));
+      tr.append(el("td", "meta", "n = " + v.n));
+      table.append(tr);
+    });
+    box.append(table);
+    box.append(el("p", "meta", op.note));
+  }
+
+  fetch("api/v1/policy").then((r) => r.json()).then((doc) => {
+    policyDoc = doc;
+    renderOperatingPoint(doc);
+  }).catch((err) => {
+    $("operating-point-body").textContent = "Could not load the policy: " + err.message;
+  });
+
+  const status = $("device-status");
+  if (browserConfig.enabled && window.dermedgeDevice === undefined) {
+    // device.js is a module; wait for it to define window.dermedgeDevice
+    document.addEventListener("DOMContentLoaded", watchDevice);
+  } else {
+    watchDevice();
+  }
+  function watchDevice() {
+    if (!browserConfig.enabled) { status.dataset.state = "server"; return; }
+    if (!window.dermedgeDevice) {
+      deviceState = { ok: false, reason: "this browser cannot load JavaScript modules" };
+      status.textContent = "This browser cannot run the device model (" + deviceState.reason +
+        "): the server runs it, so the photo is uploaded.";
+      status.dataset.state = "server";
+      return;
+    }
+    window.dermedgeDevice.ready.then((info) => {
+      deviceState = { ok: true, reason: null };
+      status.textContent = "The device model runs in this browser (LiteRT.js " +
+        (info.version || "") + ", WebAssembly; loaded in " + info.loadMs.toFixed(0) +
+        " ms). The photo stays on this phone unless the policy sends it to the cloud.";
+      status.dataset.state = "browser";
+    }, (err) => {
+      deviceState = { ok: false, reason: "the model failed to load in this browser: " +
+        (err && err.message ? err.message : String(err)) };
+      status.textContent = "This browser cannot run the device model (" + deviceState.reason +
+        "): the server runs it, so the photo is uploaded.";
+      status.dataset.state = "server";
+    });
   }
 
   form.addEventListener("submit", async (ev) => {
@@ -96,21 +237,11 @@
     button.disabled = true;
     $("error").hidden = true; $("result").hidden = true;
     $("status").textContent = "Classifying…";
-    const data = new FormData();
-    data.append("image", file);
-    ["age", "sex", "site"].forEach((k) => {
-      const v = $(k + "-input").value.trim();
-      if (v) data.append(k, v);
-    });
     try {
       const explain = $("explain-input") && $("explain-input").checked;
-      const url = "api/v1/classify" + (explain ? "?explain=1" : "");
-      const resp = await fetch(url, { method: "POST", body: data });
-      const body = await resp.json().catch(() => null);
-      if (!resp.ok) {
-        const msg = body && body.error ? body.error.message : "HTTP " + resp.status;
-        throw new Error(msg);
-      }
+      // a heatmap needs the photo on the server, so it takes the server path
+      const body = deviceState.ok && policyDoc && !explain ? await classifyInBrowser(file)
+        : await classifyOnServer(file, explain);
       render(body);
       $("status").textContent = "";
     } catch (err) {

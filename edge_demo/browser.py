@@ -1,0 +1,194 @@
+"""The in-browser device tier: what the page needs to run the device model itself.
+
+The page runs the device bundle's ``model.tflite`` with LiteRT.js (pinned in ``web/``,
+served by this server: no CDN), applies stage 1 of the policy with ``static/policy.js``,
+and uploads the photo only when a fallback rule fires (or the tester asks). Either way it
+posts its device answer to ``POST /api/v1/decide`` so the server decides referral and the
+result can be logged for the study without the photo.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import RequestError
+from .metadata import adjust, tables
+from .policy import DISCLAIMER, rules
+
+WEB_DIR = Path(__file__).with_name("web")
+RUNTIME_PACKAGE = "@litertjs/core"
+# The runtime files the page may load (LiteRT.js picks one .js/.wasm pair at run time).
+RUNTIME_FILES = frozenset({
+    "core/dist/index.js", "wasm-utils/dist/index.js",
+    "core/wasm/litert_wasm_internal.js", "core/wasm/litert_wasm_internal.wasm",
+    "core/wasm/litert_wasm_compat_internal.js", "core/wasm/litert_wasm_compat_internal.wasm",
+})
+INSTALL_HINT = ("the LiteRT.js runtime is not installed: run `npm ci --prefix edge_demo/web`"
+                " (Debian: apt-get install npm) and restart the server")
+NEW_SITE_NOTE = ("These figures are for the split the policy was calibrated on. A new site"
+                 " (other cameras, other patients) should calibrate on a labelled sample of"
+                 " its own: a policy calibrated on the edge recipe's validation split fell"
+                 " back on 29 % and referred 51 % of a held-out test set from another source"
+                 " (20 % and 37 % on its own split).")
+
+
+def runtime_root(config: dict[str, Any]) -> Path:
+    """The ``node_modules/@litertjs`` folder the runtime files are served from."""
+    base = config.get("WEB_RUNTIME_DIR") or WEB_DIR / "node_modules"
+    return Path(base) / "@litertjs"
+
+
+def runtime_status(config: dict[str, Any]) -> dict[str, Any]:
+    """Whether the page can run the device model: enabled, installed, version, or why not."""
+    if not config.get("BROWSER_INFERENCE", True):
+        return {"enabled": False, "reason": "in-browser inference is turned off on this"
+                " server (--no-browser-inference)", "version": None}
+    root = runtime_root(config)
+    missing = [f for f in sorted(RUNTIME_FILES) if not (root / f).is_file()]
+    if missing:
+        return {"enabled": False, "reason": INSTALL_HINT, "version": None}
+    try:
+        version = json.loads((root / "core" / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        version = None
+    return {"enabled": True, "reason": None, "version": version}
+
+
+def browser_config(service, config: dict[str, Any], base_url: str) -> dict[str, Any]:
+    """What the page's device.js needs: runtime URLs, the model URL and its tensor contract."""
+    dev = service.device
+    status = runtime_status(config)
+    return {**status,
+            "runtime": base_url + "runtime/",
+            "model": base_url + "api/v1/device/model.tflite",
+            "sha256": dev.sha256, "image_size": dev.image_size,
+            "labels": list(dev.labels),
+            "input": dev.input.to_dict(),
+            "outputs": {h: c.to_dict() for h, c in dev.outputs.items()},
+            "metadata_tables": tables(dev.card) is not None,
+            "cloud": service.cloud is not None}
+
+
+def _wilson(k: float, n: float, z: float = 1.959964) -> list[float] | None:
+    if not n:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+OPERATING_KEYS = (("fallback_rate", "n"), ("referral_rate", "n"),
+                  ("melanoma_sensitivity", "n_melanoma"),
+                  ("melanoma_specificity", "n_not_melanoma"))
+
+
+def operating_point(policy) -> dict[str, Any] | None:
+    """What the active policy did on its calibration split, each rate with a 95 % interval
+    (Wilson); None for the default thresholds, which were not calibrated on anything."""
+    chosen = next((r for r in policy.coverage if r.get("chosen")), None)
+    if chosen is None:
+        return None
+    out: dict[str, Any] = {"n": chosen.get("n"), "split": policy.provenance.get("split"),
+                           "data": Path(str(policy.provenance.get("data", ""))).name or None,
+                           "note": NEW_SITE_NOTE}
+    for key, count in OPERATING_KEYS:
+        value, n = chosen.get(key), chosen.get(count)
+        ci = chosen.get(key + "_ci")
+        if ci is None and value is not None and n:
+            ci = _wilson(round(value * n), n)
+        out[key] = {"value": value, "ci95": ci, "n": n}
+    return out
+
+
+def policy_body(service) -> dict[str, Any]:
+    """``GET /api/v1/policy``: thresholds, the rules both evaluators read, operating point."""
+    from .policy import DEFAULTS_NOTE
+
+    pol = service.policy
+    return {"policy": pol.to_dict(), "rules": rules(),
+            "device_threshold": service.device.melanoma_threshold,
+            "note": DEFAULTS_NOTE if pol.source == "defaults" else None,
+            "operating_point": operating_point(pol), "calibrate_note": NEW_SITE_NOTE}
+
+
+def parse_device_answer(raw: str | None, labels: tuple[str, ...]) -> dict[str, Any]:
+    """The page's device answer (JSON), checked: probabilities in [0, 1] for every label."""
+    if not raw:
+        raise RequestError("The field 'device_answer' is missing: POST the answer the page"
+                           " computed (JSON with melanoma, diagnosis, latency_ms).",
+                           code="bad_device_answer")
+    try:
+        doc = json.loads(raw)
+        mel = float(doc["melanoma"])
+        diag = {lab: float(doc["diagnosis"][lab]) for lab in labels}
+        latency = float(doc.get("latency_ms", 0.0))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise RequestError(
+            f"The field 'device_answer' must be JSON with 'melanoma' (0-1), 'diagnosis' (a"
+            f" probability for each of {list(labels)}) and 'latency_ms'; {type(exc).__name__}:"
+            f" {exc}.", code="bad_device_answer") from exc
+    values = [mel, *diag.values()]
+    if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values) or not (
+            math.isfinite(latency) and latency >= 0):
+        raise RequestError("The device answer's probabilities must be numbers in [0, 1] and"
+                           " latency_ms >= 0.", code="bad_device_answer")
+    top = max(diag, key=diag.__getitem__)
+    return {"melanoma": mel, "diagnosis": diag, "top": {"label": top,
+                                                         "probability": diag[top]},
+            "latency_ms": round(latency, 3), "computed_on": "browser"}
+
+
+def decide(service, device: dict[str, Any], data: bytes | None,
+           meta: dict[str, Any] | None, *, ask_cloud: bool = False) -> dict[str, Any]:
+    """The ``/api/v1/classify`` body for a device answer computed in the browser; the cloud
+    tier runs only when the photo was sent and a fallback rule fired (or the tester asked:
+    then the cloud answer is shown, and the policy still decides on the device answer)."""
+    t_all = time.perf_counter()
+    timings = {"decode": 0.0, "device": float(device["latency_ms"]), "cloud": 0.0}
+    prior = tables(service.device.card) if meta else None
+    if prior is not None:
+        device, _ = adjust(device, prior, meta)
+    checks = service.policy.fallback_checks(device)
+    wants = any(c.fired for c in checks)
+    cloud = None
+    if (wants or ask_cloud) and data and service.cloud is not None:
+        image = service._decode(data, timings)
+        t0 = time.perf_counter()
+        cloud = service._run(service.cloud, image, meta)
+        timings["cloud"] = round((time.perf_counter() - t0) * 1000.0, 3)
+    d = service.policy.decide(
+        device, cloud, device_threshold=service._threshold(service.device, device),
+        cloud_threshold=service._threshold(service.cloud, cloud))
+    reason = d.fallback_reason
+    if wants and service.cloud is None:
+        reason += " No cloud tier is configured, so the device answer stands."
+    elif wants and not data:
+        reason += " The photo was not sent, so the device answer stands."
+    timings["total"] = round((time.perf_counter() - t_all) * 1000.0, 3)
+    return {
+        "device": device,
+        "fallback": {"used": wants and cloud is not None, "wanted": wants,
+                     "asked": bool(ask_cloud),
+                     "rules_fired": d.fallback_rules, "reason": reason,
+                     "checks": [c.to_dict() for c in d.fallback_checks]},
+        "cloud": cloud,
+        "advice": {"decision": d.decision, "message": d.message,
+                   "rules_fired": d.advice_rules, "decided_by": d.decided_by,
+                   "checks": [c.to_dict() for c in d.advice_checks]},
+        "disclaimer": DISCLAIMER,
+        "metadata": service._metadata_section(meta, device, cloud,
+                                              {"device": service.device,
+                                               "cloud": service.cloud}),
+        "photo_received": bool(data),
+        "timings_ms": timings,
+        "tier_path": "browser+cloud" if cloud is not None else "browser",
+        "device_computed_on": "browser",
+        "models": {"device": service.device.summary(),
+                   "cloud": service.cloud.summary() if service.cloud else None,
+                   "policy": service.policy.source},
+    }
