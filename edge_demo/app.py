@@ -372,11 +372,13 @@ def policy():
 
 @api.get("/device/model.tflite")
 def device_model():
+    """The device tier's model.tflite, the very bytes the server loaded (and hashed)."""
     svc = _service()
-    resp = send_from_directory(svc.device.bundle, "model.tflite",
-                               mimetype="application/octet-stream", etag=True, max_age=0)
+    resp = current_app.response_class(svc.device._model_bytes,
+                                      mimetype="application/octet-stream")
     resp.headers["X-Model-SHA256"] = svc.device.sha256
-    return resp
+    resp.set_etag(svc.device.sha256)
+    return resp.make_conditional(request)
 
 
 @page.get("/runtime/<path:name>")

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=4, help="waitress worker threads")
     s.add_argument("--max-mb", type=float, default=10.0, help="upload size limit in MB")
     s.add_argument("--save-uploads-dir", help="OPT-IN: store every upload in this folder")
+    s.add_argument("--no-browser-inference", dest="browser_inference", action="store_false",
+                   help="run the device model on the server for every photo (default: the"
+                        " page runs it in the browser with LiteRT.js and uploads the photo"
+                        " only on fallback)")
     s.add_argument("--explain", metavar="RUN_DIR", help="enable Grad-CAM heatmaps (?explain=1)"
                    " from this `trainer fit` run directory's model.keras (needs TensorFlow)")
 
@@ -67,7 +71,8 @@ def serve(args: argparse.Namespace) -> int:
     config = {"DEVICE_BUNDLE": args.device, "CLOUD_BUNDLE": args.cloud,
               "POLICY_FILE": args.policy, "INTERPRETERS": args.threads,
               "MAX_CONTENT_LENGTH": int(args.max_mb * 1024 * 1024),
-              "SAVE_UPLOADS_DIR": args.save_uploads_dir, "EXPLAIN_RUN": args.explain}
+              "SAVE_UPLOADS_DIR": args.save_uploads_dir, "EXPLAIN_RUN": args.explain,
+              "BROWSER_INFERENCE": args.browser_inference}
     app = create_app({k: v for k, v in config.items() if v is not None})
     svc = app.extensions["edge_demo"]["service"]
     explainer = app.extensions["edge_demo"]["explainer"]

@@ -1,21 +1,27 @@
 """The page in a real headless Chromium against the real waitress server.
 
-Needs Debian ``chromium`` + ``chromium-driver``; when they are absent the test installs them
-(root with apt-get only, bounded by a timeout) or skips with the reason.
+Needs Debian ``chromium`` + ``chromium-driver`` and the LiteRT.js runtime (``npm ci`` in
+edge_demo/web, which needs Debian ``npm``); when they are absent the tests install them (root
+with apt-get only, bounded by timeouts) or skip with the reason; under CI=true a failed
+install fails the test instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from demo_fixtures import jpeg_bytes, tiny_bundles
 
@@ -25,20 +31,71 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
+WEB = REPO / "edge_demo" / "web"
+RUNTIME_JS = WEB / "node_modules" / "@litertjs" / "core" / "dist" / "index.js"
+
+
+def _unavailable(msg: str):
+    """Skip outside CI; under CI=true a missing dependency is a failure with the reason."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def _apt_install(*packages: str) -> None:
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        _unavailable(f"Debian packages {' '.join(packages)} are missing and apt-get cannot run"
+                     " here (not root): install them.")
+    try:
+        subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", *packages], check=True,
+                       capture_output=True, timeout=600)
+    except (subprocess.SubprocessError, OSError) as exc:
+        _unavailable(f"installing {' '.join(packages)} with apt-get failed: {exc}")
+
+
 def _ensure_chromium() -> None:
     if os.path.exists(CHROMIUM) and os.path.exists(DRIVER):
         return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(f"{CHROMIUM} / {DRIVER} not found and apt-get cannot run here (not root):"
-                    " install Debian packages chromium and chromium-driver.")
-    try:
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], check=True,
-                       capture_output=True, timeout=600)
-    except (subprocess.SubprocessError, OSError) as exc:
-        pytest.skip(f"installing chromium + chromium-driver with apt-get failed: {exc}")
+    _apt_install("chromium", "chromium-driver")
     if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
-        pytest.skip("apt-get ran but /usr/bin/chromium or /usr/bin/chromedriver is missing.")
+        _unavailable("apt-get ran but /usr/bin/chromium or /usr/bin/chromedriver is missing.")
+
+
+def ensure_runtime() -> None:
+    """The pinned LiteRT.js runtime in edge_demo/web/node_modules (`npm ci`, bounded)."""
+    if RUNTIME_JS.is_file():
+        return
+    if shutil.which("npm") is None:
+        _apt_install("npm")
+    try:
+        proc = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=WEB,
+                              capture_output=True, text=True, timeout=600)
+    except (subprocess.SubprocessError, OSError) as exc:
+        _unavailable(f"`npm ci` in {WEB} failed: {exc}")
+    if proc.returncode != 0 or not RUNTIME_JS.is_file():
+        _unavailable(f"`npm ci` in {WEB} failed (exit {proc.returncode}): {proc.stderr[-800:]}")
+
+
+@functools.cache
+def browser_bundles() -> dict[str, Path]:
+    """The tiny bundles with batch 1, as `python -m export tflite` writes them (LiteRT.js
+    refuses a dynamic batch); ``dynamic_int8`` keeps the converter's batch -1."""
+    from export.batch import fix_batch
+
+    b = tiny_bundles()
+    root = Path(tempfile.mkdtemp(prefix="edge_demo_browser_bundles_"))
+    out = {"dynamic_int8": b["int8"], "keras_run": b["keras_run"]}
+    rng = np.random.default_rng(0)
+    for key in ("int8", "float32"):
+        dest = root / key
+        shutil.copytree(b[key], dest)
+        model = (dest / "model.tflite").read_bytes()
+        size = json.loads((dest / "model_card.json").read_text())["input"]["shape"][0]
+        fixed, _ = fix_batch(model, rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8))
+        (dest / "model.tflite").write_bytes(fixed)
+        out[key] = dest
+    return out
 
 
 def _free_port() -> int:
@@ -101,7 +158,8 @@ def chromium(profile: Path):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    b = tiny_bundles()
+    ensure_runtime()
+    b = browser_bundles()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with demo_server(["--device", str(b["int8"]), "--cloud", str(b["float32"]),
                       "--threads", "2"], log) as url:
@@ -177,8 +235,8 @@ def test_patient_details_update_the_answer(browser, tmp_path_factory, tmp_path):
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     root = tmp_path_factory.mktemp("meta")
-    b = tiny_bundles()
-    device = with_metadata_tables(b["int8"], root / "int8")
+    ensure_runtime()
+    device = with_metadata_tables(browser_bundles()["int8"], root / "int8")
     with demo_server(["--device", str(device), "--threads", "1"], root / "server.log") as url:
         browser.get(url + "/")
         browser.find_element(By.CSS_SELECTOR, "#patient summary").click()

@@ -174,6 +174,12 @@ export async function classifyFile(file) {
   return runPixels(lastPixels);
 }
 
+/** A photo file -> the (size, size, 3) pixels as base64 (for tests and benchmarks). */
+async function preprocessB64(file, size) {
+  const img = await decode(file);
+  return toB64(cropResize(img.rgba, img.width, img.height, size));
+}
+
 const toB64 = (u8) => {
   let s = "";
   for (let i = 0; i < u8.length; i += 0x8000) s += String.fromCharCode(...u8.subarray(i, i + 0x8000));
@@ -200,6 +206,7 @@ window.dermedgeDevice = {
   cropResize,
   runPixels,
   runPixelsB64: (b64) => runPixels(fromB64(b64)),
+  preprocessB64,
   lastPixelsB64: () => (lastPixels ? toB64(lastPixels) : null),
 };
 window.dermedgeDevice.ready.catch(() => {});  // app.js reports the failure on the page
