@@ -192,6 +192,9 @@ def test_upload_renders_result_without_reload(server, browser, tmp_path):
 
     browser.get(server + "/")
     assert "Research tool, not a diagnosis" in browser.find_element(By.ID, "disclaimer").text
+    WebDriverWait(browser, 60).until(
+        lambda d: d.find_element(By.ID, "device-status").get_attribute("data-state"))
+    assert "runs in this browser" in browser.find_element(By.ID, "device-status").text
     browser.execute_script("window.__marker = 'same-page';")
     browser.find_element(By.ID, "image-input").send_keys(str(_photo(tmp_path)))
     WebDriverWait(browser, 10).until(
@@ -206,6 +209,9 @@ def test_upload_renders_result_without_reload(server, browser, tmp_path):
     fallback = browser.find_element(By.ID, "fallback").text
     assert "cloud" in fallback.lower()
     assert browser.find_element(By.ID, "cloud").is_displayed()  # default policy falls back
+    where = browser.find_element(By.ID, "where").text
+    assert "Device answer: on this phone" in where and "the photo left the phone" in where
+    assert "on this phone (in the browser)" in browser.find_element(By.ID, "device-latency").text
     assert browser.execute_script("return window.__marker;") == "same-page"  # no reload
     assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
     shot = Path(os.environ.get("EDGE_DEMO_SCREENSHOT", tmp_path / "phone.png"))

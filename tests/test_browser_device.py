@@ -1,0 +1,279 @@
+"""The device tier in real headless Chromium: LiteRT.js runs the bundle in the page.
+
+Outputs equal Python LiteRT's on the same uint8 pixels; the page's preprocessing stays
+within the stated tolerance of the Pillow contract on the 600x450 JPEGs; the page's
+fallback decision equals the server's on the policy table; a confident case sends no photo
+(asserted on what the server received); and the page falls back to the server tier when the
+browser cannot run the model or the server turns it off.
+
+``DERMEDGE_BROWSER_BUNDLES`` (paths separated by ``:``) adds bundles to the equality test,
+e.g. the quickstart's ``bundle-int8`` and the edge recipe's 224 px int8 bundle.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from policy_table import BASE, CASES
+from test_browser_e2e import _photo, browser_bundles, chromium, demo_server, ensure_runtime
+
+from edge_demo.policy import Policy
+from edge_demo.tiers import Tier
+
+pytestmark = pytest.mark.browser
+
+# Stated tolerance of the page's preprocessing against dermedge.image.load_image (Pillow) on
+# the 124 HAM10000 600x450 JPEGs. Measured with Chromium 143 / Pillow 11 (both decode JPEG
+# with libjpeg-turbo): 0 levels everywhere at 32, 64, 224 and 260 px, so 0 on both heads;
+# the bounds leave room for another build's JPEG decoder, not for a different resize.
+PIXEL_MAX_DIFF, PIXEL_MEAN_DIFF = 2, 0.05
+HEAD_MAX_DIFF = {"melanoma": 0.02, "diagnosis": 0.02}
+
+
+def _extra_bundles() -> list[Path]:
+    raw = os.environ.get("DERMEDGE_BROWSER_BUNDLES", "")
+    return [Path(p) for p in raw.split(":") if p]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    ensure_runtime()
+    with chromium(tmp_path_factory.mktemp("profile")) as driver:
+        driver.set_script_timeout(180)
+        yield driver
+
+
+def _start(browser, url: str, state: str = "browser", timeout: float = 90) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    WebDriverWait(browser, timeout).until(
+        lambda d: d.find_element(By.ID, "device-status").get_attribute("data-state"))
+    status = browser.find_element(By.ID, "device-status")
+    assert status.get_attribute("data-state") == state, status.text
+
+
+def _run_pixels(browser, pixels: np.ndarray) -> dict:
+    b64 = base64.b64encode(np.ascontiguousarray(pixels, np.uint8).tobytes()).decode()
+    out = browser.execute_async_script(
+        "const cb = arguments[1]; window.dermedgeDevice.runPixelsB64(arguments[0])"
+        ".then(cb, (e) => cb({error: String(e)}));", b64)
+    assert "error" not in out, out
+    return out
+
+
+def _same(js: dict, py: dict, tol: float = 0.0) -> None:
+    """Equal (int8: 0 quanta apart) or, for float models, within ``tol``: XNNPACK's float
+    kernels in WebAssembly and on x86 differ by a float32 ulp or two (measured 1.5e-8)."""
+    assert abs(js["melanoma"] - py["melanoma"]) <= tol
+    assert js["diagnosis"].keys() == py["diagnosis"].keys()
+    assert max(abs(js["diagnosis"][k] - py["diagnosis"][k]) for k in py["diagnosis"]) <= tol
+    assert js["top"]["label"] == py["top"]["label"]
+
+
+def _equality_bundles() -> list[Path]:
+    b = browser_bundles()
+    return [b["int8"], b["float32"], *_extra_bundles()]
+
+
+@pytest.mark.parametrize("which", range(2 + len(_extra_bundles())))
+def test_outputs_equal_python_litert_on_the_same_pixels(browser, tmp_path, which, shared_dir):
+    """40 inputs (real photos through the contract, then random pixels): both heads equal."""
+    from dermedge.image import load_image
+
+    bundle = _equality_bundles()[which]
+    tier = Tier.from_bundle(bundle)
+    S = tier.image_size
+    folder = shared_dir / "data" / "ham10000_raw_600x450" / "images"
+    photos = sorted(folder.glob("*.jpg"))[:20]
+    rng = np.random.default_rng(0)
+    inputs = [load_image(p, S) for p in photos] + [
+        rng.integers(0, 256, (S, S, 3), dtype=np.uint8) for _ in range(40 - len(photos))]
+    with demo_server(["--device", str(bundle), "--threads", "1"], tmp_path / "s.log") as url:
+        _start(browser, url)
+        for x in inputs:
+            _same(_run_pixels(browser, x), tier.predict(x),
+                  0.0 if tier.mode == "int8" else 1e-6)
+
+
+def _upload(browser, photo: Path, timeout: float = 60) -> dict:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.execute_script("window.dermedgeLast = null;"
+                           " document.getElementById('result').hidden = true;")
+    browser.find_element(By.ID, "image-input").send_keys(str(photo))
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, timeout).until(
+        lambda d: d.find_element(By.ID, "result").is_displayed()
+        or d.find_element(By.ID, "error").is_displayed())
+    assert not browser.find_element(By.ID, "error").is_displayed(), \
+        browser.find_element(By.ID, "error").text
+    last = browser.execute_script(
+        "return {last: window.dermedgeLast, px: window.dermedgeDevice &&"
+        " window.dermedgeDevice.lastPixelsB64()};")
+    last["last"]["where"] = browser.find_element(By.ID, "where").text
+    last["last"]["pixels"] = last["px"]
+    return last["last"]
+
+
+def test_page_classifies_real_photos_in_the_browser(browser, tmp_path, shared_dir):
+    """The phone-width page: the device answer is computed in Chromium from the photo, and it
+    equals Python LiteRT's on the pixels the page fed the model."""
+    b = browser_bundles()
+    tier = Tier.from_bundle(b["int8"])
+    S = tier.image_size
+    photos = sorted((shared_dir / "data" / "ham10000_raw_600x450" / "images").glob("*.jpg"))
+    with demo_server(["--device", str(b["int8"]), "--cloud", str(b["float32"]),
+                      "--threads", "2"], tmp_path / "s.log") as url:
+        _start(browser, url)
+        for photo in photos[:3]:
+            last = _upload(browser, photo)
+            assert last["answer"]["computed_on"] == "browser"
+            assert last["body"]["device"]["computed_on"] == "browser"
+            assert "Device answer: on this phone" in last["where"]
+            px = np.frombuffer(base64.b64decode(last["pixels"]), np.uint8).reshape(S, S, 3)
+            _same(last["answer"], tier.predict(px))
+
+
+def _browser_pixels(browser, photo: Path, size: int) -> np.ndarray:
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "image-input").send_keys(str(photo))
+    b64 = browser.execute_async_script(
+        "const cb = arguments[1]; window.dermedgeDevice.preprocessB64("
+        "document.getElementById('image-input').files[0], arguments[0])"
+        ".then(cb, (e) => cb('ERROR ' + e));", size)
+    assert not b64.startswith("ERROR"), b64
+    return np.frombuffer(base64.b64decode(b64), np.uint8).reshape(size, size, 3)
+
+
+def test_preprocessing_within_tolerance_of_pillow(browser, tmp_path, shared_dir):
+    """All 124 600x450 JPEGs at the model's size (both heads compared) and at 224 px."""
+    from dermedge.image import load_image
+
+    b = browser_bundles()
+    tier = Tier.from_bundle(b["int8"])
+    photos = sorted((shared_dir / "data" / "ham10000_raw_600x450" / "images").glob("*.jpg"))
+    assert len(photos) == 124
+    worst = {"pixel_max": 0, "pixel_mean": 0.0, "melanoma": 0.0, "diagnosis": 0.0}
+    with demo_server(["--device", str(b["int8"]), "--threads", "1"], tmp_path / "s.log") as url:
+        _start(browser, url)
+        for i, photo in enumerate(photos):
+            for size in (tier.image_size,) + ((224,) if i % 4 == 0 else ()):
+                got, ref = _browser_pixels(browser, photo, size), load_image(photo, size)
+                diff = np.abs(got.astype(int) - ref.astype(int))
+                worst["pixel_max"] = max(worst["pixel_max"], int(diff.max()))
+                worst["pixel_mean"] = max(worst["pixel_mean"], float(diff.mean()))
+                if size == tier.image_size:
+                    a, r = tier.predict(got), tier.predict(ref)
+                    worst["melanoma"] = max(worst["melanoma"], abs(a["melanoma"] -
+                                                                   r["melanoma"]))
+                    worst["diagnosis"] = max(worst["diagnosis"], max(
+                        abs(a["diagnosis"][k] - r["diagnosis"][k]) for k in a["diagnosis"]))
+    print("browser vs Pillow preprocessing, worst case:", worst)
+    assert worst["pixel_max"] <= PIXEL_MAX_DIFF and worst["pixel_mean"] <= PIXEL_MEAN_DIFF, worst
+    assert worst["melanoma"] <= HEAD_MAX_DIFF["melanoma"], worst
+    assert worst["diagnosis"] <= HEAD_MAX_DIFF["diagnosis"], worst
+
+
+def test_browser_fallback_decision_equals_the_servers(browser, tmp_path):
+    """policy.js in Chromium vs Policy.decide on the table where every rule fires; and the
+    thresholds the page reads are the server's."""
+    b = browser_bundles()
+    policy = Policy(**{**BASE, "min_confidence": 0.4242})
+    path = policy.save(tmp_path / "policy.json")
+    with demo_server(["--device", str(b["int8"]), "--policy", str(path), "--threads", "1"],
+                     tmp_path / "s.log") as url:
+        _start(browser, url)
+        published = browser.execute_async_script(
+            "const cb = arguments[0]; fetch('api/v1/policy').then((r) => r.json()).then(cb);")
+        assert published["policy"]["policy"] == policy.thresholds()
+        cases = [{"params": Policy(**{**BASE, **over}).thresholds(), "device": dev}
+                 for _, over, dev, _ in CASES]
+        js = browser.execute_script(
+            "const rules = arguments[1];"
+            "return arguments[0].map((c) => window.dermedgePolicy.fallbackChecks(rules,"
+            " c.params, c.device));", cases, published["rules"])
+    fired = set()
+    for (name, over, dev, cloud), got in zip(CASES, js, strict=True):
+        d = Policy(**{**BASE, **over}).decide(dev, cloud)
+        assert got["wanted"] == d.wants_fallback, name
+        assert got["rules_fired"] == d.fallback_rules, name
+        assert got["checks"] == [c.to_dict() for c in d.fallback_checks], name
+        fired |= set(d.fallback_rules)
+    assert fired == {"low_confidence", "melanoma_uncertain", "second_opinion"}
+
+
+def _log_records(log: Path) -> list[dict]:
+    out = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+@pytest.mark.parametrize("policy, photo_sent", [
+    ({"min_confidence": 0.0, "mel_band_low": None, "mel_band_high": None,
+      "second_opinion": False}, False),
+    ({"min_confidence": 1.0}, True),
+])
+def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, photo_sent):
+    """What the server received: its saved uploads (opt-in folder) and its request log."""
+    b = browser_bundles()
+    saved = tmp_path / "received"
+    pol = Policy(**policy).save(tmp_path / "policy.json")
+    photo = _photo(tmp_path)
+    log = tmp_path / "s.log"
+    with demo_server(["--device", str(b["int8"]), "--cloud", str(b["float32"]),
+                      "--policy", str(pol), "--save-uploads-dir", str(saved),
+                      "--threads", "1"], log) as url:
+        _start(browser, url)
+        last = _upload(browser, photo)
+    received = sorted(saved.iterdir()) if saved.is_dir() else []
+    records = _log_records(log)
+    posts = [r["path"] for r in records if r.get("method") == "POST"]
+    results = [r for r in records if r.get("event") == "result"]
+    assert "/api/v1/classify" not in posts  # the server never ran the device tier
+    assert posts == ["/api/v1/decide"] and len(results) == 1
+    assert results[0]["photo_received"] is photo_sent
+    assert last["sentPhoto"] is photo_sent and last["body"]["photo_received"] is photo_sent
+    if photo_sent:
+        assert [p.read_bytes() for p in received] == [photo.read_bytes()]
+        assert last["body"]["cloud"] is not None
+        assert "the photo left the phone" in last["where"] and "cloud answer: cloud" in \
+            last["where"]
+    else:
+        assert received == []
+        assert last["body"]["cloud"] is None
+        assert "the photo did not leave the phone" in last["where"]
+
+
+def test_server_tier_when_the_browser_cannot_run_the_model(browser, tmp_path):
+    """A model LiteRT.js refuses (dynamic batch) and --no-browser-inference: the page says
+    so and the server runs the device tier."""
+    from selenium.webdriver.common.by import By
+
+    b = browser_bundles()
+    photo = _photo(tmp_path)
+    for args, says in (
+            (["--device", str(b["dynamic_int8"])], "failed to load in this browser"),
+            (["--device", str(b["int8"]), "--no-browser-inference"],
+             "turned off on this server")):
+        log = tmp_path / f"s{random.random()}.log"
+        with demo_server([*args, "--threads", "1"], log) as url:
+            _start(browser, url, state="server")
+            assert says in browser.find_element(By.ID, "device-status").text
+            last = _upload(browser, photo)
+        assert last["body"]["tier_path"] == "device"
+        assert "Device answer: on the server" in last["where"]
+        assert "the photo left the phone" in last["where"]
+        assert [r["path"] for r in _log_records(log) if r.get("method") == "POST"] == [
+            "/api/v1/classify"]
