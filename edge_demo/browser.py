@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .calibrate import wilson
 from .errors import RequestError
 from .metadata import adjust, tables
 from .policy import DISCLAIMER, rules
@@ -73,15 +74,6 @@ def browser_config(service, config: dict[str, Any], base_url: str) -> dict[str, 
             "cloud": service.cloud is not None}
 
 
-def _wilson(k: float, n: float, z: float = 1.959964) -> list[float] | None:
-    if not n:
-        return None
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
 OPERATING_KEYS = (("fallback_rate", "n"), ("referral_rate", "n"),
                   ("melanoma_sensitivity", "n_melanoma"),
                   ("melanoma_specificity", "n_not_melanoma"))
@@ -100,7 +92,7 @@ def operating_point(policy) -> dict[str, Any] | None:
         value, n = chosen.get(key), chosen.get(count)
         ci = chosen.get(key + "_ci")
         if ci is None and value is not None and n:
-            ci = _wilson(round(value * n), n)
+            ci = wilson(round(value * n), n)
         out[key] = {"value": value, "ci95": ci, "n": n}
     return out
 

@@ -7,7 +7,10 @@ second opinion above the band or not) the fallback rate must be <= the target; t
 is used (candidates near the highest feasible rate), and among those the best balanced
 accuracy of the combined path wins. The
 referral threshold is then the highest one that keeps melanoma sensitivity of the final
-path >= ``target_sensitivity``.
+path >= ``target_sensitivity``, or, with a ``referral_budget``, the lowest one that refers at
+most that share of cases (the highest melanoma sensitivity within the budget). Every rate
+in the tables carries a 95 % Wilson interval: these are figures for the calibration split;
+a new site should calibrate on a labelled sample of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as _dt
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +97,20 @@ def run_tiers(samples: Sequence[Sample], device: Tier, cloud: Tier | None,
     return out
 
 
+REFERRAL_BUDGETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+Z95 = 1.959964
+
+
+def wilson(k: float, n: float, z: float = Z95) -> list[float] | None:
+    """The 95 % Wilson score interval of ``k`` successes in ``n`` (None when n is 0)."""
+    if not n:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def _balanced_accuracy(y: Sequence[str], pred: Sequence[str]) -> float:
     y, pred = np.asarray(y), np.asarray(pred)
     recalls = [float(np.mean(pred[y == c] == c)) for c in np.unique(y)]
@@ -127,6 +145,10 @@ def evaluate(policy: Policy, results: Sequence[dict[str, Any]], device: Tier,
     def rate(mask, of):
         return float(np.mean(mask[of])) if of.any() else None
 
+    def ci(mask, of):
+        return wilson(int(mask[of].sum()), int(of.sum()))
+
+    everyone = np.ones(n, bool)
     return {
         "n": n,
         "fallback_rate": float(fell_a.mean()),
@@ -139,6 +161,10 @@ def evaluate(policy: Policy, results: Sequence[dict[str, Any]], device: Tier,
         "referral_rate": float(ref_a.mean()),
         "melanoma_sensitivity": rate(ref_a, mel_a),
         "melanoma_specificity": rate(~ref_a, ~mel_a),
+        "n_melanoma": int(mel_a.sum()), "n_not_melanoma": int((~mel_a).sum()),
+        "fallback_rate_ci": ci(fell_a, everyone), "referral_rate_ci": ci(ref_a, everyone),
+        "melanoma_sensitivity_ci": ci(ref_a, mel_a),
+        "melanoma_specificity_ci": ci(~ref_a, ~mel_a),
     }
 
 
@@ -212,21 +238,90 @@ def _refer_threshold(policy: Policy, results, device: Tier, cloud: Tier | None,
     return float(np.floor(mel_scores[min(k, mel_scores.size - 1)] * 1e6) / 1e6)
 
 
+def _budget_threshold(policy: Policy, results, device: Tier, cloud: Tier | None,
+                      budget: float) -> tuple[float, dict[str, Any]]:
+    """The lowest referral threshold whose referral rate is <= ``budget`` (so the highest
+    melanoma sensitivity within it), by bisection over the final answers' melanoma scores;
+    1.0 when the other referral rules alone refer more than the budget."""
+    finals = []
+    for r in results:
+        if "error" in r:
+            continue
+        wants = any(c.fired for c in policy.fallback_checks(r["device"]))
+        finals.append((r["cloud"] if (wants and cloud is not None) else r["device"])
+                      ["melanoma"])
+    cands = sorted({*(float(np.floor(m * 1e6) / 1e6) for m in finals), 1.0})
+
+    def row(t):
+        return evaluate(dataclasses.replace(policy, refer_threshold=t), results, device, cloud)
+
+    lo, hi = 0, len(cands) - 1
+    if row(cands[hi])["referral_rate"] > budget + 1e-9:
+        return 1.0, {**row(1.0), "within_budget": False}
+    while lo < hi:  # the referral rate falls as the threshold rises
+        mid = (lo + hi) // 2
+        if row(cands[mid])["referral_rate"] <= budget + 1e-9:
+            hi = mid
+        else:
+            lo = mid + 1
+    return cands[lo], {**row(cands[lo]), "within_budget": True}
+
+
+def referral_tradeoff(policy: Policy, results, device: Tier, cloud: Tier | None,
+                      budgets: Sequence[float] = REFERRAL_BUDGETS) -> list[dict[str, Any]]:
+    """For each referral budget: the threshold, and what it does (with 95 % intervals)."""
+    rows = []
+    for b in sorted(set(budgets)):
+        thr, row = _budget_threshold(policy, results, device, cloud, b)
+        rows.append({"referral_budget": b, "refer_threshold": thr, **row})
+    return rows
+
+
+def format_tradeoff(rows: Sequence[dict[str, Any]]) -> str:
+    """Referral budget vs melanoma sensitivity, as fixed-width text with 95 % intervals."""
+    def cell(r, k):
+        v, ci = r.get(k), r.get(k + "_ci")
+        if v is None:
+            return f"{'-':>21}"
+        return f"{v:>7.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{v:>21.3f}"
+
+    head = (f"{'budget':>7} {'threshold':>10} {'referral [95% CI]':>21}"
+            f" {'mel sens [95% CI]':>21} {'mel spec [95% CI]':>21}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['referral_budget']:>7.2f} {r['refer_threshold']:>10.4f}"
+                     f" {cell(r, 'referral_rate')} {cell(r, 'melanoma_sensitivity')}"
+                     f" {cell(r, 'melanoma_specificity')}"
+                     + ("" if r.get("within_budget", True) else "  (over budget: other"
+                        " rules refer more)") + ("  <- chosen" if r.get("chosen") else ""))
+    return "\n".join(lines)
+
+
 def calibrate(results: Sequence[dict[str, Any]], device: Tier, cloud: Tier | None, *,
               target_fallback: float = 0.2, target_sensitivity: float = 0.9,
+              referral_budget: float | None = None,
               base: Policy | None = None, provenance: dict[str, Any] | None = None
               ) -> Policy:
-    """The calibrated policy (with its coverage table) for cached tier answers."""
+    """The calibrated policy (with its coverage table) for cached tier answers.
+
+    ``referral_budget`` (a share of cases) replaces ``target_sensitivity``: the referral
+    threshold becomes the one with the highest melanoma sensitivity within the budget."""
     if not 0.0 <= target_fallback <= 1.0:
         raise CalibrationError(f"--target-fallback must be in [0, 1]; received {target_fallback}.")
     if not 0.0 < target_sensitivity <= 1.0:
         raise CalibrationError("--target-sensitivity must be in (0, 1]; received"
                                f" {target_sensitivity}.")
+    if referral_budget is not None and not 0.0 < referral_budget <= 1.0:
+        raise CalibrationError("--referral-budget must be a share of cases in (0, 1], e.g."
+                               f" 0.3 for at most 30 % referred; received {referral_budget}.")
     base = base or Policy(source="calibrated")
 
     def for_rate(rate: float) -> Policy:
         pol, _ = _search(results, device, cloud, rate, base)
-        thr = _refer_threshold(pol, results, device, cloud, target_sensitivity)
+        if referral_budget is not None:
+            thr, _ = _budget_threshold(pol, results, device, cloud, referral_budget)
+        else:
+            thr = _refer_threshold(pol, results, device, cloud, target_sensitivity)
         return dataclasses.replace(pol, refer_threshold=thr)
 
     chosen = for_rate(target_fallback)
@@ -239,7 +334,14 @@ def calibrate(results: Sequence[dict[str, Any]], device: Tier, cloud: Tier | Non
               for r in results if "error" in r]
     prov = {"created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "edge_demo": __version__, "target_fallback": target_fallback,
-            "target_sensitivity": target_sensitivity,
+            "target_sensitivity": None if referral_budget is not None else target_sensitivity,
+            "referral_budget": referral_budget,
+            "referral_tradeoff": [
+                {**r, "chosen": referral_budget is not None and r["referral_budget"] ==
+                 referral_budget}
+                for r in referral_tradeoff(chosen, results, device, cloud,
+                                           (*REFERRAL_BUDGETS, *([referral_budget]
+                                                                 if referral_budget else [])))],
             "device": device.summary(), "cloud": cloud.summary() if cloud else None,
             "n_images": len(results), "unreadable": errors[:20], **(provenance or {})}
     return dataclasses.replace(chosen, source="calibrated", coverage=tuple(rows),

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fall back to the cloud on at most this fraction of cases")
     c.add_argument("--target-sensitivity", type=float, default=0.9,
                    help="melanoma sensitivity the referral threshold must keep")
+    c.add_argument("--referral-budget", type=float, metavar="SHARE",
+                   help="refer at most this share of cases (e.g. 0.3) with the highest"
+                        " melanoma sensitivity that allows; replaces --target-sensitivity"
+                        " (default: not set)")
     c.add_argument("--limit", type=int, help="use only the first N images (quick runs)")
     c.add_argument("--out", required=True, type=Path, help="policy JSON to write")
     return p
@@ -106,7 +110,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def calibrate_cmd(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate, format_table, read_samples, run_tiers
+    from .calibrate import calibrate, format_table, format_tradeoff, read_samples, run_tiers
     from .keras_tier import load_cloud_tier
     from .tiers import Tier
 
@@ -119,8 +123,12 @@ def calibrate_cmd(args: argparse.Namespace) -> int:
     results = run_tiers(samples, device, cloud)
     policy = calibrate(results, device, cloud, target_fallback=args.target_fallback,
                        target_sensitivity=args.target_sensitivity,
+                       referral_budget=args.referral_budget,
                        provenance={"data": str(Path(args.data).resolve()), "split": args.split})
     print(format_table(policy.coverage))
+    print("\nreferral budget vs melanoma sensitivity (at the chosen fallback rules; 95 %"
+          " Wilson intervals on this split; a new site should calibrate on its own sample):")
+    print(format_tradeoff(policy.provenance["referral_tradeoff"]))
     out = policy.save(args.out)
     print(f"wrote {out}: min_confidence={policy.min_confidence:.4f}"
           f" band={policy.mel_band_low, policy.mel_band_high}"
