@@ -33,6 +33,14 @@ PY
 )
 "$BIN/edge-demo" predict --device "$OUT/bundle-int8" --cloud "$OUT/bundle-float32" "${IMAGES[@]}"
 
+step "the page's in-browser runtime (LiteRT.js, pinned in edge_demo/web/package-lock.json)"
+if command -v npm >/dev/null; then
+  npm ci --prefix edge_demo/web --no-audit --no-fund
+else
+  echo "npm not found (Debian: sudo apt-get install npm): the demo page will run the device"
+  echo "model on the server instead of in the phone's browser. See docs/BROWSER.md."
+fi
+
 cat <<MSG
 
 Done. Try the demo from a phone browser on your network (or http://127.0.0.1:8080):

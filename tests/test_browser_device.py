@@ -29,7 +29,7 @@ from edge_demo.tiers import Tier
 pytestmark = pytest.mark.browser
 
 # Stated tolerance of the page's preprocessing against dermedge.image.load_image (Pillow) on
-# the 124 HAM10000 600x450 JPEGs. Measured with Chromium 143 / Pillow 11 (both decode JPEG
+# the 124 HAM10000 600x450 JPEGs. Measured with Chromium 156 / Pillow 13 (both decode JPEG
 # with libjpeg-turbo): 0 levels everywhere at 32, 64, 224 and 260 px, so 0 on both heads;
 # the bounds leave room for another build's JPEG decoder, not for a different resize.
 PIXEL_MAX_DIFF, PIXEL_MEAN_DIFF = 2, 0.05
