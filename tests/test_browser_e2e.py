@@ -212,6 +212,10 @@ def test_upload_renders_result_without_reload(server, browser, tmp_path):
     where = browser.find_element(By.ID, "where").text
     assert "Device answer: on this phone" in where and "the photo left the phone" in where
     assert "on this phone (in the browser)" in browser.find_element(By.ID, "device-latency").text
+    op = browser.find_element(By.ID, "operating-point")
+    op.find_element(By.TAG_NAME, "summary").click()
+    assert "default thresholds, not calibrated" in op.text  # no operating point to state
+    assert "calibrate on a labelled sample of its own" in op.text
     assert browser.execute_script("return window.__marker;") == "same-page"  # no reload
     assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
     shot = Path(os.environ.get("EDGE_DEMO_SCREENSHOT", tmp_path / "phone.png"))
