@@ -230,6 +230,8 @@ def test_bad_upload_shows_error(server, browser, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_bytes(b"definitely not a photo" * 20)
     browser.get(server + "/")
+    WebDriverWait(browser, 60).until(  # the page decodes it itself: the browser's message
+        lambda d: d.find_element(By.ID, "device-status").get_attribute("data-state"))
     browser.find_element(By.ID, "image-input").send_keys(str(bad))
     browser.find_element(By.ID, "submit").click()
     WebDriverWait(browser, 20).until(
@@ -249,6 +251,8 @@ def test_patient_details_update_the_answer(browser, tmp_path_factory, tmp_path):
     device = with_metadata_tables(browser_bundles()["int8"], root / "int8")
     with demo_server(["--device", str(device), "--threads", "1"], root / "server.log") as url:
         browser.get(url + "/")
+        WebDriverWait(browser, 60).until(
+            lambda d: d.find_element(By.ID, "device-status").get_attribute("data-state"))
         browser.find_element(By.CSS_SELECTOR, "#patient summary").click()
         browser.find_element(By.ID, "age-input").send_keys("74")
         Select(browser.find_element(By.ID, "site-input")).select_by_value("face")
@@ -257,4 +261,7 @@ def test_patient_details_update_the_answer(browser, tmp_path_factory, tmp_path):
         WebDriverWait(browser, 30).until(
             ec.visibility_of_element_located((By.ID, "device-metadata")))
         note = browser.find_element(By.ID, "device-metadata").text
+        where = browser.find_element(By.ID, "where").text
     assert "Updated with the patient's age, site" in note and "photo alone" in note
+    # the browser computed the photo's answer; the server applied the card's tables to it
+    assert "Device answer: on this phone" in where
