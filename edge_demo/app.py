@@ -32,17 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flask import (
-    Blueprint,
-    Flask,
-    Request,
-    current_app,
-    g,
-    jsonify,
-    render_template,
-    request,
-    send_from_directory,
-)
+from flask import Blueprint, Flask, Request, current_app, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from . import browser
@@ -360,8 +350,11 @@ def index():
 
 def _synthetic(svc) -> bool:
     """True when a loaded model was trained on synthetic (toy) data, per its model card."""
-    tiers = [t for t in (svc.device, svc.cloud) if t is not None]
-    return any(bool(((t.card or {}).get("data") or {}).get("synthetic")) for t in tiers)
+    for tier in (svc.device, svc.cloud):
+        data = (tier.card if tier is not None else {}).get("data")
+        if isinstance(data, dict) and data.get("synthetic") is True:
+            return True
+    return False
 
 
 # --- the in-browser device tier (edge_demo/browser.py) ---------------------------------
@@ -384,14 +377,7 @@ def device_model():
 @page.get("/runtime/<path:name>")
 def runtime(name: str):
     """The pinned LiteRT.js files (from `npm ci` in edge_demo/web); nothing else is served."""
-    status = browser.runtime_status(current_app.config)
-    if name not in browser.RUNTIME_FILES or not status["enabled"]:
-        why = status["reason"] or "not one of the LiteRT.js files the page loads"
-        raise RequestError(f"No runtime file {name!r} here ({why}).", status=404,
-                           code="not_found")
-    mime = "application/wasm" if name.endswith(".wasm") else "text/javascript"
-    return send_from_directory(browser.runtime_root(current_app.config), name, mimetype=mime,
-                               max_age=3600)
+    return browser.runtime_file(current_app.config, name)
 
 
 @api.post("/decide")

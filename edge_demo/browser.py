@@ -59,6 +59,19 @@ def runtime_status(config: dict[str, Any]) -> dict[str, Any]:
     return {"enabled": True, "reason": None, "version": version}
 
 
+def runtime_file(config: dict[str, Any], name: str):
+    """The response for one allow-listed runtime file; a 404 JSON error for anything else."""
+    from flask import send_from_directory
+
+    status = runtime_status(config)
+    if name not in RUNTIME_FILES or not status["enabled"]:
+        why = status["reason"] or "not one of the LiteRT.js files the page loads"
+        raise RequestError(f"No runtime file {name!r} here ({why}).", status=404,
+                           code="not_found")
+    mime = "application/wasm" if name.endswith(".wasm") else "text/javascript"
+    return send_from_directory(runtime_root(config), name, mimetype=mime, max_age=3600)
+
+
 def browser_config(service, config: dict[str, Any], base_url: str) -> dict[str, Any]:
     """What the page's device.js needs: runtime URLs, the model URL and its tensor contract."""
     dev = service.device
