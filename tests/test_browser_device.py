@@ -189,9 +189,15 @@ def test_preprocessing_within_tolerance_of_pillow(browser, tmp_path, shared_dir)
 
 def test_browser_fallback_decision_equals_the_servers(browser, tmp_path):
     """policy.js in Chromium vs Policy.decide on the table where every rule fires; and the
-    thresholds the page reads are the server's."""
+    thresholds the page reads are the server's; the page states the operating point."""
+    from selenium.webdriver.common.by import By
+
     b = browser_bundles()
-    policy = Policy(**{**BASE, "min_confidence": 0.4242})
+    row = {"chosen": True, "n": 200, "n_melanoma": 40, "n_not_melanoma": 160,
+           "fallback_rate": 0.2, "referral_rate": 0.37, "melanoma_sensitivity": 0.95,
+           "melanoma_specificity": 0.7}
+    policy = Policy(**{**BASE, "min_confidence": 0.4242}, coverage=(row,),
+                    provenance={"split": "val"})
     path = policy.save(tmp_path / "policy.json")
     with demo_server(["--device", str(b["int8"]), "--policy", str(path), "--threads", "1"],
                      tmp_path / "s.log") as url:
@@ -199,6 +205,12 @@ def test_browser_fallback_decision_equals_the_servers(browser, tmp_path):
         published = browser.execute_async_script(
             "const cb = arguments[0]; fetch('api/v1/policy').then((r) => r.json()).then(cb);")
         assert published["policy"]["policy"] == policy.thresholds()
+        summary = browser.find_element(By.ID, "operating-point-summary")
+        assert "sent 20.0% to the cloud and referred 37.0%" in summary.text
+        summary.click()
+        text = browser.find_element(By.ID, "operating-point").text
+        assert "Melanoma sensitivity 95.0% 83.5% to 98.6% n = 40" in text, text
+        assert "calibrate on a labelled sample of its own" in text
         cases = [{"params": Policy(**{**BASE, **over}).thresholds(), "device": dev}
                  for _, over, dev, _ in CASES]
         js = browser.execute_script(

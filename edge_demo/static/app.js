@@ -185,11 +185,15 @@
       tr.append(el("th", "", name));
       tr.append(el("td", "", v.value === null ? "n/a" : pct(v.value)));
       tr.append(el("td", "", v.ci95 ? pct(v.ci95[0]) + " to " + pct(v.ci95[1]) : ""));
-      tr.append(el("td", "meta", "n = " + v.n));
+      tr.append(el("td", "meta", v.n ? "n = " + v.n : ""));
       table.append(tr);
     });
     box.append(table);
     box.append(el("p", "meta", op.note));
+    const f = (k) => (op[k].value === null ? "n/a" : pct(op[k].value));
+    $("operating-point-summary").textContent = "On its calibration split this policy sent " +
+      f("fallback_rate") + " to the cloud and referred " + f("referral_rate") +
+      " (melanoma sensitivity " + f("melanoma_sensitivity") + "); intervals and caveats";
   }
 
   fetch("api/v1/policy").then((r) => r.json()).then((doc) => {
