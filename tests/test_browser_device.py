@@ -292,3 +292,42 @@ def test_server_tier_when_the_browser_cannot_run_the_model(browser, tmp_path):
         assert "the photo left the phone" in last["where"]
         assert [r["path"] for r in _log_records(log) if r.get("method") == "POST"] == [
             "/api/v1/classify"]
+
+
+def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path):
+    """The browser's photo-only answer is confident; the card's tables (applied by the
+    server) move it into the second-opinion rule, so the page sends the photo after all."""
+    from demo_fixtures import with_metadata_tables
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from dermedge.image import load_image
+    from edge_demo.metadata import adjust, tables
+
+    b = browser_bundles()
+    device = with_metadata_tables(b["int8"], tmp_path / "int8")
+    tier = Tier.from_bundle(device)
+    photo = _photo(tmp_path)
+    alone = tier.predict(load_image(photo, tier.image_size))
+    meta = {"age": 75.0, "sex": "female", "site": "face"}
+    updated, used = adjust(alone, tables(tier.card), meta)
+    assert used and updated["melanoma"] > alone["melanoma"] + 0.01
+    above = (alone["melanoma"] + updated["melanoma"]) / 2
+    pol = Policy(min_confidence=0.0, mel_band_low=None, mel_band_high=None,
+                 second_opinion=True, second_opinion_above=above).save(tmp_path / "p.json")
+    saved, log = tmp_path / "received", tmp_path / "s.log"
+    with demo_server(["--device", str(device), "--cloud", str(b["float32"]), "--policy",
+                      str(pol), "--save-uploads-dir", str(saved), "--threads", "1"],
+                     log) as url:
+        _start(browser, url)
+        browser.find_element(By.CSS_SELECTOR, "#patient summary").click()
+        browser.find_element(By.ID, "age-input").send_keys("75")
+        Select(browser.find_element(By.ID, "sex-input")).select_by_value("female")
+        Select(browser.find_element(By.ID, "site-input")).select_by_value("face")
+        last = _upload(browser, photo)
+    assert last["fallback"]["wanted"] is False  # the photo alone: no rule fired
+    assert last["sentPhoto"] is True and last["body"]["fallback"]["used"] is True
+    assert last["body"]["fallback"]["rules_fired"] == ["second_opinion"]
+    results = [r for r in _log_records(log) if r.get("event") == "result"]
+    assert [r["photo_received"] for r in results] == [False, True]
+    assert [p.read_bytes() for p in sorted(saved.iterdir())] == [photo.read_bytes()]
