@@ -86,9 +86,19 @@ def rules() -> dict[str, Any]:
     return json.loads(RULES_FILE.read_text(encoding="utf-8"))
 
 
-def _f(x: float) -> str:
-    """Two decimals, halves rounded up, as JavaScript's ``toFixed(2)`` does."""
-    return str(Decimal(float(x)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+def _f(x: float, digits: int = 2) -> str:
+    """``digits`` decimals, halves rounded up, as JavaScript's ``toFixed`` does."""
+    return str(Decimal(float(x)).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
+def _digits(value: float | None, thresholds: list[float]) -> int:
+    """2 decimals, or more when a value that differs from a threshold would print the same
+    (0.2996 vs 0.3: "0.2996 is below 0.3000", not "0.30 is below 0.30")."""
+    d = 2
+    while value is not None and d < 6 and any(
+            value != t and _f(value, d) == _f(t, d) for t in thresholds):
+        d += 1
+    return d
 
 
 _OPS = {"<": lambda v, t: v < t, ">=": lambda v, t: v >= t,
@@ -119,11 +129,14 @@ def evaluate(rule: dict[str, Any], answer: dict[str, Any],
         fired = top in params[rule["classes"]] and value >= threshold
     else:
         fired = _OPS[op](value, threshold)
-    fields = {"top": top, "value": "" if value is None else _f(value)}
+    bounds = threshold if isinstance(threshold, list) else [] if threshold is None \
+        else [threshold]
+    d = _digits(value, bounds)
+    fields = {"top": top, "value": "" if value is None else _f(value, d)}
     if isinstance(threshold, list):
-        fields.update(low=_f(threshold[0]), high=_f(threshold[1]))
+        fields.update(low=_f(threshold[0], d), high=_f(threshold[1], d))
     elif threshold is not None:
-        fields["threshold"] = _f(threshold)
+        fields["threshold"] = _f(threshold, d)
     if rule.get("classes"):
         fields["classes"] = "[" + ", ".join(f"'{c}'" for c in params[rule["classes"]]) + "]"
     text = rule["fired" if fired else "not_fired"].format(**fields)
@@ -290,6 +303,7 @@ class Policy:
                        + "; ".join(c.text for c in fired) + ".")
         else:
             decision = NO_ACTION
-            message = (f"No action suggested by the model ({by} model: melanoma risk {_f(mel)}"
-                       f" < {_f(thr)}, top diagnosis {top!r} at {_f(p_top)}).")
+            d = _digits(mel, [float(thr)])
+            message = (f"No action suggested by the model ({by} model: melanoma risk"
+                       f" {_f(mel, d)} < {_f(thr, d)}, top diagnosis {top!r} at {_f(p_top)}).")
         return Decision(fb, tuple(checks), decision, message, reason, by)

@@ -41,6 +41,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any] | None]] =
      answer("bcc", 0.75, 0.1), None),
     ("rounding: a tie in binary rounds up", {"min_confidence": 0.125},
      answer("nv", 0.625, 0.375), None),
+    ("close to a threshold: more decimals", {"refer_threshold": 0.3, "min_confidence": 0.5},
+     answer("nv", 0.5004, 0.2996), None),
     ("zero band is a band", {"mel_band_low": 0.0, "mel_band_high": 0.0},
      answer("nv", 0.99, 0.0), None),
     ("everything at once", {"refer_threshold": 0.01, "malignant_min_prob": 0.0},

@@ -94,6 +94,12 @@ def test_check_texts_say_what_happened():
     low = d.fallback_checks[0]
     assert low.text == ("top diagnosis 'nv' at 0.97 is at or above the confidence threshold"
                         " 0.60")
+    no_band = Policy(**{**BASE, "mel_band_low": None, "mel_band_high": None})
+    close = no_band.decide({"melanoma": 0.2996, "top": {"label": "nv", "probability": 0.9},
+                            "diagnosis": {}}, None)
+    mel = next(c for c in close.advice_checks if c.id == "melanoma_risk")
+    assert mel.text == "melanoma risk 0.2996 is below the referral threshold 0.3000"
+    assert "melanoma risk 0.2996 < 0.3000" in close.message
     assert "0.125" not in Policy(**{**BASE, "min_confidence": 0.125}).decide(
         {"melanoma": 0.0, "top": {"label": "nv", "probability": 0.5}, "diagnosis": {}},
         None).fallback_checks[0].text

@@ -3,7 +3,14 @@
 // mirror of evaluate() in edge_demo/policy.py (tests/test_policy_table.py runs both on one
 // table of cases). Loaded as a classic script (window.dermedgePolicy) and by Node (require).
 (function (root) {
-  const fmt = (x) => Number(x).toFixed(2);  // Python's _f: 2 decimals, halves rounded up
+  const fmt = (x, d) => Number(x).toFixed(d === undefined ? 2 : d);  // Python's _f
+  // Python's _digits: more decimals when a value and a different threshold print the same
+  function digits(value, thresholds) {
+    let d = 2;
+    while (value !== null && d < 6 &&
+           thresholds.some((t) => value !== t && fmt(value, d) === fmt(t, d))) d += 1;
+    return d;
+  }
   const OPS = {
     "<": (v, t) => v < t,
     ">=": (v, t) => v >= t,
@@ -27,9 +34,12 @@
     else if (rule.op === "top_in_and_>=") {
       fired = params[rule.classes].includes(top) && value >= threshold;
     } else fired = OPS[rule.op](value, threshold);
-    const fields = { top: top, value: value === null ? "" : fmt(value) };
-    if (Array.isArray(threshold)) { fields.low = fmt(threshold[0]); fields.high = fmt(threshold[1]); }
-    else if (threshold !== null) fields.threshold = fmt(threshold);
+    const bounds = Array.isArray(threshold) ? threshold : (threshold === null ? [] : [threshold]);
+    const d = digits(value, bounds);
+    const fields = { top: top, value: value === null ? "" : fmt(value, d) };
+    if (Array.isArray(threshold)) {
+      fields.low = fmt(threshold[0], d); fields.high = fmt(threshold[1], d);
+    } else if (threshold !== null) fields.threshold = fmt(threshold, d);
     if (rule.classes) fields.classes = "[" + params[rule.classes].map((c) => "'" + c + "'").join(", ") + "]";
     const text = rule[fired ? "fired" : "not_fired"].replace(/\{(\w+)\}/g, (_, k) => fields[k]);
     return { id: rule.id, fired: fired, value: value, threshold: threshold, op: rule.op, text: text };
