@@ -272,21 +272,28 @@ def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, phot
 
 
 def test_server_tier_when_the_browser_cannot_run_the_model(browser, tmp_path):
-    """A model LiteRT.js refuses (dynamic batch) and --no-browser-inference: the page says
-    so and the server runs the device tier."""
+    """A model LiteRT.js refuses (dynamic batch), a browser without WebAssembly, and
+    --no-browser-inference: the page says so and the server runs the device tier."""
     from selenium.webdriver.common.by import By
 
     b = browser_bundles()
     photo = _photo(tmp_path)
-    for args, says in (
-            (["--device", str(b["dynamic_int8"])], "failed to load in this browser"),
+    for args, says, no_wasm in (
+            (["--device", str(b["dynamic_int8"])], "failed to load in this browser", False),
+            (["--device", str(b["int8"])], "this browser has no WebAssembly", True),
             (["--device", str(b["int8"]), "--no-browser-inference"],
-             "turned off on this server")):
+             "turned off on this server", False)):
         log = tmp_path / f"s{random.random()}.log"
-        with demo_server([*args, "--threads", "1"], log) as url:
-            _start(browser, url, state="server")
-            assert says in browser.find_element(By.ID, "device-status").text
-            last = _upload(browser, photo)
+        script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {
+            "source": "delete globalThis.WebAssembly;"}) if no_wasm else None
+        try:
+            with demo_server([*args, "--threads", "1"], log) as url:
+                _start(browser, url, state="server")
+                assert says in browser.find_element(By.ID, "device-status").text
+                last = _upload(browser, photo)
+        finally:
+            if script is not None:
+                browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
         assert last["body"]["tier_path"] == "device"
         assert "Device answer: on the server" in last["where"]
         assert "the photo left the phone" in last["where"]
