@@ -4,8 +4,8 @@ For each bundle it starts `edge-demo serve`, opens the page in headless Chromium
 viewport), waits for LiteRT.js to load the model, and times, on the same uint8 pixels of real
 600x450 photos (through the input contract): the model run in the page (``performance.now``
 around ``model.run`` and reading the outputs; WebAssembly + XNNPACK, single-threaded build)
-and ``Tier.predict`` in Python LiteRT (1 thread). Medians after warm-up, in one run, side by
-side; also the page's preprocessing of a 600x450 JPEG (decode, crop, Pillow-exact resize) and
+and ``Tier.predict`` in Python LiteRT (1 thread), interleaved run by run. Medians after
+warm-up; also the page's preprocessing of a 600x450 JPEG (decode, crop, Pillow-exact resize) and
 whether the two runtimes' outputs are equal. Prints a table, writes JSON to
 benchmarks/results/.
 
@@ -59,16 +59,17 @@ def measure(bundle: Path, photos: list[Path], runs: int, warmup: int) -> dict:
         if "error" in load:
             raise SystemExit(f"browser_latency: error: the page could not load {bundle}:"
                              f" {load['error']}")
-        js_ms, equal = [], True
+        js_ms, py_ms, equal = [], [], True
         for i in range(warmup + runs):
             x = pixels[i % len(pixels)]
             b64 = base64.b64encode(x.tobytes()).decode()
             out = driver.execute_async_script(
                 "const cb = arguments[1]; window.dermedgeDevice.runPixelsB64(arguments[0])"
                 ".then(cb);", b64)
+            py = tier.predict(x)  # interleaved with the browser's run: same load on both
             if i >= warmup:
                 js_ms.append(out["latency_ms"])
-            py = tier.predict(x)
+                py_ms.append(py["latency_ms"])
             equal &= (out["melanoma"] == py["melanoma"] and out["diagnosis"] == py["diagnosis"])
         driver.find_element("id", "image-input").send_keys(str(photos[0]))
         pre = driver.execute_async_script(
@@ -78,11 +79,6 @@ def measure(bundle: Path, photos: list[Path], runs: int, warmup: int) -> dict:
             "  await window.dermedgeDevice.preprocessB64(f, " + str(S) + ");"
             "  t.push(performance.now() - t0); } return t; })().then(cb);", warmup + runs)[warmup:]
         ua = driver.execute_script("return navigator.userAgent;")
-    py_ms = []
-    for i in range(warmup + runs):
-        t = tier.predict(pixels[i % len(pixels)])["latency_ms"]
-        if i >= warmup:
-            py_ms.append(t)
     js, py = statistics.median(js_ms), statistics.median(py_ms)
     return {"bundle": bundle.name, "name": tier.name, "mode": tier.mode, "image_size": S,
             "size_mb": round(tier.size_bytes / 1e6, 2), "runs": runs, "warmup": warmup,
