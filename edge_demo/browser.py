@@ -21,7 +21,6 @@ from .metadata import adjust, tables
 from .policy import DISCLAIMER, rules
 
 WEB_DIR = Path(__file__).with_name("web")
-RUNTIME_PACKAGE = "@litertjs/core"
 # The runtime files the page may load (LiteRT.js picks one .js/.wasm pair at run time).
 RUNTIME_FILES = frozenset({
     "core/dist/index.js", "wasm-utils/dist/index.js",
