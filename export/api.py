@@ -137,6 +137,9 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
         conv = _compacted(conv, config, check, say)
         if ptq is not None:
             ptq = _compacted(ptq, config, check, say)
+    from export.tflite_metadata import with_metadata  # issue 27: the file that ships, validated
+
+    conv = with_metadata(conv, run.card, check, say)  # TFLite Model Metadata + label files
     report: dict = {"run": str(run.path), "mode": config.mode, "config": config.to_dict(),
                     "data": where, "checks": conv.checks, "denylisted": conv.denylisted}
     if bias is not None:
@@ -185,7 +188,7 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                       "layers_skipped": len(bias.get("layers_skipped", {}))}),
                "converter": {"tensorflow": tf.__version__, "path": "saved_model",
                              "optimizations": config.mode != "float32"},
-               "compaction": conv.compaction,
+               "compaction": conv.compaction, "metadata": conv.checks.get("metadata"),
                "checks": {k: conv.checks[k] for k in ("verified_mode", "integer_tensor_fraction",
                                                       "ops")},
                "validation": summary,
