@@ -323,3 +323,42 @@ def with_metadata(conv, card: dict, images: np.ndarray, log=None):
     compacted = bool((conv.compaction or {}).get("applied"))
     tflite, report = embed(conv.tflite, card, conv.mode, images, compacted=compacted, log=log)
     return replace(conv, tflite=tflite, checks={**conv.checks, "metadata": report})
+
+
+# ----------------------------------------------------------------------------- consumers
+def centred_square_roi(width: int, height: int) -> tuple[float, float, float, float]:
+    """The image contract's crop (dermedge.image.crop_box) as a normalised region of interest
+    ``(left, top, right, bottom)``, what MediaPipe's ImageProcessingOptions takes."""
+    from dermedge.image import crop_box
+
+    left, top, right, bottom = crop_box(width, height)
+    return left / width, top / height, right / width, bottom / height
+
+
+def mediapipe_classify(model: str | Path, images, *, roi: bool = False, log=None,
+                       python: Path | None = None) -> list[dict[str, dict]]:
+    """MediaPipe Tasks ``ImageClassifier`` (Python API, in the MediaPipe venv) on ``images``
+    (uint8 RGB arrays or photo paths): per image ``{head name: {"index", "labels", "scores"}}``
+    in MediaPipe's head order, categories in label order. ``roi``: the centred square."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="dermedge-mediapipe-") as tmp:
+        work = Path(tmp)
+        items = []
+        for i, item in enumerate(images):
+            if isinstance(item, np.ndarray):
+                np.save(work / f"{i}.npy", np.ascontiguousarray(item, np.uint8))
+                entry, size = {"npy": str(work / f"{i}.npy")}, (item.shape[1], item.shape[0])
+            else:
+                entry = {"path": str(Path(item).resolve())}
+                with Image.open(item) as im:
+                    size = im.size
+            if roi:
+                entry["roi"] = list(centred_square_roi(*size))
+            items.append(entry)
+        run_worker("classify", {"model": str(Path(model).resolve()), "images": items,
+                                "out": str(work / "out.json")}, work, python=python, log=log)
+        rows = json.loads((work / "out.json").read_text())
+    return [{h["name"]: {"index": h["index"], "labels": [c[1] for c in h["categories"]],
+                         "scores": np.array([c[2] for c in h["categories"]], np.float32)}
+             for h in row} for row in rows]

@@ -82,7 +82,7 @@ def classify(spec: dict) -> None:
                 image = mp.Image.create_from_file(item["path"])
             roi = item.get("roi")
             ctx = (None if roi is None else vision.ImageProcessingOptions(
-                region_of_interest=rect.RectF(left=roi[0], top=roi[1], right=roi[2],
+                region_of_interest=rect.Rect(left=roi[0], top=roi[1], right=roi[2],
                                               bottom=roi[3])))
             res = classifier.classify(image, ctx) if ctx else classifier.classify(image)
             rows.append([{"index": c.head_index, "name": c.head_name,
