@@ -103,6 +103,9 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
             raise QATError("--debug analyses post-training int8 layer by layer; it does not "
                            "apply to --qat. Drop one of them.")
         qat_exe = find_qat_python(qat_python)
+    from export.tflite_metadata import mediapipe_python, with_metadata  # issue 27
+
+    md_python = mediapipe_python(log=say)  # the metadata writer's venv, built on first use
     # Read everything that can fail on bad input before converting anything.
     rep = None
     if config.mode == "int8":
@@ -137,9 +140,7 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
         conv = _compacted(conv, config, check, say)
         if ptq is not None:
             ptq = _compacted(ptq, config, check, say)
-    from export.tflite_metadata import with_metadata  # issue 27: the file that ships, validated
-
-    conv = with_metadata(conv, run.card, check, say)  # TFLite Model Metadata + label files
+    conv = with_metadata(conv, run.card, check, say, python=md_python)  # before validation
     report: dict = {"run": str(run.path), "mode": config.mode, "config": config.to_dict(),
                     "data": where, "checks": conv.checks, "denylisted": conv.denylisted}
     if bias is not None:

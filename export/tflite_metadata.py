@@ -317,11 +317,12 @@ def embed(tflite: bytes, card: dict, mode: str, images: np.ndarray, *, compacted
     return out, report
 
 
-def with_metadata(conv, card: dict, images: np.ndarray, log=None):
+def with_metadata(conv, card: dict, images: np.ndarray, log=None, python: Path | None = None):
     """``conv`` (export/convert.py's Converted) with metadata embedded; the report lands in
     ``conv.checks["metadata"]`` (validation.json) for the card's ``export.metadata``."""
     compacted = bool((conv.compaction or {}).get("applied"))
-    tflite, report = embed(conv.tflite, card, conv.mode, images, compacted=compacted, log=log)
+    tflite, report = embed(conv.tflite, card, conv.mode, images, compacted=compacted, log=log,
+                           python=python)
     return replace(conv, tflite=tflite, checks={**conv.checks, "metadata": report})
 
 
@@ -362,3 +363,13 @@ def mediapipe_classify(model: str | Path, images, *, roi: bool = False, log=None
     return [{h["name"]: {"index": h["index"], "labels": [c[1] for c in h["categories"]],
                          "scores": np.array([c[2] for c in h["categories"]], np.float32)}
              for h in row} for row in rows]
+
+
+def read_metadata(model: str | Path, *, log=None, python: Path | None = None) -> dict:
+    """MediaPipe's ``MetadataDisplayer`` on ``model``: ``{"metadata": the metadata as JSON,
+    "associated_files": [names]}``; raises MetadataError when the file has none."""
+    with tempfile.TemporaryDirectory(prefix="dermedge-metadata-") as tmp:
+        work = Path(tmp)
+        run_worker("read", {"model": str(Path(model).resolve()), "out": str(work / "out.json")},
+                   work, python=python, log=log)
+        return json.loads((work / "out.json").read_text())

@@ -5,6 +5,9 @@
 input, one classification output per head in subgraph output order, each head with its own
 label file, and a custom ``dermedge`` entry); writes the populated file and its metadata JSON.
 
+``python tflite_metadata_worker.py read SPEC.json``: MediaPipe's ``MetadataDisplayer`` reads the
+metadata back as JSON, with the packed file names.
+
 ``python tflite_metadata_worker.py classify SPEC.json``: MediaPipe Tasks ``ImageClassifier``
 (Python API) classifies SPEC's images, optionally with a region of interest, and writes every
 head's categories; the consumer check of ``python -m export inspect`` and of the tests.
@@ -94,11 +97,22 @@ def classify(spec: dict) -> None:
         json.dump(rows, f)
 
 
+def read(spec: dict) -> None:
+    from mediapipe.tasks.python.metadata import metadata
+
+    with open(spec["model"], "rb") as f:
+        displayer = metadata.MetadataDisplayer.with_model_buffer(f.read())
+    out = {"metadata": json.loads(displayer.get_metadata_json()),
+           "associated_files": displayer.get_packed_associated_file_list()}
+    with open(spec["out"], "w") as f:
+        json.dump(out, f)
+
+
 def main(argv: list[str]) -> int:
     mode, path = argv
     with open(path) as f:
         spec = json.load(f)
-    {"write": write, "classify": classify}[mode](spec)
+    {"write": write, "classify": classify, "read": read}[mode](spec)
     return 0
 
 
