@@ -136,3 +136,27 @@ def test_a_bad_mediapipe_python_is_a_clear_error_before_converting(tmp_path, mon
     rc = main(["tflite", str(run), "--out", str(tmp_path / "out")])
     assert rc == 2 and not (tmp_path / "out").exists()
 
+
+
+def test_inspect_prints_what_a_mobile_developer_needs(exported, capsys, tmp_path):
+    from export.cli import main
+
+    _, first, _ = exported
+    order = first.card["export"]["metadata"]["output_order"]
+    assert main(["inspect", str(first.path)]) == 0
+    text = capsys.readouterr().out
+    assert "image: uint8 [1, 32, 32, 3], quantization scale 1, zero point 0" in text
+    labels = ", ".join(first.card["heads"]["diagnosis"]["labels"])
+    i = order.index("diagnosis")
+    assert f"{i} diagnosis: uint8 [1, 7]" in text and f"labels_diagnosis.txt: {labels}" in text
+    assert "TFLITE_METADATA" in text and "'dermedge'" in text and "0.37" in text
+    assert "loads: yes; heads " + ", ".join(
+        f"{n} ({1 if n == 'melanoma' else 7} labels)" for n in order) in text
+    assert main(["inspect", str(first.path / "model.tflite"), "--json", "--no-mediapipe"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [o["name"] for o in info["outputs"]] == order
+    assert info["outputs"][order.index("melanoma")]["labels"] == ["melanoma"]
+    assert info["mediapipe"]["static_problems"] == []
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "does not exist" in err and "Traceback" not in err
