@@ -9,6 +9,8 @@ interest they are within ``ROI_TOLERANCE`` of the image contract's pipeline.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -82,3 +84,31 @@ def test_raw_photo_with_centred_square_roi_is_within_tolerance(bundles, shared_d
     with_roi, stretched = diff(True), diff(False)
     assert with_roi.max() <= ROI_TOLERANCE, with_roi.max()
     assert with_roi.mean() < stretched.mean()  # the whole photo stretched is further off
+
+
+def test_the_usage_md_python_snippet_runs_as_documented(bundles, tmp_path):
+    """USAGE.md's MediaPipe Python block, as a developer copies it, on non-square photos."""
+    from export.tflite_metadata import mediapipe_classify, mediapipe_python
+
+    bundle = bundles["int8"]
+    usage = (bundle / "USAGE.md").read_text()
+    block = usage.split("### Python (`mediapipe`)\n\n```python\n")[1].split("\n```")[0]
+    script = tmp_path / "snippet.py"
+    script.write_text(block + "\n")
+    photos = sorted((bundle.parents[0] / "tiny_images").glob("*.jpg"))[:3]
+    assert len(photos) == 3
+    proc = subprocess.run([str(mediapipe_python()), str(script), str(bundle), *map(str, photos)],
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": os.environ.get("PATH", ""), "PYTHONNOUSERSITE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    ref = mediapipe_classify(bundle / "model.tflite", photos, roi=True)
+    thr = _card(bundle)["heads"]["melanoma"]["threshold"]
+    assert len(rows) == 3
+    for row, r in zip(rows, ref, strict=True):
+        assert row["melanoma"] == float(r["melanoma"]["scores"][0])
+        assert row["is_melanoma"] == (row["melanoma"] >= thr)
+        assert list(row["diagnosis"]) == r["diagnosis"]["labels"]
+        assert np.array_equal(np.float32(list(row["diagnosis"].values())),
+                              r["diagnosis"]["scores"])
+    assert "0.5000000000" not in usage and ">= 0.5f" in usage  # the threshold, for people
