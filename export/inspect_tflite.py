@@ -32,7 +32,7 @@ def model_path(target: str | Path) -> Path:
 
 def _flatbuffer_metadata(data: bytes) -> dict[str, int]:
     """``{name: bytes}`` of the model's metadata entries (TFLITE_METADATA, ...)."""
-    from tensorflow.lite.python import schema_py_generated as fb
+    from ai_edge_litert import schema_py_generated as fb  # the schema, without TensorFlow
 
     from export.tflite_metadata import split_file
 

@@ -247,12 +247,13 @@ def append_zip(flatbuffer: bytes, files: list[tuple[str, bytes]]) -> bytes:
 
 def metadata_buffer(tflite: bytes) -> bytes | None:
     """The ``TFLITE_METADATA`` buffer of a .tflite file, or None."""
-    from tensorflow.lite.tools import flatbuffer_utils as fbu
+    from ai_edge_litert import schema_py_generated as fb  # the schema, without TensorFlow
 
-    model = fbu.read_model_from_bytearray(bytearray(split_file(tflite)[0]))
-    for meta in model.metadata or []:
-        if meta.name.decode() == METADATA_NAME:
-            return bytes(np.asarray(model.buffers[meta.buffer].data, np.uint8).tobytes())
+    model = fb.Model.GetRootAs(split_file(tflite)[0], 0)  # read lazily: no full unpack
+    for i in range(model.MetadataLength()):
+        meta = model.Metadata(i)
+        if meta.Name().decode() == METADATA_NAME:
+            return model.Buffers(meta.Buffer()).DataAsNumpy().tobytes()
     return None
 
 
