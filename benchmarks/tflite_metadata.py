@@ -28,6 +28,8 @@ SHARED = Path(os.environ.get("DERMEDGE_SHARED", REPO.parent / "shared"))
 
 
 def measure(bundle: Path, photos: list[Path]) -> dict:
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: F401 - an export has it loaded
+
     from dermedge.image import load_image
     from export.litert import run_tflite
     from export.tflite_metadata import embed, mediapipe_classify, split_file
