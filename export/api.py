@@ -103,6 +103,9 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
             raise QATError("--debug analyses post-training int8 layer by layer; it does not "
                            "apply to --qat. Drop one of them.")
         qat_exe = find_qat_python(qat_python)
+    from export.tflite_metadata import mediapipe_python, with_metadata  # issue 27
+
+    md_python = mediapipe_python(log=say)  # the metadata writer's venv, built on first use
     # Read everything that can fail on bad input before converting anything.
     rep = None
     if config.mode == "int8":
@@ -137,6 +140,7 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
         conv = _compacted(conv, config, check, say)
         if ptq is not None:
             ptq = _compacted(ptq, config, check, say)
+    conv = with_metadata(conv, run.card, check, say, python=md_python)  # before validation
     report: dict = {"run": str(run.path), "mode": config.mode, "config": config.to_dict(),
                     "data": where, "checks": conv.checks, "denylisted": conv.denylisted}
     if bias is not None:
@@ -185,7 +189,7 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                       "layers_skipped": len(bias.get("layers_skipped", {}))}),
                "converter": {"tensorflow": tf.__version__, "path": "saved_model",
                              "optimizations": config.mode != "float32"},
-               "compaction": conv.compaction,
+               "compaction": conv.compaction, "metadata": conv.checks.get("metadata"),
                "checks": {k: conv.checks[k] for k in ("verified_mode", "integer_tensor_fraction",
                                                       "ops")},
                "validation": summary,

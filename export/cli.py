@@ -121,7 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--requirements", action="store_true",
                    help="only print the pip requirements (to build your own; use it with "
                    "--qat-python)")
+    _add_mobile_parsers(sub)
     return p
+
+
+def _add_mobile_parsers(sub) -> None:
+    """``inspect`` and ``metadata-setup`` (issue 27: TFLite metadata, export/tflite_metadata.py)."""
+    i = sub.add_parser("inspect", help="what a mobile developer needs from a bundle or .tflite: "
+                       "input, outputs in subgraph order with labels, metadata, MediaPipe check")
+    i.add_argument("model", help="bundle folder or .tflite file")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--no-mediapipe", action="store_true",
+                   help="skip loading the file in MediaPipe Tasks (its environment is not "
+                   "created by inspect; `metadata-setup` or an export creates it)")
+    m = sub.add_parser("metadata-setup", help="build the MediaPipe environment that writes TFLite "
+                       "metadata (cached; every export otherwise builds it on first use)")
+    m.add_argument("--python", default=None, help="base interpreter for the venv (default: this "
+                   "one)")
+    m.add_argument("--force", action="store_true", help="rebuild it even if it exists")
+    m.add_argument("--requirements", action="store_true",
+                   help="only print the pinned pip requirements (install them with --no-deps "
+                   "and set $DERMEDGE_MEDIAPIPE_PYTHON)")
 
 
 def _config(args):
@@ -250,6 +270,26 @@ def cmd_qat_setup(args) -> int:
     return EXIT_OK
 
 
+def cmd_inspect(args) -> int:
+    from export.inspect_tflite import format_inspect, inspect_model
+
+    info = inspect_model(args.model, mediapipe=not args.no_mediapipe)
+    print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return EXIT_OK
+
+
+def cmd_metadata_setup(args) -> int:
+    from export.tflite_metadata import MEDIAPIPE_REQUIREMENTS, setup_env
+
+    if args.requirements:
+        print("\n".join(MEDIAPIPE_REQUIREMENTS))
+        return EXIT_OK
+    py = setup_env(args.python, force=args.force,
+                   log=lambda m: print(f"[export] {m}", file=sys.stderr))
+    print(f"MediaPipe environment: {py}")
+    return EXIT_OK
+
+
 def cmd_bench(args) -> int:
     from export.bench import bench, bench_table
 
@@ -279,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         args = build_parser().parse_args(argv)
-        commands = {"tflite": cmd_tflite, "bench": cmd_bench, "qat-setup": cmd_qat_setup}
+        commands = {"tflite": cmd_tflite, "bench": cmd_bench, "qat-setup": cmd_qat_setup,
+                    "inspect": cmd_inspect, "metadata-setup": cmd_metadata_setup}
         return commands[args.command](args)
     except _UsageError as exc:
         print(_para(f"error: {exc}"), file=sys.stderr)

@@ -144,7 +144,10 @@ def test_export_ships_the_compacted_file_and_no_compact_opts_out(tmp_path):
     ex = res.card["export"]
     c = ex["compaction"]
     assert c["applied"] is True and c["checked_images"] == 8
-    assert ex["size_bytes"] == c["size_after"] == (res.path / "model.tflite").stat().st_size
+    # The compacted flatbuffer is what the metadata goes into (export/tflite_metadata.py).
+    assert ex["metadata"]["size_before"] == c["size_after"] and ex["metadata"]["recompacted"]
+    assert ex["size_bytes"] == ex["metadata"]["size_after"] == (
+        res.path / "model.tflite").stat().st_size
     assert c["size_after"] < c["size_before"]
     assert json.loads((res.path / "validation.json").read_text())["compaction"] == c
     rc = main(["tflite", str(run), "--int8", "--representative", "20", "--no-compact",
@@ -154,5 +157,7 @@ def test_export_ships_the_compacted_file_and_no_compact_opts_out(tmp_path):
     assert card["export"]["compaction"] is None
     report = json.loads((tmp_path / "n" / "validation.json").read_text())
     assert report["config"]["compact"] is False and "compaction" not in report
-    # The converter's own bytes: exactly the size before compaction (the export is deterministic).
-    assert (tmp_path / "n" / "model.tflite").stat().st_size == c["size_before"]
+    # The converter's own bytes: exactly the size before compaction (the export is deterministic),
+    # then the metadata.
+    assert card["export"]["metadata"]["size_before"] == c["size_before"]
+    assert card["export"]["metadata"]["recompacted"] is False
