@@ -76,6 +76,19 @@ def _validation_passed(card: dict[str, Any]) -> bool | None:
     return v.get("passed") if v.get("n") else None
 
 
+def _check_sha256(card: dict[str, Any], model_bytes: bytes, path: Path) -> None:
+    """The card records the sha256 of the model it describes; another file must not load."""
+    want = (card.get("export") or {}).get("sha256")
+    if not want:
+        return
+    got = hashlib.sha256(model_bytes).hexdigest()
+    if got != str(want).lower():
+        raise BundleError(
+            f"{path} does not match its {CARD_FILE}: its sha256 is {got[:12]}... but the card"
+            f" records {str(want)[:12]}... (the file was replaced, truncated or edited after"
+            " the export). Restore the exported file or re-export the bundle.")
+
+
 def _card_get(card: dict, path: str, where: Path) -> Any:
     node: Any = card
     for key in path.split("."):
@@ -181,7 +194,12 @@ class Tier:
         model_path = path / MODEL_FILE
         if not model_path.is_file():
             raise BundleError(f"The bundle {path} has no {MODEL_FILE}; re-export it.")
-        model_bytes = model_path.read_bytes()
+        try:
+            model_bytes = model_path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"Cannot read {model_path} ({exc.strerror}). Check the file's"
+                              " permissions, or re-export the bundle.") from exc
+        _check_sha256(card, model_bytes, model_path)
         tier_name = name or str(card.get("name") or path.name)
         if _validation_passed(card) is False:
             logging.getLogger("edge_demo").warning(
@@ -269,8 +287,9 @@ class Tier:
         """Name, version and contract, for responses (no filesystem paths)."""
         return {"name": self.name, "sha256": self.sha256, "mode": self.mode,
                 "bundle": self.bundle.name, "image_size": self.image_size,
-                "melanoma_threshold": self.melanoma_threshold,
-                "validation_passed": _validation_passed(self.card)}
+                "melanoma_threshold": round(self.melanoma_threshold, 4),
+                "validation_passed": _validation_passed(self.card),
+                "synthetic": bool((self.card.get("data") or {}).get("synthetic", False))}
 
     def describe(self) -> dict[str, Any]:
         """The summary plus the card and tensor contract, for ``GET /api/v1/models``."""
