@@ -95,6 +95,14 @@ class DemoServer(TcpWSGIServer):
         self._stop = threading.Event()
         super().__init__(app, map={}, adj=adj, sockinfo=adj.listen[0])
 
+    def bind_server_socket(self) -> None:
+        try:
+            super().bind_server_socket()
+        except OSError:  # close what __init__ opened before the failed bind
+            self.socket.close()
+            self.trigger.close()
+            raise
+
     def add_task(self, channel) -> None:
         request = channel.requests[0] if channel.requests else None
         if (request is not None and not request.error and request.command == "GET"
