@@ -89,7 +89,7 @@ DRAFT_FORMATS = ("JPEG", "MPO")
 DRAFT_SCALES = (8, 4, 2, 1)
 
 
-def draft_scale(width: int, height: int, size: int, min_crop: float = 1.0) -> int:
+def draft_scale(width: int, height: int, size: int, min_crop: float = 2.0) -> int:
     """The largest JPEG DCT scale (8, 4, 2 or 1) whose centred crop keeps a side of at least
     ``min_crop * size`` pixels, so the final resize never enlarges below that."""
     side = min(int(width), int(height))
@@ -99,7 +99,7 @@ def draft_scale(width: int, height: int, size: int, min_crop: float = 1.0) -> in
     return 1
 
 
-def draft_for_size(im: Image.Image, size: int, min_crop: float = 1.0) -> int:
+def draft_for_size(im: Image.Image, size: int, min_crop: float = 2.0) -> int:
     """Ask an opened (not yet loaded) JPEG/MPO to decode at a reduced scale for a model of
     ``size`` pixels (EXIF rotation does not matter: the crop side is min(w, h) either way).
     Returns the scale applied; other formats are left alone (1)."""

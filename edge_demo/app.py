@@ -12,6 +12,7 @@ Config keys (defaults < ``EDGE_DEMO_<KEY>`` environment variables < the ``config
                       16 MP; PNG/WebP are decoded at full size -> 413 above it)
 ``DECODE_BUDGET``     pixels being decoded at once across threads (default 16 MP; bounds memory)
 ``FAST_DECODE``       decode JPEGs at reduced DCT scale for the model size (default on)
+``DECODE_MIN_CROP``   ... keeping the crop at least this many times the model side (default 2)
 ``ALLOW_UNVALIDATED`` serve bundles whose card says the export validation failed (default off)
 ``SAVE_UPLOADS_DIR``  default None: nothing uploaded is written to disk. Setting a folder is an
                       explicit opt-in that stores every upload under a server-made name
@@ -45,7 +46,7 @@ from .imaging import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_PIXELS
 from .metadata import choices as site_choices
 from .metadata import parse as parse_metadata
 from .server import too_large_message
-from .service import DEFAULT_DECODE_BUDGET, DemoService
+from .service import DEFAULT_DECODE_BUDGET, DEFAULT_DECODE_MIN_CROP, DemoService
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "DEVICE_BUNDLE": None,
@@ -56,6 +57,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "MAX_DECODED_PIXELS": DEFAULT_MAX_DECODED_PIXELS,
     "DECODE_BUDGET": DEFAULT_DECODE_BUDGET,
     "FAST_DECODE": True,
+    "DECODE_MIN_CROP": DEFAULT_DECODE_MIN_CROP,
     "ALLOW_UNVALIDATED": False,
     "SAVE_UPLOADS_DIR": None,
     "INTERPRETERS": 4,
@@ -86,6 +88,12 @@ def env_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
                 out[key] = int(raw)
             except ValueError as exc:
                 raise EdgeDemoError(f"EDGE_DEMO_{key} must be an integer; received {raw!r}."
+                                    ) from exc
+        elif key == "DECODE_MIN_CROP":
+            try:
+                out[key] = float(raw)
+            except ValueError as exc:
+                raise EdgeDemoError(f"EDGE_DEMO_{key} must be a number; received {raw!r}."
                                     ) from exc
         elif key in _BOOL_KEYS:
             out[key] = raw.strip().lower() not in ("0", "false", "no", "off")
@@ -121,7 +129,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         max_decoded_pixels=app.config["MAX_DECODED_PIXELS"],
         decode_budget=app.config["DECODE_BUDGET"], pool_size=app.config["INTERPRETERS"],
         allow_unvalidated=bool(app.config["ALLOW_UNVALIDATED"]),
-        fast_decode=bool(app.config["FAST_DECODE"]))
+        fast_decode=bool(app.config["FAST_DECODE"]),
+        decode_min_crop=float(app.config["DECODE_MIN_CROP"]))
     save_dir = app.config["SAVE_UPLOADS_DIR"]
     if save_dir:
         Path(save_dir).mkdir(parents=True, exist_ok=True)

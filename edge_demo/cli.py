@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an idle keep-alive connection stays open")
     s.add_argument("--connection-limit", type=_positive_int, default=CONNECTION_LIMIT,
                    help="open connections accepted at once (more wait in the listen queue)")
+    s.add_argument("--decode-min-crop", type=_positive_float, default=2.0,
+                   help="JPEGs are decoded at 1/2, 1/4 or 1/8 scale while the centred crop"
+                        " stays at least this many times the model side (1 is faster on small"
+                        " photos, and further from the reference resize; docs/SERVING.md)")
     s.add_argument("--allow-unvalidated", action="store_true",
                    help="serve a bundle whose card says it failed its export validation"
                         " (for comparison only)")
@@ -140,6 +144,7 @@ def serve(args: argparse.Namespace) -> int:
               "POLICY_FILE": args.policy, "INTERPRETERS": args.threads,
               "MAX_CONTENT_LENGTH": int(args.max_mb * 1024 * 1024),
               "ALLOW_UNVALIDATED": args.allow_unvalidated,
+              "DECODE_MIN_CROP": args.decode_min_crop,
               "SAVE_UPLOADS_DIR": args.save_uploads_dir, "EXPLAIN_RUN": args.explain}
     app = create_app({k: v for k, v in config.items() if v is not None})
     server = make_server(app, host=args.host, port=args.port, threads=args.threads,

@@ -68,7 +68,7 @@ class DecodeBudget:
 
 def decode_upload(data: bytes, *, max_pixels: int, size: int | None = None,
                   max_decoded_pixels: int | None = None, budget: DecodeBudget | None = None,
-                  min_crop: float = 1.0) -> Image.Image:
+                  min_crop: float = 2.0) -> Image.Image:
     """Bytes of an upload -> an upright 8-bit RGB image, or a ``RequestError`` (4xx).
 
     The pixel count is checked from the header, before the pixels are decoded. With ``size``
@@ -86,7 +86,7 @@ def decode_upload(data: bytes, *, max_pixels: int, size: int | None = None,
 
 
 def open_upload(data: bytes, *, max_pixels: int, size: int | None = None,
-                max_decoded_pixels: int | None = None, min_crop: float = 1.0,
+                max_decoded_pixels: int | None = None, min_crop: float = 2.0,
                 what: str = "uploaded file") -> Image.Image:
     """Identify and check an upload without decoding its pixels (see :func:`decode_upload`)."""
     if not data:

@@ -245,8 +245,11 @@ class Tier:
             raise ValueError(
                 f"{self.name} expects a ({self.image_size}, {self.image_size}, 3) RGB array;"
                 f" received shape {x.shape}. Use Tier.prepare() on the decoded image.")
-        x = x[None].astype(np.float32)
         spec = self.input
+        if (x.dtype == np.uint8 and spec.dtype == np.uint8
+                and (not spec.quantized or (spec.scale == 1.0 and spec.zero_point == 0))):
+            return x[None]  # camera pixels are already the model's uint8 input
+        x = x[None].astype(np.float32)
         if np.issubdtype(spec.dtype, np.integer):
             if spec.quantized:
                 x = np.round(x / spec.scale) + spec.zero_point

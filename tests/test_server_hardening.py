@@ -328,41 +328,45 @@ def test_decode_budget_bounds_pixels_in_flight():
     assert err.value.status == 503 and err.value.code == "busy_decoding"
 
 
-def test_draft_scale_keeps_the_crop_at_least_the_model_size():
-    assert draft_scale(600, 450, 224) == 2
-    assert draft_scale(600, 450, 32) == 8
+def test_draft_scale_keeps_the_crop_at_least_twice_the_model_size():
+    assert draft_scale(600, 450, 224) == 1  # 450 // 2 = 225 < 2 x 224
+    assert draft_scale(600, 450, 224, min_crop=1.0) == 2
+    assert draft_scale(600, 450, 32) == 4
+    assert draft_scale(4032, 3024, 224) == 4  # a 12 MP phone photo: 756 x 756 crop
     assert draft_scale(8160, 6120, 224) == 8
-    assert draft_scale(600, 450, 224, min_crop=2.0) == 1
     assert draft_scale(100, 100, 224) == 1
 
 
-@pytest.mark.shared
-def test_fast_decode_stays_close_to_the_reference_on_real_photos(shared_dir, bundles):
-    """Reduced-scale JPEG decoding vs dermedge.image.load_image on the 124 real 600x450
-    photos: at 224 px (decoded at 1/2) the mean absolute pixel difference is <= 1.6 over all
-    photos and <= 3.0 for any photo (measured 1.41 and 2.3); the tiny int8 model's outputs
-    move by at most 0.02."""
-    photos = sorted((shared_dir / "data" / "ham10000_raw_600x450" / "images").glob("*.jpg"))
-    assert len(photos) >= 100
-    means = []
-    tier = Tier.from_bundle(bundles["int8"])
-    out_diff = 0.0
+def _pixel_diffs(photos, size, upscale=1, **kw) -> list[float]:
+    out = []
     for p in photos:
         data = p.read_bytes()
-        for size in (224, 32):
-            fast = np.asarray(decode_upload(data, max_pixels=10**8, size=size))
-            ref = load_image(p, size)
-            got = tier_input(fast, size)
-            d = np.abs(got.astype(np.int16) - ref.astype(np.int16))
-            if size == 224:
-                means.append(d.mean())
-            else:
-                a, b = tier.predict(got), tier.predict(ref)
-                out_diff = max(out_diff, abs(a["melanoma"] - b["melanoma"]),
-                               *(abs(a["diagnosis"][k] - b["diagnosis"][k])
-                                 for k in a["diagnosis"]))
-    assert np.mean(means) <= 1.6 and max(means) <= 3.0, (np.mean(means), max(means))
-    assert out_diff <= 0.02, out_diff
+        if upscale > 1:
+            with Image.open(p) as im:
+                data = encode(im.resize((im.width * upscale, im.height * upscale),
+                                        Image.BICUBIC), "JPEG", quality=95)
+        fast = np.asarray(decode_upload(data, max_pixels=10**8, size=size, **kw))
+        got = tier_input(fast, size).astype(np.int16)
+        ref = load_image(io.BytesIO(data), size).astype(np.int16)
+        out.append(float(np.abs(got - ref).mean()))
+    return out
+
+
+@pytest.mark.shared
+def test_fast_decode_stays_close_to_the_reference_on_real_photos(shared_dir):
+    """Reduced-scale JPEG decoding vs dermedge.image.load_image on real 600x450 photos, at
+    224 px. Default (crop >= 2x the model side): a 600x450 photo is decoded in full, so the
+    input is the reference's exactly; the photos enlarged 4x (2400x1800, a phone-size stand-
+    in) are decoded at 1/4 and stay within 0.3 mean absolute difference per photo (measured
+    0.22 mean, 0.28 worst). With --decode-min-crop 1 (a 600x450 photo at 1/2) the stated
+    tolerance is 1.6 mean over the photos and 3.0 for any one (measured 1.41 and 2.43)."""
+    photos = sorted((shared_dir / "data" / "ham10000_raw_600x450" / "images").glob("*.jpg"))
+    assert len(photos) >= 100
+    assert max(_pixel_diffs(photos[:30], 224)) == 0.0
+    up = _pixel_diffs(photos[:12], 224, upscale=4)
+    assert max(up) <= 0.3, up
+    one = _pixel_diffs(photos, 224, min_crop=1.0)
+    assert np.mean(one) <= 1.6 and max(one) <= 3.0, (np.mean(one), max(one))
 
 
 def tier_input(image: np.ndarray, size: int) -> np.ndarray:
