@@ -556,3 +556,37 @@ def test_a_truncated_model_keras_is_not_reported_as_missing(bundles, tmp_path):
     assert "not found" not in str(err.value)
     with pytest.raises(ExportRunDirError, match="truncated or corrupt"):
         Run(run, {}).load_model()
+
+
+def test_serve_prints_the_url_to_open_and_answers_there(bundles):
+    """The real `edge-demo serve` process: the printed URL answers /healthz and /readyz."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_demo", "serve", "--device", str(bundles["int8"]),
+         "--port", "0"], stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "EDGE_DEMO_LOG_JSON": "0"})
+    try:
+        url, seen, deadline = None, [], time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen.append(line)
+            m = re.search(r"open (http://127\.0\.0\.1:(\d+)/)", line)
+            if m:
+                url, port = m.group(1), int(m.group(2))
+        assert url is not None and port > 0, "".join(seen)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for path in ("/healthz", "/readyz"):
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            assert resp.status == 200, (path, resp.read())
+            resp.read()
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        proc.stderr.close()
