@@ -326,7 +326,7 @@ def _add_explanation(body: dict[str, Any], data: bytes, head: str, answer: dict)
     """Grad-CAM for the class of the final ``answer`` (cloud when used, else device)."""
     t0 = time.perf_counter()
     explainer = current_app.extensions["edge_demo"]["explainer"]
-    image = _service().decode_image(data, getattr(explainer, "image_size", None))
+    image = _service().decode_image(data)  # full scale: the heatmap overlays the upload
     body["explanation"] = explainer.explain(image, head, answer["top"]["label"])
     body["timings_ms"]["explain"] = round((time.perf_counter() - t0) * 1000.0, 3)
 
