@@ -217,30 +217,33 @@ def pick_image(arg: str | None) -> Path:
     return p
 
 
-def best_ms(fn, n: int) -> float:
-    """Median over ``n`` calls (after 3 warm-up calls), in ms."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return pct(times, 0.5)
+def interleaved_ms(fns: dict, n: int) -> dict[str, float]:
+    """Median ms of each function over ``n`` rounds, calling them in turn each round (after 3
+    warm-up rounds), so that load from other processes hits them alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(n + 3):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= 3:
+                times[k].append((time.perf_counter() - t0) * 1000)
+    return {k: pct(v, 0.5) for k, v in times.items()}
 
 
-def no_http(device: str, data: bytes, threads: int, n: int, allow: bool) -> dict:
+def no_http(device: str, data: bytes, threads: int, n: int, allow: bool,
+            min_crop: float) -> dict:
     """The pipeline without HTTP, measured in this process before the server starts."""
     from edge_demo.service import DemoService
 
-    fast = DemoService.from_paths(device, allow_unvalidated=allow, pool_size=threads)
+    fast = DemoService.from_paths(device, allow_unvalidated=allow, pool_size=threads,
+                                  decode_min_crop=min_crop)
     ref = DemoService.from_paths(device, allow_unvalidated=allow, fast_decode=False)
     fast.warm_up()
     ref.warm_up()
     x = fast._decode(data, {})[fast.device.image_size]
-    out = {"inference_ms": best_ms(lambda: fast.device.predict(x), n),
-           "jpeg_to_answer_ms": best_ms(lambda: fast.classify(data), n),
-           "jpeg_to_answer_reference_decode_ms": best_ms(lambda: ref.classify(data), n)}
+    out = interleaved_ms({"inference_ms": lambda: fast.device.predict(x),
+                          "jpeg_to_answer_ms": lambda: fast.classify(data),
+                          "jpeg_to_answer_reference_decode_ms": lambda: ref.classify(data)}, n)
     out["jpeg_to_answer_ratio"] = round(out["jpeg_to_answer_ms"] / out["inference_ms"], 2)
     out["reference_decode_ratio"] = round(
         out["jpeg_to_answer_reference_decode_ms"] / out["inference_ms"], 2)
@@ -279,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pipeline-threads", type=int, default=2,
                     help="threads of the no-HTTP pipeline figure")
     ap.add_argument("--calls", type=int, default=100, help="calls per single-thread timing")
+    ap.add_argument("--decode-min-crop", type=float, default=2.0,
+                    help="the server's --decode-min-crop (reduced-scale JPEG decoding)")
     ap.add_argument("--allow-unvalidated", action="store_true",
                     help="serve a bundle whose export validation failed (timing only)")
     ap.add_argument("--out", type=Path, help="JSON output (default: benchmarks/results/)")
@@ -293,8 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     body, ctype = multipart(data, image.name)
     levels = [int(c) for c in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="load_demo_"))
-    pipe = no_http(device, data, args.pipeline_threads, args.calls, args.allow_unvalidated)
-    extra = ["--allow-unvalidated"] if args.allow_unvalidated else []
+    pipe = no_http(device, data, args.pipeline_threads, args.calls, args.allow_unvalidated,
+                   args.decode_min_crop)
+    extra = ["--decode-min-crop", str(args.decode_min_crop)]
+    if args.allow_unvalidated:
+        extra.append("--allow-unvalidated")
     rows = []
     paths = [("device-only", DEVICE_ONLY, "device")]
     if cloud:
@@ -326,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"image {image.name} ({len(data)} bytes), device={Path(device).name},"
           f" cloud={Path(cloud).name if cloud else 'none'}, waitress threads={args.threads},"
-          f" {os.cpu_count()} CPUs (client and server share them)")
+          f" decode-min-crop={args.decode_min_crop}, {os.cpu_count()} CPUs (client and server"
+          f" share them), load average {os.getloadavg()[0]:.1f}")
     print(f"inference alone {pipe['inference_ms']:.2f} ms | JPEG->answer"
           f" {pipe['jpeg_to_answer_ms']:.2f} ms ({pipe['jpeg_to_answer_ratio']:.2f}x),"
           f" with the reference decode {pipe['jpeg_to_answer_reference_decode_ms']:.2f} ms"
@@ -345,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
            "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
            "device": device, "cloud": cloud, "image": str(image), "threads": args.threads,
+           "decode_min_crop": args.decode_min_crop,
+           "load_average_at_end": list(os.getloadavg()),
            "bounds": {"requests_per_level": args.requests, "seconds_per_level": args.seconds},
            "no_http": pipe, "rows": rows}
     out = args.out or RESULTS / f"load_demo_{dt.datetime.now():%Y%m%d_%H%M%S}.json"
