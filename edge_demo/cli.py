@@ -146,11 +146,21 @@ def serve(args: argparse.Namespace) -> int:
               "ALLOW_UNVALIDATED": args.allow_unvalidated,
               "DECODE_MIN_CROP": args.decode_min_crop,
               "SAVE_UPLOADS_DIR": args.save_uploads_dir, "EXPLAIN_RUN": args.explain}
-    app = create_app({k: v for k, v in config.items() if v is not None})
-    server = make_server(app, host=args.host, port=args.port, threads=args.threads,
-                         max_body=app.config["MAX_CONTENT_LENGTH"],
+    holder: dict = {}
+
+    def wsgi(environ, start_response):  # the app, once loaded
+        return holder["app"](environ, start_response)
+
+    # bind first, so that a busy port or a foreign --host fails before the models load
+    server = make_server(wsgi, host=args.host, port=args.port, threads=args.threads,
+                         max_body=config["MAX_CONTENT_LENGTH"],
                          request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
                          connection_limit=args.connection_limit)
+    try:
+        app = holder["app"] = create_app({k: v for k, v in config.items() if v is not None})
+    except BaseException:
+        server.shutdown()
+        raise
     svc = app.extensions["edge_demo"]["service"]
     explainer = app.extensions["edge_demo"]["explainer"]
     print(f"edge-demo: device={svc.device.name} ({svc.device.mode})"

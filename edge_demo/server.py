@@ -93,7 +93,8 @@ class DemoServer(TcpWSGIServer):
     def __init__(self, app, adj: Adjustments, request_timeout: float):
         self.request_timeout = float(request_timeout)
         self._stop = threading.Event()
-        super().__init__(app, map={}, adj=adj, sockinfo=adj.listen[0])
+        # bound now, accepting only once serve_forever runs
+        super().__init__(app, map={}, _start=False, adj=adj, sockinfo=adj.listen[0])
 
     def bind_server_socket(self) -> None:
         try:
@@ -144,6 +145,11 @@ class DemoServer(TcpWSGIServer):
                     channel.will_close = True
                 channel.close_when_flushed = True
 
+    def shutdown(self) -> None:
+        """Release the socket and the worker threads of a server that never ran."""
+        self.task_dispatcher.shutdown()
+        self.close()
+
     def stop(self) -> None:
         """Stop the loop started by :meth:`serve_forever` from another thread."""
         self._stop.set()
@@ -153,6 +159,8 @@ class DemoServer(TcpWSGIServer):
         """Run the I/O loop until :meth:`stop` (or Ctrl-C); then close every connection."""
         from waitress import wasyncore
 
+        if not self.accepting:
+            self.accept_connections()
         try:
             while not self._stop.is_set():
                 wasyncore.loop(timeout=self.adj.asyncore_loop_timeout, map=self._map,
@@ -185,8 +193,9 @@ def make_server(app, *, host: str = "127.0.0.1", port: int = 8080, threads: int 
             asyncore_use_poll=True, **extra)
     except (ValueError, OSError) as exc:
         raise EdgeDemoError(
-            f"Cannot listen on host {host!r} port {port}: {exc}. Pass --host with an address"
-            " of this machine (127.0.0.1, or 0.0.0.0 for every interface).") from exc
+            f"Cannot listen on host {host!r} port {port}: {str(exc).rstrip('.')}. Pass --host"
+            " with an address of this machine (127.0.0.1, or 0.0.0.0 for every interface)."
+        ) from exc
     try:
         server = DemoServer(app, adj, request_timeout)
     except OSError as exc:

@@ -20,7 +20,7 @@ from .imaging import (
 from .keras_tier import load_cloud_tier
 from .metadata import adjust, tables
 from .policy import DEFAULTS_NOTE, DISCLAIMER, Policy
-from .tiers import Tier
+from .tiers import Tier, validation_refusal
 
 log = logging.getLogger("edge_demo")
 
@@ -36,19 +36,6 @@ DEFAULT_DECODE_MIN_CROP = 2.0
 
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 3)
-
-
-def refuse_failed_validation(flag: str, tier) -> None:
-    """A bundle whose card says it failed its export validation is not served by default."""
-    v = ((tier.card.get("export") or {}).get("validation") or {})
-    if v.get("passed") is not False:
-        return
-    failed = v.get("failed") or ["(the card does not list them)"]
-    raise EdgeDemoError(
-        f"The {flag} bundle {tier.bundle} failed its export validation against the float"
-        f" model; failed gates: {'; '.join(str(f) for f in failed)}. Its answers can differ"
-        " from the model that was evaluated. Re-export it (see its validation.md), or start"
-        " with --allow-unvalidated to serve it anyway, for comparison only.")
 
 
 @dataclass(frozen=True)
@@ -76,12 +63,20 @@ class DemoService:
         if not device:
             raise EdgeDemoError("No device bundle given. Pass --device BUNDLE_DIR (or set"
                                 " DEVICE_BUNDLE / EDGE_DEMO_DEVICE_BUNDLE).")
-        dev = Tier.from_bundle(device, pool_size=pool_size, num_threads=num_threads)
+        dev = Tier.from_bundle(device, pool_size=pool_size, num_threads=num_threads,
+                               allow_unvalidated=allow_unvalidated, flag="--device")
         cl = (load_cloud_tier(cloud, pool_size=pool_size, num_threads=num_threads)
               if cloud else None)
         for flag, tier in (("--device", dev), ("--cloud", cl)):
-            if tier is not None and not allow_unvalidated:
-                refuse_failed_validation(flag, tier)
+            if tier is None:
+                continue
+            failed = ((tier.card.get("export") or {}).get("validation") or {}
+                      ).get("passed") is False
+            if failed and not allow_unvalidated:
+                raise EdgeDemoError(validation_refusal(flag, tier.bundle, tier.card))
+            if failed:
+                log.warning("Serving %s although it failed its export validation"
+                            " (--allow-unvalidated): for comparison only.", tier.bundle)
         if policy:
             pol = Policy.load(policy)
         else:

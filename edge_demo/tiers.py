@@ -89,6 +89,16 @@ def _check_sha256(card: dict[str, Any], model_bytes: bytes, path: Path) -> None:
             " the export). Restore the exported file or re-export the bundle.")
 
 
+def validation_refusal(flag: str, bundle: Path, card: dict[str, Any]) -> str:
+    """Why a bundle whose card says its export validation failed is not served by default."""
+    v = (card.get("export") or {}).get("validation") or {}
+    failed = v.get("failed") or ["(the card does not list them)"]
+    return (f"The {flag} bundle {bundle} failed its export validation against the float model;"
+            f" failed gates: {'; '.join(str(f) for f in failed)}. Its answers can differ from"
+            " the model that was evaluated. Re-export it (see its validation.md), or start with"
+            " --allow-unvalidated to serve it anyway, for comparison only.")
+
+
 def _card_get(card: dict, path: str, where: Path) -> Any:
     node: Any = card
     for key in path.split("."):
@@ -182,8 +192,10 @@ class Tier:
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, *, name: str | None = None, pool_size: int = 1,
-                    num_threads: int = 1) -> Tier:
-        """Load ``bundle`` (a folder written by ``python -m export tflite``)."""
+                    num_threads: int = 1, allow_unvalidated: bool = True,
+                    flag: str = "bundle") -> Tier:
+        """Load ``bundle`` (a folder written by ``python -m export tflite``); with
+        ``allow_unvalidated=False`` a card whose export validation failed is refused first."""
         path = Path(bundle).expanduser()
         if not path.is_dir():
             hint = " (it is a file; pass the folder that holds it)" if path.is_file() else ""
@@ -201,10 +213,12 @@ class Tier:
                               " permissions, or re-export the bundle.") from exc
         _check_sha256(card, model_bytes, model_path)
         tier_name = name or str(card.get("name") or path.name)
+        if _validation_passed(card) is False and not allow_unvalidated:
+            raise BundleError(validation_refusal(flag, path, card))
         if _validation_passed(card) is False:
             logging.getLogger("edge_demo").warning(
                 "The bundle %s failed its export validation against the float model (see its "
-                "validation.md); it is served anyway, for comparison only.", path)
+                "validation.md).", path)
         return cls(tier_name, path.resolve(), card, model_bytes, pool_size=pool_size,
                    num_threads=num_threads)
 
