@@ -275,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cloud", help="cloud bundle: adds the fallback path (every case to the"
                     " cloud tier)")
     ap.add_argument("--image", help="photo to upload (default: a real HAM10000 600x450 JPEG)")
+    ap.add_argument("--enlarge", type=float, default=1.0,
+                    help="enlarge the photo this many times (bicubic, JPEG quality 90) to stand"
+                         " in for a phone photo, e.g. 6.72 -> 4032 x 3024 from 600 x 450")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, default=300, help="max requests per level")
     ap.add_argument("--seconds", type=float, default=20.0, help="max seconds per level")
@@ -295,6 +298,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     device, cloud = args.device, args.cloud
     image = pick_image(args.image)
     data = image.read_bytes()
+    if args.enlarge != 1.0:
+        import io
+
+        from PIL import Image
+
+        with Image.open(image) as im:
+            big = im.resize((round(im.width * args.enlarge), round(im.height * args.enlarge)),
+                            Image.BICUBIC)
+        buf = io.BytesIO()
+        big.save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+        print(f"enlarged {image.name} to {big.width} x {big.height} ({len(data)} bytes)")
     body, ctype = multipart(data, image.name)
     levels = [int(c) for c in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="load_demo_"))
@@ -332,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if r["path"] == path_name:
                 r["rss_start_mb"], r["rss_end_mb"] = round(rss0, 1), round(rss1, 1)
 
-    print(f"image {image.name} ({len(data)} bytes), device={Path(device).name},"
+    print(f"image {image.name} x{args.enlarge:g} ({len(data)} bytes), device={Path(device).name},"
           f" cloud={Path(cloud).name if cloud else 'none'}, waitress threads={args.threads},"
           f" decode-min-crop={args.decode_min_crop}, {os.cpu_count()} CPUs (client and server"
           f" share them), load average {os.getloadavg()[0]:.1f}")
@@ -353,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
            "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
-           "device": device, "cloud": cloud, "image": str(image), "threads": args.threads,
+           "device": device, "cloud": cloud, "image": str(image), "enlarge": args.enlarge,
+           "upload_bytes": len(data), "threads": args.threads,
            "decode_min_crop": args.decode_min_crop,
            "load_average_at_end": list(os.getloadavg()),
            "bounds": {"requests_per_level": args.requests, "seconds_per_level": args.seconds},
