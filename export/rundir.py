@@ -48,9 +48,9 @@ class Run:
         path = self.path / "model.keras"
         if path.is_file() and not zipfile.is_zipfile(path):  # Keras would say "File not found"
             raise RunDirError(
-                f"{path} exists ({path.stat().st_size:,} bytes) but is not a complete .keras"
-                " file (not a readable zip archive: truncated or corrupt). Restore it or re-run"
-                " `trainer fit`.")
+                f"Cannot load {path}: it exists ({path.stat().st_size:,} bytes) but is not a"
+                " complete .keras file (not a readable zip archive: truncated or corrupt)."
+                " Restore it or re-run `trainer fit`.")
         try:
             model = keras.saving.load_model(path, compile=False)
         except Exception as exc:  # noqa: BLE001 - any load failure means a bad file

@@ -91,9 +91,9 @@ def check_keras_file(path: Path) -> None:
 
     if path.is_file() and not zipfile.is_zipfile(path):
         raise RunDirError(
-            f"{path} exists ({path.stat().st_size:,} bytes) but is not a complete .keras file"
-            " (not a readable zip archive: truncated or corrupt). Restore it or re-run"
-            " `trainer fit`.")
+            f"Cannot load {path}: it exists ({path.stat().st_size:,} bytes) but is not a"
+            " complete .keras file (not a readable zip archive: truncated or corrupt). Restore"
+            " it or re-run `trainer fit`.")
 
 
 def load_run(run_dir: str | Path):
