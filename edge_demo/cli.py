@@ -14,8 +14,15 @@ from dermedge.errors import DermedgeError
 from .server import CONNECTION_LIMIT, IDLE_TIMEOUT_S, REQUEST_TIMEOUT_S
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default; keeps the descriptions' line breaks."""
+class _Formatter(argparse.HelpFormatter):
+    """Shows every option's default (options without one, and flags, say nothing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default in (None, False, argparse.SUPPRESS) or action.required
+                or "default" in text):
+            return text
+        return text + " (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
