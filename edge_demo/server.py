@@ -93,8 +93,8 @@ class DemoServer(TcpWSGIServer):
     def __init__(self, app, adj: Adjustments, request_timeout: float):
         self.request_timeout = float(request_timeout)
         self._stop = threading.Event()
-        # bound now, accepting only once serve_forever runs
-        super().__init__(app, map={}, _start=False, adj=adj, sockinfo=adj.listen[0])
+        # listening from here on: early connections wait in the backlog until the loop runs
+        super().__init__(app, map={}, adj=adj, sockinfo=adj.listen[0])
 
     def bind_server_socket(self) -> None:
         try:
@@ -159,8 +159,6 @@ class DemoServer(TcpWSGIServer):
         """Run the I/O loop until :meth:`stop` (or Ctrl-C); then close every connection."""
         from waitress import wasyncore
 
-        if not self.accepting:
-            self.accept_connections()
         try:
             while not self._stop.is_set():
                 wasyncore.loop(timeout=self.adj.asyncore_loop_timeout, map=self._map,
