@@ -175,6 +175,19 @@ def test_a_body_over_the_limit_gets_json_413_before_it_is_sent(live):
     assert "8,388,608 bytes (8 MB)" in err["message"]
 
 
+def test_a_chunked_body_over_the_limit_is_cut_off_with_413(live):
+    chunk = b"x" * 65536
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as s:
+        s.sendall(b"POST /api/v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
+                  b"form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(8 * 16 + 1):  # one chunk over the 8 MB limit, then nothing more
+            s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        reply = recv_response(s, 10.0)
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert json.loads(payload)["error"]["code"] == "request_entity_too_large"
+
+
 # --- 2. slow clients cannot lock anyone out -------------------------------------------------
 def test_110_slow_clients_do_not_lock_out_healthz_or_classify(live):
     socks = []
