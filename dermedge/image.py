@@ -78,3 +78,43 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         raise ImageError(
             f"Cannot read the image {path} ({type(exc).__name__}: {exc}). The file is unreadable,"
             " truncated or not an image; replace or remove it.") from exc
+
+
+# --- the demo's fast path: reduced-scale decoding --------------------------------------
+# A JPEG can be decoded at 1/2, 1/4 or 1/8 scale inside the DCT (Pillow's ``draft``), which
+# is cheaper and needs far less memory than decoding every pixel and resizing. It changes
+# pixels against the reference above (tests/test_server_hardening.py states the tolerance
+# on real photos), so only the demo server uses it; training and export keep load_image.
+DRAFT_FORMATS = ("JPEG", "MPO")
+DRAFT_SCALES = (8, 4, 2, 1)
+
+
+def draft_scale(width: int, height: int, size: int, min_crop: float = 2.0) -> int:
+    """The largest JPEG DCT scale (8, 4, 2 or 1) whose centred crop keeps a side of at least
+    ``min_crop * size`` pixels, so the final resize never enlarges below that."""
+    side = min(int(width), int(height))
+    for scale in DRAFT_SCALES:
+        if side // scale >= min_crop * int(size):
+            return scale
+    return 1
+
+
+def draft_for_size(im: Image.Image, size: int, min_crop: float = 2.0) -> int:
+    """Ask an opened (not yet loaded) JPEG/MPO to decode at a reduced scale for a model of
+    ``size`` pixels (EXIF rotation does not matter: the crop side is min(w, h) either way).
+    Returns the scale applied; other formats are left alone (1)."""
+    if im.format not in DRAFT_FORMATS:
+        return 1
+    w, h = im.size
+    scale = draft_scale(w, h, size, min_crop)
+    if scale > 1:
+        im.draft("RGB", (w // scale, h // scale))
+    return scale
+
+
+def first_frame(im: Image.Image) -> Image.Image:
+    """The first image of a multi-image file (an MPO phone photo holds the photo first and
+    a preview or second view after it); single-image files are returned as they are."""
+    if getattr(im, "n_frames", 1) > 1 and im.tell() != 0:
+        im.seek(0)
+    return im

@@ -6,9 +6,18 @@ Config keys (defaults < ``EDGE_DEMO_<KEY>`` environment variables < the ``config
 ``CLOUD_BUNDLE``      optional; the cloud export bundle folder
 ``POLICY_FILE``       optional; written by ``edge-demo calibrate`` (else conservative defaults)
 ``MAX_CONTENT_LENGTH`` request size limit in bytes (default 10 MB; larger -> 413 JSON)
-``MAX_PIXELS``        image pixel-count limit, checked before decoding (default 40 MP -> 413)
+``MAX_PIXELS``        declared image size limit, checked before decoding (default 50 MP, a
+                      phone's full-resolution photo -> 413)
+``MAX_DECODED_PIXELS`` pixels decoded into memory after reduced-scale JPEG decoding (default
+                      16 MP; PNG/WebP are decoded at full size -> 413 above it)
+``DECODE_BUDGET``     pixels being decoded at once across threads (default 16 MP; bounds memory)
+``FAST_DECODE``       decode JPEGs at reduced DCT scale for the model size (default on)
+``DECODE_MIN_CROP``   the crop reduced-scale decoding must keep, in model sides (default 2;
+                      1 is faster on small photos and further from the reference)
+``ALLOW_UNVALIDATED`` serve bundles whose card says the export validation failed (default off)
 ``SAVE_UPLOADS_DIR``  default None: nothing uploaded is written to disk. Setting a folder is an
-                      explicit opt-in that stores every upload as ``<request_id>.<ext>``.
+                      explicit opt-in that stores every upload under a server-made name
+                      ``<UTC time>-<random>.<ext>`` (never a client-supplied one).
 ``INTERPRETERS``      LiteRT interpreters per tier (default 4: one per server thread)
 ``LOG_JSON``          one JSON line per request on the ``edge_demo.request`` logger (default on)
 ``EXPLAIN_RUN``       optional; a ``trainer fit`` run directory: enables Grad-CAM heatmaps
@@ -38,10 +47,11 @@ from werkzeug.exceptions import HTTPException
 from . import browser
 from .errors import EdgeDemoError, RequestError
 from .explain import NOT_ENABLED, explain_head
-from .imaging import decode_upload
+from .imaging import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_PIXELS
 from .metadata import choices as site_choices
 from .metadata import parse as parse_metadata
-from .service import DEFAULT_MAX_PIXELS, DemoService
+from .server import too_large_message
+from .service import DEFAULT_DECODE_BUDGET, DEFAULT_DECODE_MIN_CROP, DemoService
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "DEVICE_BUNDLE": None,
@@ -49,6 +59,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "POLICY_FILE": None,
     "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,
     "MAX_PIXELS": DEFAULT_MAX_PIXELS,
+    "MAX_DECODED_PIXELS": DEFAULT_MAX_DECODED_PIXELS,
+    "DECODE_BUDGET": DEFAULT_DECODE_BUDGET,
+    "FAST_DECODE": True,
+    "DECODE_MIN_CROP": DEFAULT_DECODE_MIN_CROP,
+    "ALLOW_UNVALIDATED": False,
     "SAVE_UPLOADS_DIR": None,
     "INTERPRETERS": 4,
     "LOG_JSON": True,
@@ -56,9 +71,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "BROWSER_INFERENCE": True,
     "WEB_RUNTIME_DIR": None,
 }
-_INT_KEYS = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "INTERPRETERS")
+_INT_KEYS = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "MAX_DECODED_PIXELS", "DECODE_BUDGET",
+             "INTERPRETERS")
+_BOOL_KEYS = ("LOG_JSON", "FAST_DECODE", "ALLOW_UNVALIDATED", "BROWSER_INFERENCE")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
 request_log = logging.getLogger("edge_demo.request")
 api = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -79,7 +96,13 @@ def env_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
             except ValueError as exc:
                 raise EdgeDemoError(f"EDGE_DEMO_{key} must be an integer; received {raw!r}."
                                     ) from exc
-        elif key in ("LOG_JSON", "BROWSER_INFERENCE"):
+        elif key == "DECODE_MIN_CROP":
+            try:
+                out[key] = float(raw)
+            except ValueError as exc:
+                raise EdgeDemoError(f"EDGE_DEMO_{key} must be a number; received {raw!r}."
+                                    ) from exc
+        elif key in _BOOL_KEYS:
             out[key] = raw.strip().lower() not in ("0", "false", "no", "off")
         else:
             out[key] = raw
@@ -109,7 +132,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             raise EdgeDemoError(f"Config {key} must be a positive integer; received {v!r}.")
     service = DemoService.from_paths(
         app.config["DEVICE_BUNDLE"], app.config["CLOUD_BUNDLE"], app.config["POLICY_FILE"],
-        max_pixels=app.config["MAX_PIXELS"], pool_size=app.config["INTERPRETERS"])
+        max_pixels=app.config["MAX_PIXELS"],
+        max_decoded_pixels=app.config["MAX_DECODED_PIXELS"],
+        decode_budget=app.config["DECODE_BUDGET"], pool_size=app.config["INTERPRETERS"],
+        allow_unvalidated=bool(app.config["ALLOW_UNVALIDATED"]),
+        fast_decode=bool(app.config["FAST_DECODE"]),
+        decode_min_crop=float(app.config["DECODE_MIN_CROP"]))
     save_dir = app.config["SAVE_UPLOADS_DIR"]
     if save_dir:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -184,6 +212,8 @@ def _finish_request(resp):
                               3),
                   "request_id": g.get("request_id"), "tier_path": g.get("tier_path"),
                   "error": g.get("error_code")}
+        if g.get("saved_upload"):
+            record["saved_upload"] = g.saved_upload
         request_log.info(json.dumps(record))
     return resp
 
@@ -210,8 +240,15 @@ def _http_error(exc: HTTPException):
     code = (exc.name or "error").lower().replace(" ", "_")
     if status == 413:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
-        message = (f"The upload is larger than the limit of {limit:,} bytes"
-                   f" ({limit / 1024 / 1024:.0f} MB). Send a smaller photo.")
+        if (request.content_length or 0) > limit:
+            message = too_large_message(limit)
+        else:  # under the body limit: one of the form parser's own limits was hit
+            message = (
+                f"The form is too large for the form parser: a text field over"
+                f" {request.max_form_memory_size:,} bytes or more than"
+                f" {request.max_form_parts:,} fields. Send the photo in the field 'image' and"
+                " only the small fields age, sex and site.")
+            code = "form_too_large"
     else:
         message = _HTTP_MESSAGES.get(status, exc.description or exc.name)
     g.error_code = code
@@ -264,7 +301,8 @@ def _upload_bytes() -> bytes:
 
 
 def _maybe_save(data: bytes) -> None:
-    """Only with the explicit SAVE_UPLOADS_DIR opt-in; atomic write, named by request id."""
+    """Only with the explicit SAVE_UPLOADS_DIR opt-in; atomic write under a server-made name
+    (UTC time + random), so no client header can choose or overwrite a file."""
     folder = current_app.config["SAVE_UPLOADS_DIR"]
     if not folder or not data:
         return
@@ -274,11 +312,13 @@ def _maybe_save(data: bytes) -> None:
         fmt = Image.open(io.BytesIO(data)).format
     except Exception:  # noqa: BLE001 - unreadable uploads are saved as .bin for inspection
         fmt = None
-    dest = Path(folder) / f"{g.request_id}.{_EXT.get(fmt, 'bin')}"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = Path(folder) / f"{stamp}-{uuid.uuid4().hex}.{_EXT.get(fmt, 'bin')}"
     fd, tmp = tempfile.mkstemp(prefix=".upload.", dir=folder)
     with os.fdopen(fd, "wb") as out:
         out.write(data)
     os.replace(tmp, dest)
+    g.saved_upload = dest.name
 
 
 def _explain_head() -> str | None:
@@ -292,8 +332,8 @@ def _explain_head() -> str | None:
 def _add_explanation(body: dict[str, Any], data: bytes, head: str, answer: dict) -> None:
     """Grad-CAM for the class of the final ``answer`` (cloud when used, else device)."""
     t0 = time.perf_counter()
-    image = decode_upload(data, max_pixels=_service().max_pixels)
     explainer = current_app.extensions["edge_demo"]["explainer"]
+    image = _service().decode_image(data)  # full scale: the heatmap overlays the upload
     body["explanation"] = explainer.explain(image, head, answer["top"]["label"])
     body["timings_ms"]["explain"] = round((time.perf_counter() - t0) * 1000.0, 3)
 

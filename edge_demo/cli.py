@@ -11,47 +11,133 @@ from pathlib import Path
 
 from dermedge.errors import DermedgeError
 
-from .errors import EdgeDemoError
+from .server import CONNECTION_LIMIT, IDLE_TIMEOUT_S, REQUEST_TIMEOUT_S
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows every option's default (options without one, and flags, say nothing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default in (None, False, argparse.SUPPRESS) or action.required
+                or "default" in text):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors name the program once: ``edge-demo: error: ...``."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"edge-demo: error: {message}\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--port must be a whole number; received {text!r}."
+                                         ) from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"--port must be between 1 and 65535 (0 picks a free port); received {port}.")
+    return port
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; received {text!r}.")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = 0.0
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0; received {text!r}.")
+    return x
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-demo", description=(
+    p = _Parser(prog="edge-demo", formatter_class=_Formatter, description=(
         "The dermedge phone-to-cloud demo: an on-device LiteRT tier, a cloud tier and an"
         " explicit fallback policy. Research tool, not a diagnosis."))
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("serve", help="serve the page and the JSON API with waitress")
+    s = sub.add_parser(
+        "serve", formatter_class=_Formatter,
+        help="serve the page and the JSON API with waitress",
+        description="Serve the demo page and the JSON API (docs/SERVING.md: limits, timeouts,"
+                    " what touches the disk). Uploads stay in memory; nothing is stored unless"
+                    " --save-uploads-dir is given.")
     s.add_argument("--device", required=True, help="on-device export bundle folder (int8)")
     s.add_argument("--cloud", help="cloud export bundle folder (e.g. float32), or a run"
                    " directory with model.keras when TensorFlow is installed")
-    s.add_argument("--policy", help="policy file from `edge-demo calibrate` (else defaults)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--threads", type=int, default=4, help="waitress worker threads")
-    s.add_argument("--max-mb", type=float, default=10.0, help="upload size limit in MB")
-    s.add_argument("--save-uploads-dir", help="OPT-IN: store every upload in this folder")
+    s.add_argument("--policy", help="policy file from `edge-demo calibrate` (else the"
+                   " conservative defaults)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on: 127.0.0.1 is"
+                   " this machine only, 0.0.0.0 every interface (phones on the same LAN)")
+    s.add_argument("--port", type=_port, default=8080, help="TCP port (1-65535; 0 = any free)")
+    s.add_argument("--threads", type=_positive_int, default=4,
+                   help="waitress worker threads (one LiteRT interpreter each)")
+    s.add_argument("--max-mb", type=_positive_float, default=10.0,
+                   help="request body limit in MB, enforced by the server before reading")
+    s.add_argument("--request-timeout", type=_positive_float, default=REQUEST_TIMEOUT_S,
+                   help="seconds a request may take to arrive after its first byte (slow"
+                        " senders get 408)")
+    s.add_argument("--idle-timeout", type=_positive_float, default=IDLE_TIMEOUT_S,
+                   help="seconds an idle keep-alive connection stays open")
+    s.add_argument("--connection-limit", type=_positive_int, default=CONNECTION_LIMIT,
+                   help="open connections accepted at once (more wait in the listen queue)")
+    s.add_argument("--decode-min-crop", type=_positive_float, default=2.0,
+                   help="JPEGs are decoded at 1/2, 1/4 or 1/8 scale while the centred crop"
+                        " stays at least this many times the model side (1 is faster on small"
+                        " photos, and further from the reference resize; docs/SERVING.md)")
+    s.add_argument("--allow-unvalidated", action="store_true",
+                   help="serve a bundle whose card says it failed its export validation"
+                        " (for comparison only)")
     s.add_argument("--no-browser-inference", dest="browser_inference", action="store_false",
                    help="run the device model on the server for every photo (default: the"
                         " page runs it in the browser with LiteRT.js and uploads the photo"
                         " only on fallback)")
+    s.add_argument("--save-uploads-dir", help="OPT-IN: store every upload in this folder,"
+                   " under server-made names (default: nothing is written to disk)")
     s.add_argument("--explain", metavar="RUN_DIR", help="enable Grad-CAM heatmaps (?explain=1)"
                    " from this `trainer fit` run directory's model.keras (needs TensorFlow)")
 
-    r = sub.add_parser("predict", help="classify image files and print JSON")
-    r.add_argument("--device", required=True)
-    r.add_argument("--cloud")
-    r.add_argument("--policy")
+    r = sub.add_parser(
+        "predict", formatter_class=_Formatter, help="classify image files and print JSON",
+        description="Classify each image with the same pipeline as the server and print one"
+                    " JSON object per image. An unreadable image is reported on stderr and the"
+                    " rest still run; the exit status is 1 when any image failed.")
+    r.add_argument("--device", required=True, help="on-device export bundle folder")
+    r.add_argument("--cloud", help="cloud export bundle folder or run directory")
+    r.add_argument("--policy", help="policy file from `edge-demo calibrate` (else defaults)")
     r.add_argument("--age", help="patient age in years (optional metadata)")
     r.add_argument("--sex", help="male or female (optional metadata)")
     r.add_argument("--site", help="body site, e.g. back (optional metadata)")
-    r.add_argument("images", nargs="+", type=Path)
+    r.add_argument("--allow-unvalidated", action="store_true",
+                   help="use a bundle whose card says it failed its export validation")
+    r.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP)")
 
-    c = sub.add_parser("calibrate", help="choose policy thresholds on a labelled set")
-    c.add_argument("--device", required=True)
-    c.add_argument("--cloud", required=True)
+    c = sub.add_parser(
+        "calibrate", formatter_class=_Formatter,
+        help="choose policy thresholds on a labelled set",
+        description="Run both tiers on a labelled validation set and choose the fallback and"
+                    " referral thresholds for a target fallback rate and melanoma sensitivity;"
+                    " writes a policy file for `edge-demo serve --policy`.")
+    c.add_argument("--device", required=True, help="on-device export bundle folder")
+    c.add_argument("--cloud", required=True, help="cloud export bundle folder or run directory")
     c.add_argument("--data", required=True,
                    help="a run's splits.csv or a folder with one sub-folder per class")
-    c.add_argument("--split", default="val")
+    c.add_argument("--split", default="val", help="which split of splits.csv to use")
     c.add_argument("--target-fallback", type=float, default=0.2,
                    help="fall back to the cloud on at most this fraction of cases")
     c.add_argument("--target-sensitivity", type=float, default=0.9,
@@ -66,29 +152,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import waitress
-
     from .app import create_app
+    from .server import make_server, urls
 
-    if args.threads < 1:
-        raise EdgeDemoError(f"--threads must be >= 1; received {args.threads}.")
     config = {"DEVICE_BUNDLE": args.device, "CLOUD_BUNDLE": args.cloud,
               "POLICY_FILE": args.policy, "INTERPRETERS": args.threads,
               "MAX_CONTENT_LENGTH": int(args.max_mb * 1024 * 1024),
+              "ALLOW_UNVALIDATED": args.allow_unvalidated,
+              "DECODE_MIN_CROP": args.decode_min_crop,
               "SAVE_UPLOADS_DIR": args.save_uploads_dir, "EXPLAIN_RUN": args.explain,
               "BROWSER_INFERENCE": args.browser_inference}
-    app = create_app({k: v for k, v in config.items() if v is not None})
+    holder: dict = {}
+
+    def wsgi(environ, start_response):  # the app, once loaded
+        return holder["app"](environ, start_response)
+
+    # bind first, so that a busy port or a foreign --host fails before the models load
+    server = make_server(wsgi, host=args.host, port=args.port, threads=args.threads,
+                         max_body=config["MAX_CONTENT_LENGTH"],
+                         request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
+                         connection_limit=args.connection_limit)
+    try:
+        app = holder["app"] = create_app({k: v for k, v in config.items() if v is not None})
+    except BaseException:
+        server.shutdown()
+        raise
     svc = app.extensions["edge_demo"]["service"]
     explainer = app.extensions["edge_demo"]["explainer"]
     print(f"edge-demo: device={svc.device.name} ({svc.device.mode})"
           f" cloud={svc.cloud.name if svc.cloud else 'none'} policy={svc.policy.source}"
-          f" explain={explainer.name if explainer else 'off'}"
-          f" on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+          f" explain={explainer.name if explainer else 'off'}", file=sys.stderr)
     if args.save_uploads_dir:
         print(f"edge-demo: saving every upload to {args.save_uploads_dir} (opt-in)",
               file=sys.stderr)
-    waitress.serve(app, host=args.host, port=args.port, threads=args.threads,
-                   ident="edge-demo", clear_untrusted_proxy_headers=True)
+    print("edge-demo: open " + "  or  ".join(urls(args.host, server.effective_port))
+          + "   (Ctrl-C stops)", file=sys.stderr, flush=True)
+    server.serve_forever()
     return 0
 
 
@@ -97,15 +196,29 @@ def predict(args: argparse.Namespace) -> int:
     from .service import DemoService
 
     meta = parse_metadata({"age": args.age, "sex": args.sex, "site": args.site})
-    svc = DemoService.from_paths(args.device, args.cloud, args.policy)
+    svc = DemoService.from_paths(args.device, args.cloud, args.policy,
+                                 allow_unvalidated=args.allow_unvalidated)
+    failed = 0
     for path in args.images:
         try:
             data = path.read_bytes()
+            body = svc.classify(data, meta, what=f"file {path}")
         except OSError as exc:
-            raise EdgeDemoError(f"Cannot read {path} ({exc.strerror}).") from exc
-        body = svc.classify(data, meta)
+            failed += 1
+            print(f"edge-demo: error: cannot read {path} ({exc.strerror}); skipped.",
+                  file=sys.stderr)
+            continue
+        except DermedgeError as exc:
+            failed += 1
+            print(f"edge-demo: error: {' '.join(str(exc).split())} (skipped)",
+                  file=sys.stderr)
+            continue
         body["image"] = str(path)
-        print(json.dumps(body, indent=2))
+        print(json.dumps(body, indent=2), flush=True)
+    if failed:
+        print(f"edge-demo: error: {failed} of {len(args.images)} images could not be"
+              " classified (see above).", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -146,5 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except DermedgeError as exc:
-        print(f"edge-demo {args.command}: error: {exc}", file=sys.stderr)
+        print(f"edge-demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file or socket the operator named cannot be used
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"edge-demo: error: cannot use{where} ({exc.strerror or exc}). Check the path"
+              " and its permissions.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -76,6 +76,29 @@ def _validation_passed(card: dict[str, Any]) -> bool | None:
     return v.get("passed") if v.get("n") else None
 
 
+def _check_sha256(card: dict[str, Any], model_bytes: bytes, path: Path) -> None:
+    """The card records the sha256 of the model it describes; another file must not load."""
+    want = (card.get("export") or {}).get("sha256")
+    if not want:
+        return
+    got = hashlib.sha256(model_bytes).hexdigest()
+    if got != str(want).lower():
+        raise BundleError(
+            f"{path} does not match its {CARD_FILE}: its sha256 is {got[:12]}... but the card"
+            f" records {str(want)[:12]}... (the file was replaced, truncated or edited after"
+            " the export). Restore the exported file or re-export the bundle.")
+
+
+def validation_refusal(flag: str, bundle: Path, card: dict[str, Any]) -> str:
+    """Why a bundle whose card says its export validation failed is not served by default."""
+    v = (card.get("export") or {}).get("validation") or {}
+    failed = v.get("failed") or ["(the card does not list them)"]
+    return (f"The {flag} bundle {bundle} failed its export validation against the float model;"
+            f" failed gates: {'; '.join(str(f) for f in failed)}. Its answers can differ from"
+            " the model that was evaluated. Re-export it (see its validation.md), or start with"
+            " --allow-unvalidated to serve it anyway, for comparison only.")
+
+
 def _card_get(card: dict, path: str, where: Path) -> Any:
     node: Any = card
     for key in path.split("."):
@@ -169,8 +192,10 @@ class Tier:
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, *, name: str | None = None, pool_size: int = 1,
-                    num_threads: int = 1) -> Tier:
-        """Load ``bundle`` (a folder written by ``python -m export tflite``)."""
+                    num_threads: int = 1, allow_unvalidated: bool = True,
+                    flag: str = "bundle") -> Tier:
+        """Load ``bundle`` (a folder written by ``python -m export tflite``); with
+        ``allow_unvalidated=False`` a card whose export validation failed is refused first."""
         path = Path(bundle).expanduser()
         if not path.is_dir():
             hint = " (it is a file; pass the folder that holds it)" if path.is_file() else ""
@@ -181,12 +206,19 @@ class Tier:
         model_path = path / MODEL_FILE
         if not model_path.is_file():
             raise BundleError(f"The bundle {path} has no {MODEL_FILE}; re-export it.")
-        model_bytes = model_path.read_bytes()
+        try:
+            model_bytes = model_path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"Cannot read {model_path} ({exc.strerror}). Check the file's"
+                              " permissions, or re-export the bundle.") from exc
+        _check_sha256(card, model_bytes, model_path)
         tier_name = name or str(card.get("name") or path.name)
+        if _validation_passed(card) is False and not allow_unvalidated:
+            raise BundleError(validation_refusal(flag, path, card))
         if _validation_passed(card) is False:
             logging.getLogger("edge_demo").warning(
                 "The bundle %s failed its export validation against the float model (see its "
-                "validation.md); it is served anyway, for comparison only.", path)
+                "validation.md).", path)
         return cls(tier_name, path.resolve(), card, model_bytes, pool_size=pool_size,
                    num_threads=num_threads)
 
@@ -227,8 +259,11 @@ class Tier:
             raise ValueError(
                 f"{self.name} expects a ({self.image_size}, {self.image_size}, 3) RGB array;"
                 f" received shape {x.shape}. Use Tier.prepare() on the decoded image.")
-        x = x[None].astype(np.float32)
         spec = self.input
+        if (x.dtype == np.uint8 and spec.dtype == np.uint8
+                and (not spec.quantized or (spec.scale == 1.0 and spec.zero_point == 0))):
+            return x[None]  # camera pixels are already the model's uint8 input
+        x = x[None].astype(np.float32)
         if np.issubdtype(spec.dtype, np.integer):
             if spec.quantized:
                 x = np.round(x / spec.scale) + spec.zero_point
@@ -269,8 +304,9 @@ class Tier:
         """Name, version and contract, for responses (no filesystem paths)."""
         return {"name": self.name, "sha256": self.sha256, "mode": self.mode,
                 "bundle": self.bundle.name, "image_size": self.image_size,
-                "melanoma_threshold": self.melanoma_threshold,
-                "validation_passed": _validation_passed(self.card)}
+                "melanoma_threshold": round(self.melanoma_threshold, 4),
+                "validation_passed": _validation_passed(self.card),
+                "synthetic": bool((self.card.get("data") or {}).get("synthetic", False))}
 
     def describe(self) -> dict[str, Any]:
         """The summary plus the card and tensor contract, for ``GET /api/v1/models``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,11 @@ class Run:
         import keras
 
         path = self.path / "model.keras"
+        if path.is_file() and not zipfile.is_zipfile(path):  # Keras would say "File not found"
+            raise RunDirError(
+                f"Cannot load {path}: it exists ({path.stat().st_size:,} bytes) but is not a"
+                " complete .keras file (not a readable zip archive: truncated or corrupt)."
+                " Restore it or re-run `trainer fit`.")
         try:
             model = keras.saving.load_model(path, compile=False)
         except Exception as exc:  # noqa: BLE001 - any load failure means a bad file

@@ -166,7 +166,7 @@ def test_cli_policy_type_error_is_one_paragraph_exit_2(tmp_path, capsys):
                str(tmp_path / "none.jpg")])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
-    assert err.startswith("edge-demo predict: error: Policy.malignant_classes must be a list")
+    assert err.startswith("edge-demo: error: Policy.malignant_classes must be a list")
     assert err.count("\n") == 1
 
 

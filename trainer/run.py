@@ -84,11 +84,24 @@ def read_card(run_dir: str | Path) -> dict[str, Any]:
     return card
 
 
+def check_keras_file(path: Path) -> None:
+    """A present but truncated/corrupt ``.keras`` file is named as such (Keras itself answers
+    "File not found" for any file that is not a zip archive)."""
+    import zipfile
+
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise RunDirError(
+            f"Cannot load {path}: it exists ({path.stat().st_size:,} bytes) but is not a"
+            " complete .keras file (not a readable zip archive: truncated or corrupt). Restore"
+            " it or re-run `trainer fit`.")
+
+
 def load_run(run_dir: str | Path):
     """``(keras model, card)`` of a run directory."""
     import keras
 
     card = read_card(run_dir)
+    check_keras_file(Path(run_dir) / "model.keras")
     try:
         model = keras.saving.load_model(Path(run_dir) / "model.keras", compile=False)
     except Exception as e:  # noqa: BLE001 - any load failure means a corrupt artifact

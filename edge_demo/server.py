@@ -1,0 +1,265 @@
+"""The waitress server for the demo, set up so that hostile or heavy clients cannot hurt it.
+
+* Request bodies are limited at the server (``max_body`` bytes; larger -> 413 JSON before the
+  body is read) and kept in memory: waitress would otherwise spool any body over 512 kB to a
+  temporary file. Responses are buffered in memory too. Nothing of a request touches the disk.
+* A request must arrive completely within ``request_timeout`` seconds of its first byte
+  (slow senders get 408 and are closed), an idle keep-alive connection is closed after
+  ``idle_timeout`` seconds, and up to ``connection_limit`` connections are accepted, so a few
+  hundred slow clients cannot fill the connection table.
+* ``GET /healthz`` is answered by the I/O loop itself, never queued behind the worker threads
+  (liveness must not depend on how busy the model is; ``/readyz`` goes through the app).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask
+
+from .errors import EdgeDemoError
+
+REQUEST_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 15.0
+CONNECTION_LIMIT = 1000
+HEALTHZ_BODY = b'{"status":"ok"}\n'
+
+
+def too_large_message(limit: int) -> str:
+    """The 413 message for a body over ``limit`` bytes (the same from waitress and Flask)."""
+    return (f"The upload is larger than the limit of {limit:,} bytes"
+            f" ({limit / 1024 / 1024:.3g} MB). Send a smaller photo.")
+
+
+def _json_error(status: int, reason: str, code: str, message: str,
+                close: bool = True) -> bytes:
+    body = json.dumps({"error": {"code": code, "message": message, "request_id": None}}
+                      ).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            + ("Connection: close\r\n" if close else "") + "\r\n")
+    return head.encode() + body
+
+
+class _JsonErrorTask(ErrorTask):
+    """waitress' own errors (body too large, bad framing) as the API's JSON error body."""
+
+    def execute(self):
+        e = self.request.error
+        if e.code == 413:
+            code, message = "request_entity_too_large", too_large_message(
+                self.channel.server.adj.max_request_body_size)
+        else:
+            code = e.reason.lower().replace(" ", "_")
+            message = f"{e.reason}: {e.body}"
+        body = json.dumps({"error": {"code": code, "message": message,
+                                     "request_id": None}}).encode()
+        self.status = f"{e.code} {e.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _Channel(HTTPChannel):
+    """Records when the request being read started, for the server's read deadline."""
+
+    error_task_class = _JsonErrorTask
+    request_started: float | None = None
+
+    def received(self, data):
+        if self.request is None and data:
+            self.request_started = time.monotonic()
+        return super().received(data)
+
+
+def _wants_close(request) -> bool:
+    conn = request.headers.get("CONNECTION", "").lower()
+    return conn == "close" or (request.version == "1.0" and conn != "keep-alive")
+
+
+class DemoServer(TcpWSGIServer):
+    """waitress' TCP server with a read deadline and an I/O-loop ``/healthz``."""
+
+    channel_class = _Channel
+
+    def __init__(self, app, adj: Adjustments, request_timeout: float):
+        self.request_timeout = float(request_timeout)
+        self._stop = threading.Event()
+        # listening from here on: early connections wait in the backlog until the loop runs
+        super().__init__(app, map={}, adj=adj, sockinfo=adj.listen[0])
+
+    def bind_server_socket(self) -> None:
+        try:
+            super().bind_server_socket()
+        except OSError:  # close what __init__ opened before the failed bind
+            self.socket.close()
+            self.trigger.close()
+            raise
+
+    def add_task(self, channel) -> None:
+        request = channel.requests[0] if channel.requests else None
+        if (request is not None and not request.error and request.command == "GET"
+                and request.path == "/healthz"):
+            # Called with the channel's requests_lock held and no other request of this
+            # channel in flight, so answering here keeps responses in order.
+            close = _wants_close(request) or not channel.connected
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(HEALTHZ_BODY)}\r\nServer: {self.adj.ident}\r\n"
+                    + ("Connection: close\r\n" if close else "") + "\r\n")
+            if channel.connected:
+                channel.write_soon(head.encode() + HEALTHZ_BODY)
+            request.close()
+            channel.requests.pop(0)
+            if close:
+                channel.close_when_flushed = True
+                channel.requests = []
+            self.pull_trigger()
+            if channel.requests:
+                self.add_task(channel)
+            return
+        super().add_task(channel)
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # closes connections idle for longer than idle_timeout
+        cutoff = time.monotonic() - self.request_timeout
+        for channel in list(self.active_channels.values()):
+            started = getattr(channel, "request_started", None)
+            if (channel.request is not None and not channel.requests and started is not None
+                    and started < cutoff and not channel.will_close
+                    and not channel.close_when_flushed):
+                channel.request_started = None
+                try:
+                    channel.write_soon(_json_error(
+                        408, "Request Timeout", "request_timeout",
+                        f"The request did not arrive within {self.request_timeout:g} s of its"
+                        " first byte; send it again on a faster connection."))
+                except Exception:  # noqa: BLE001 - the client may already be gone
+                    channel.will_close = True
+                channel.close_when_flushed = True
+
+    def shutdown(self) -> None:
+        """Release the socket and the worker threads of a server that never ran."""
+        self.task_dispatcher.shutdown()
+        self.close()
+
+    def stop(self) -> None:
+        """Stop the loop started by :meth:`serve_forever` from another thread."""
+        self._stop.set()
+        self.pull_trigger()
+
+    def serve_forever(self) -> None:
+        """Run the I/O loop until :meth:`stop` (or Ctrl-C); then close every connection."""
+        from waitress import wasyncore
+
+        try:
+            while not self._stop.is_set():
+                wasyncore.loop(timeout=self.adj.asyncore_loop_timeout, map=self._map,
+                               use_poll=True, count=1)
+        except (SystemExit, KeyboardInterrupt):
+            pass
+        finally:
+            self.task_dispatcher.shutdown()
+            wasyncore.close_all(self._map)
+
+
+def make_server(app, *, host: str = "127.0.0.1", port: int = 8080, threads: int = 4,
+                max_body: int, request_timeout: float = REQUEST_TIMEOUT_S,
+                idle_timeout: float = IDLE_TIMEOUT_S,
+                connection_limit: int = CONNECTION_LIMIT, **extra: Any) -> DemoServer:
+    """Bind ``host:port`` and return the server (not yet running); ``EdgeDemoError`` when the
+    address cannot be used, with the reason and the fix."""
+    connection_limit = _fit_fd_limit(int(connection_limit))
+    try:
+        adj = Adjustments(
+            host=host, port=port, threads=threads, ident="edge-demo",
+            clear_untrusted_proxy_headers=True,
+            max_request_body_size=int(max_body),
+            # bodies up to the limit stay in memory: waitress spools larger ones to a file
+            inbuf_overflow=int(max_body) + 1,
+            outbuf_overflow=64 * 1024 * 1024,
+            channel_timeout=int(max(1, idle_timeout)),
+            cleanup_interval=1,
+            connection_limit=connection_limit,
+            asyncore_use_poll=True, **extra)
+    except (ValueError, OSError) as exc:
+        raise EdgeDemoError(
+            f"Cannot listen on host {host!r} port {port}: {str(exc).rstrip('.')}. Pass --host"
+            " with an address of this machine (127.0.0.1, or 0.0.0.0 for every interface)."
+        ) from exc
+    try:
+        server = DemoServer(app, adj, request_timeout)
+    except OSError as exc:
+        raise EdgeDemoError(_bind_message(host, port, exc)) from exc
+    return server
+
+
+def _bind_message(host: str, port: int, exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return (f"Port {port} on {host} is already in use (another server is listening"
+                " there). Stop it or pass another --port, e.g. --port 8081.")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"The address {host} does not belong to this machine, so the server cannot"
+                " listen on it. Pass --host 127.0.0.1 (this machine only) or --host 0.0.0.0"
+                " (every interface).")
+    if exc.errno == errno.EACCES:
+        return (f"No permission to listen on port {port} (ports below 1024 need root)."
+                " Pass a port of 1024 or more, e.g. --port 8080.")
+    return f"Cannot listen on {host}:{port} ({exc.strerror or exc}). Pass another --host/--port."
+
+
+def _fit_fd_limit(connection_limit: int) -> int:
+    """Raise the open-file soft limit to fit the connections (or shrink the limit to fit)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return connection_limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = connection_limit + 64
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+        connection_limit = max(16, min(connection_limit, soft - 64))
+    return connection_limit
+
+
+def urls(host: str, port: int) -> list[str]:
+    """The URLs to open: 127.0.0.1 when reachable, plus this machine's LAN addresses for
+    0.0.0.0 (or the host itself when it is a specific address)."""
+    if host in ("0.0.0.0", "", "::"):
+        hosts = ["127.0.0.1", *lan_addresses()]
+    elif host in ("localhost",):
+        hosts = ["127.0.0.1"]
+    else:
+        hosts = [host]
+    return [f"http://{h}:{port}/" for h in dict.fromkeys(hosts)]
+
+
+def lan_addresses() -> list[str]:
+    """This machine's non-loopback IPv4 addresses (best effort, no network traffic)."""
+    found: list[str] = []
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.append(info[4][0])
+    except OSError:
+        pass
+    try:  # the address of the default route's interface (UDP connect sends nothing)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            found.append(s.getsockname()[0])
+    except OSError:
+        pass
+    return [a for a in dict.fromkeys(found) if not a.startswith("127.")]
