@@ -20,7 +20,7 @@ class _Formatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         if (action.default in (None, False, argparse.SUPPRESS) or action.required
-                or "default" in text):
+                or action.nargs == 0 or "default" in text):  # flags say what they change
             return text
         return text + " (default: %(default)s)"
 
