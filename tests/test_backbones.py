@@ -139,12 +139,6 @@ def test_missing_weights_file_names_the_path(tmp_path):
         get_backbone("mobilenet_v2").build((32, 32, 3), str(missing))
 
 
-def test_efficientnet_lite0_imagenet_explains_the_local_file():
-    with pytest.raises(DermedgeError, match="no official Keras ImageNet download") as info:
-        get_backbone("efficientnet_lite0").build((32, 32, 3), "imagenet")
-    assert ".npz" in str(info.value)
-
-
 def test_efficientnet_lite0_architecture():
     from trainer.efficientnet_lite import efficientnet_lite0, expected_keys
 
