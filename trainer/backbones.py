@@ -63,8 +63,8 @@ class Backbone:
 
             return str(resolve(self.name))
         if self.imagenet is None:
-            raise DermedgeError(f"Backbone '{self.name}' has no ImageNet weights; use "
-                                "weights=None (random init).")
+            raise DermedgeError(f"Backbone '{self.name}' has no pretrained weights; received "
+                                "weights='imagenet'. Use weights=None (random init).")
         return weights
 
     def build(self, input_shape: tuple[int, int, int], weights: Weights) -> keras.Model:
