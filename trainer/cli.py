@@ -345,6 +345,8 @@ COMMANDS = {"fit": cmd_fit, "evaluate": cmd_evaluate, "toy-data": cmd_toy_data,
             "backbones": cmd_backbones, "explain": cmd_explain,
             "ensemble": cmd_ensemble, "calibrate": cmd_calibrate, "metadata": cmd_metadata,
             "weights": cmd_weights}
+# Modules of the `train` extra: missing ones mean the light (bundle/demo) install.
+TRAIN_MODULES = frozenset({"tensorflow", "keras", "pandas", "yaml", "matplotlib", "tqdm"})
 # Commands that load Keras (and with the TensorFlow backend, TensorFlow).
 HEAVY = frozenset({"fit", "evaluate", "explain", "ensemble", "calibrate", "metadata"})
 
@@ -438,6 +440,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except DermedgeError as e:
         return _error(str(e))
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TRAIN_MODULES:
+            raise
+        return _error(f"`trainer {args.command}` needs the training stack, which is not "
+                      f"installed here (no module named '{e.name}'). Install it with pip install "
+                      "-e '.[train]' (or '.[gpu]' on a CUDA machine, instead of train).")
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         return _error(f"{e.strerror or e}: {e.filename or ''}. Check the path.")
 
