@@ -32,3 +32,29 @@ def test_quickstart_script_exists_and_is_strict():
     for step in ("trainer\" toy-data", "trainer\" fit", "trainer\" evaluate",
                  "-m export tflite", "edge-demo\" predict"):
         assert step in script, step
+
+
+def _local_links(path: Path) -> list[str]:
+    import re
+
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
+    return [link for link in links if "://" not in link]
+
+
+# Written on other branches of the same release; drop from this set once merged.
+PENDING_PAGES = {"docs/BROWSER.md", "docs/MOBILE.md", "docs/SERVING.md"}
+
+
+def test_readme_is_a_short_user_guide_whose_links_resolve():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    for page in ("docs/TRAINING.md", "docs/EXPORT.md", "docs/DEMO.md", "docs/ARTIFACTS.md",
+                 "benchmarks/recipes.md"):
+        assert f"]({page})" in text, page
+    for doc in (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+                REPO / "benchmarks" / "recipes.md"):
+        for link in _local_links(doc):
+            target = (doc.parent / link).resolve()
+            if str(target.relative_to(REPO)) in PENDING_PAGES:
+                continue
+            assert target.exists(), f"{doc.name}: broken link {link}"
