@@ -19,9 +19,12 @@ TF_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "ABSL_MIN_LOG_LEVEL": "2", "GRPC_VERB
 
 def error_text(prog: str, message: object, width: int = 100) -> str:
     """``PROG: error: MESSAGE`` as one wrapped paragraph (argparse's style)."""
-    text = " ".join(str(message).split())
-    return textwrap.fill(f"{prog}: error: {text}", width=width, break_long_words=False,
-                         break_on_hyphens=False)
+    words = f"{prog}: error: {' '.join(str(message).split())}".split(" ")
+    head = len(prog.split(" ")) + 2  # "PROG: error: FIRST-WORD" stays on the first line
+    glued = "\0".join(words[:head])
+    text = " ".join([glued, *words[head:]])
+    return textwrap.fill(text, width=width, break_long_words=False,
+                         break_on_hyphens=False).replace("\0", " ")
 
 
 def print_error(prog: str, message: object) -> None:

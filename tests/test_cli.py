@@ -205,7 +205,7 @@ def test_every_option_has_help_and_shows_its_default():
             if not action.option_strings or action.dest == "help":
                 continue
             assert action.help, (name, action.option_strings)
-        text = sub.format_help()
+        text = " ".join(sub.format_help().split())
         if name == "evaluate":
             assert "(default: 64)" in text and "(default: val)" in text
         if name == "toy-data":

@@ -417,7 +417,7 @@ def precheck(args: argparse.Namespace) -> None:
             _need_dir(args.images, "--images", "Pass the folder holding the --data images.")
         if c == "explain":
             for image in args.images:
-                _need_path(image, "Image", "Pass JPEG or PNG photos.")
+                _need_path(image, "Image file", "Pass JPEG or PNG photos.")
     elif c == "ensemble":
         for run in args.runs:
             _need_run(run)
