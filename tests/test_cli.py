@@ -221,3 +221,14 @@ def test_tensorflow_start_up_noise_is_hidden_unless_verbose(tmp_path, trained_ru
                    "--no-gallery", "--verbose", env={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert loud.returncode == 0, loud.stderr
     assert "oneDNN" in loud.stderr or "absl" in loud.stderr
+
+
+def test_fit_prints_one_line_per_epoch(capsys, tmp_path, toy_data):
+    argv = ["fit", "--data", str(toy_data), "--out", str(tmp_path / "run"),
+            *[a for a in FAST if a != "--quiet"], "--epochs", "2", "--head-epochs", "1",
+            "--set", "train.average_epochs=1"]
+    code, out, err = _run(capsys, argv)
+    assert code == 0, err
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == ["1/3", "2/3", "3/3"]
+    assert "/step" not in out and "━" not in out  # no Keras progress bar or per-epoch log

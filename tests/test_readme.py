@@ -30,7 +30,8 @@ def test_quickstart_script_exists_and_is_strict():
     script = (REPO / "scripts" / "quickstart.sh").read_text()
     assert "set -euo pipefail" in script
     for step in ("trainer\" toy-data", "trainer\" fit", "trainer\" evaluate",
-                 "-m export tflite", "edge-demo\" predict"):
+                 "-m export tflite", "edge-demo\" predict", "step \"summary\"",
+                 "balanced accuracy", "edge-demo serve"):
         assert step in script, step
 
 
