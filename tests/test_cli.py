@@ -232,3 +232,11 @@ def test_fit_prints_one_line_per_epoch(capsys, tmp_path, toy_data):
     epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in epoch_lines] == ["1/3", "2/3", "3/3"]
     assert "/step" not in out and "━" not in out  # no Keras progress bar or per-epoch log
+
+
+def test_fit_without_built_lite_weights_names_the_command_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("DERMEDGE_CACHE", str(tmp_path / "cache"))
+    r, seconds = _cli("fit", "--config", "configs/efficientnet_lite0_ham10000.yaml", "--data",
+                      str(tmp_path), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and seconds < 2.0, r.stderr
+    _assert_one_paragraph_error(r.stderr, "trainer weights efficientnet_lite0")

@@ -187,6 +187,10 @@ def _fit_config(args: argparse.Namespace):
     _need_path(config.data.path, "Dataset (--data / data.path)", "Pass --data with your "
                "HAM10000 or ISIC download (folder or CSV), or a folder with one subfolder per "
                "class.")
+    from trainer.backbones import get_backbone
+
+    # Unknown backbone, missing weights file, or Lite weights not built yet: said at once.
+    get_backbone(config.model.backbone).resolve_weights(config.model.weights)
     return config
 
 
