@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                        "directory.")
     f.add_argument("--config", help="YAML config file (see configs/)")
     f.add_argument("--out", required=True, help="run directory to create")
-    g = f.add_argument_group("common overrides")
+    g = f.add_argument_group("common overrides", "each replaces the config's value (from "
+                             "--config, else trainer/config.py's default)")
     g.add_argument("--data", help="dataset: HAM10000 folder/CSV, ISIC ground-truth CSV, or "
                    "one folder per class")
     g.add_argument("--layout", choices=LAYOUTS, help="dataset layout (default: the config's, "
