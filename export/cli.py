@@ -270,10 +270,11 @@ def cmd_tflite(args) -> int:
         for r in res.report["debug"]["top"]:
             print(f"  {r['rmse_over_scale']:.3f}  {r['op']:<16} {r['tensor'][:90]}")
     if not res.passed:
-        print(_para("REFUSED: validation failed: " + "; ".join(v["failed"]) + f". The bundle in "
-                    f"{res.path} is marked refused ({REFUSED_NOTICE}; validation.json and the card "
-                    "say passed=false): do not ship it. Retry with more --representative "
-                    "images, --keep-float on the worst layers (see --debug), or another mode."),
+        print(_para("Validation FAILED, export REFUSED: " + "; ".join(v["failed"])
+                    + f". The bundle in {res.path} is marked refused ({REFUSED_NOTICE}; "
+                    "validation.json and the card say passed=false): do not ship it. Retry "
+                    "with more --representative images, --keep-float on the worst layers (see "
+                    "--debug), or another mode."),
               file=sys.stderr)
         return EXIT_GATE_FAILED
     print("validation: passed")
