@@ -176,6 +176,8 @@ def _cli(*argv: str, env: dict | None = None) -> tuple[subprocess.CompletedProce
     (["fit", "--config", "configs/efficientnet_lite0_ham10000.yaml", "--out", "{tmp}/x"],
      ["No dataset", "--data"]),
     (["fit", "--data", "{tmp}", "--out", "{tmp}/file/sub"], ["is a file", "--out"]),
+    (["fit", "--data", "{tmp}", "--images", "{tmp}/nope", "--out", "{tmp}/x"],
+     ["--images", "not found"]),
     (["evaluate", "runs/missing"], ["runs/missing", "not found"]),
     (["evaluate", "{tmp}"], ["no model.keras"]),
     (["explain", "{tmp}", "x.jpg", "--out", "{tmp}/e"], ["no model.keras"]),

@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                    "one folder per class")
     g.add_argument("--layout", choices=LAYOUTS, help="dataset layout (default: the config's, "
                    "else auto-detected)")
+    g.add_argument("--images", help="image folder, when not beside the --data CSV")
     g.add_argument("--backbone", help="backbone name (`trainer backbones` lists them)")
     g.add_argument("--weights", help="'imagenet', a weights file, or 'none'")
     g.add_argument("--input-size", type=int, help="input side in pixels")
@@ -178,10 +179,15 @@ def _fit_config(args: argparse.Namespace):
              "distill_from": args.distill_from, "distill_weight": args.distill_weight}
     if flags["weights"] is not None and flags["weights"].lower() in ("none", "null", ""):
         flags["weights"] = "none"
-    given = args.config or args.overrides or any(v is not None for v in flags.values())
+    given = (args.config or args.overrides or args.images
+             or any(v is not None for v in flags.values()))
     if not given and args.resume:
         return None
-    config = RunConfig.load(args.config, args.overrides, **flags)
+    overrides = list(args.overrides)
+    if args.images:
+        _need_dir(args.images, "--images", "Pass the folder holding the --data images.")
+        overrides.append(f"data.images={args.images}")
+    config = RunConfig.load(args.config, overrides, **flags)
     if not config.data.path:
         raise DermedgeError("No dataset: pass --data with your HAM10000 or ISIC 2018 download "
                             "(folder or CSV), or a folder with one subfolder per class.")
