@@ -16,6 +16,7 @@ import numpy as np
 from export.bundle import BUNDLE_FILES, dumps, export_card, sha256_bytes, usage_md, write_bundle
 from export.config import QuantizationConfig, Tolerances
 from export.litert import SIGNATURE, Bundle, LiteModel, load_bundle, run_tflite
+from export.refused import REFUSED_NOTICE, refused_notice
 from export.rundir import Run, load_images, open_run, representative_records, validation_records
 
 __all__ = ["BundleResult", "export_run", "load_bundle", "run_tflite", "default_out",
@@ -221,6 +222,8 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
         "USAGE.md": usage_md(card),
     }
     assert set(files) == set(BUNDLE_FILES)  # internal invariant, not user input
+    if passed is False:  # written with the bundle, so a refused folder is never unmarked
+        files[REFUSED_NOTICE] = refused_notice(report["validation"]["failed"])
     path = write_bundle(out, files)
     say(f"wrote {path} ({len(conv.tflite):,} bytes)")
     return BundleResult(path=path, mode=config.mode, passed=passed, card=card, report=report,

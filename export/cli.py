@@ -2,7 +2,9 @@
 ``python -m export qat-setup`` (the environment for ``--int8 --qat``, see export/qat.py).
 
 Exit codes: 0 ok, 2 bad input (nothing written), 3 validation gate failed (bundle written,
-marked failed in validation.json / model_card.json).
+marked failed in validation.json / model_card.json, with a REFUSED.txt notice beside them).
+Arguments, the run directory and ``--out`` are checked before TensorFlow loads; TensorFlow's
+start-up log lines are hidden unless ``--verbose``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from dermedge.cli import HelpFormatter, error_text, quiet_tensorflow
 from export.config import (
     BIAS_CORRECTION,
     DEFAULT_QAT_EPOCHS,
@@ -25,14 +28,20 @@ from export.config import (
     WEIGHT_ROUNDING,
 )
 from export.errors import DermedgeError
+from export.refused import REFUSED_NOTICE
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 2, 3
+PROG = "python -m export"
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one paragraph, exit 2 (argparse's default is also 2)
         sub = self.prog.split()[1:]
-        raise _UsageError(f"{message}. See `python -m export {' '.join(sub + ['--help'])}`.")
+        raise _UsageError(f"{message}. See `{PROG} {' '.join(sub + ['--help'])}`.")
 
 
 class _UsageError(Exception):
@@ -40,9 +49,17 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="export", description="Export a trained run to validated TFLite bundles.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up and C++ log lines")
+    p = _Parser(prog=PROG, parents=[common],
+                description="Export a trained run to validated TFLite bundles (docs/EXPORT.md).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    t = sub.add_parser("tflite", help="convert a run directory to a validated TFLite bundle")
+    t = sub.add_parser("tflite", help="convert a run directory to a validated TFLite bundle",
+                       parents=[common],
+                       description="Convert a run directory to a TFLite bundle and validate it "
+                       "against the float model. Exit 3: a validation gate failed; the bundle "
+                       f"is written but marked refused ({REFUSED_NOTICE}).")
     t.add_argument("run", help="run directory written by `trainer fit`")
     mode = t.add_mutually_exclusive_group()
     mode.add_argument("--int8", dest="mode", action="append_const", const="int8",
@@ -64,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_REPRESENTATIVE_IMAGES})")
     t.add_argument("--data", type=Path, default=None,
                    help="validate on this labelled set instead of the run's split")
-    t.add_argument("--split", default="val", help="split of splits.csv to validate on (val)")
+    t.add_argument("--split", default="val", help="split of splits.csv to validate on")
     t.add_argument("--tolerance", nargs="+", default=[], metavar="NAME=VALUE",
                    help="override a gate, e.g. diagnosis_agreement=0.97 (or NAME=none)")
     t.add_argument("--debug", action="store_true",
@@ -89,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-validate", action="store_true", help="skip validation (not advised)")
     t.add_argument("--no-compact", action="store_true",
                    help="ship the converter's bytes as they are: do not store identical "
-                   "quantization vectors once (lossless; saves 7-9%% of an int8 file)")
+                   "quantization vectors once (the compacted file is lossless and smaller)")
     t.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     q = t.add_argument_group("quantization-aware training (with --int8; needs `python -m "
                              "export qat-setup` once)")
@@ -108,13 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--qat-python", default=None, metavar="PYTHON",
                    help="interpreter of the QAT environment (default $DERMEDGE_QAT_PYTHON, "
                    "else the one `qat-setup` made)")
-    b = sub.add_parser("bench", help="LiteRT latency / size / memory of a bundle or .tflite")
+    b = sub.add_parser("bench", help="LiteRT latency / size / memory of a bundle or .tflite",
+                       parents=[common], description="Time LiteRT inference of bundles or "
+                       ".tflite files side by side, and report size and peak memory.")
     b.add_argument("model", nargs="+", help="bundle folder(s) or .tflite file(s)")
-    b.add_argument("--runs", type=int, default=50)
-    b.add_argument("--warmup", type=int, default=5)
-    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--runs", type=int, default=50, help="timed runs per model (the median is "
+                   "reported)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+    b.add_argument("--threads", type=int, default=None,
+                   help="LiteRT CPU threads (default: LiteRT's own choice)")
     b.add_argument("--json", type=Path, default=None, help="also write the results here")
-    s = sub.add_parser("qat-setup", help="build the Python environment --qat runs in (cached)")
+    s = sub.add_parser("qat-setup", help="build the Python environment --qat runs in (cached)",
+                       parents=[common], description="Build the cached virtual environment "
+                       "(tensorflow + tf-keras + tensorflow-model-optimization) that --int8 --qat "
+                       "fine-tunes in.")
     s.add_argument("--python", default=None, help="base interpreter for the venv (default: this "
                    "one)")
     s.add_argument("--force", action="store_true", help="rebuild it even if it exists")
@@ -205,11 +229,42 @@ def _config(args):
                               compact=not args.no_compact)
 
 
+def check_out(out: Path) -> None:
+    """Refuse an --out the bundle could not be written to, before any conversion."""
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == out else f"is inside {parent}, which is a file"
+            raise DermedgeError(f"--out {out} {where}; pass a folder path for the bundle "
+                                "(new, empty, or an earlier bundle to replace).")
+        if parent.exists():
+            break
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_card.json").is_file():
+        raise DermedgeError(f"--out {out} is a non-empty folder that is not an export bundle; "
+                            "refusing to replace it. Pass a new or empty folder.")
+    if out.exists() and not os.access(out if out.is_dir() else out.parent, os.W_OK):
+        raise DermedgeError(f"--out {out} is not writable. Pass a folder you can write to.")
+
+
+def _precheck_tflite(args, config) -> None:
+    from export.api import default_out
+    from export.rundir import open_run
+
+    run = open_run(args.run)  # no TensorFlow: the card, model file and splits are checked
+    if args.data is not None and not args.data.exists():
+        raise DermedgeError(f"--data {args.data} not found. Pass a labelled dataset (folder or "
+                            "CSV), or drop --data to validate on the run's own split.")
+    label = "int8-qat" if config.qat is not None else config.mode
+    check_out(Path(args.out) if args.out is not None else default_out(run, label))
+
+
 def cmd_tflite(args) -> int:
-    from export.api import export_run
     from export.config import Tolerances
 
     config = _config(args)
+    _precheck_tflite(args, config)
+    quiet_tensorflow(args.verbose)
+    from export.api import export_run
+
     tol = Tolerances.for_mode(config.mode).with_overrides(args.tolerance)
     res = export_run(args.run, config, args.out, data=args.data, split=args.split,
                      tolerances=tol, debug=args.debug, validate=not args.no_validate,
@@ -235,10 +290,12 @@ def cmd_tflite(args) -> int:
         for r in res.report["debug"]["top"]:
             print(f"  {r['rmse_over_scale']:.3f}  {r['op']:<16} {r['tensor'][:90]}")
     if not res.passed:
-        print(_para("Validation FAILED: " + "; ".join(v["failed"]) + f". The bundle and its "
-                    f"report are in {res.path} (validation.json says passed=false); do not ship "
-                    "it. Retry with more --representative images, --keep-float on the worst "
-                    "layers (see --debug), or another mode."), file=sys.stderr)
+        print(_para("Validation FAILED, export REFUSED: " + "; ".join(v["failed"])
+                    + f". The bundle in {res.path} is marked refused ({REFUSED_NOTICE}; "
+                    "validation.json and the card say passed=false): do not ship it. Retry "
+                    "with more --representative images, --keep-float on the worst layers (see "
+                    "--debug), or another mode."),
+              file=sys.stderr)
         return EXIT_GATE_FAILED
     print("validation: passed")
     return EXIT_OK
@@ -316,17 +373,27 @@ def _crossfit(v: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``export`` / ``python -m export``; returns the exit code."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except _UsageError as exc:
+        print(error_text(PROG, exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
         commands = {"tflite": cmd_tflite, "bench": cmd_bench, "qat-setup": cmd_qat_setup,
                     "inspect": cmd_inspect, "metadata-setup": cmd_metadata_setup}
         return commands[args.command](args)
-    except _UsageError as exc:
-        print(_para(f"error: {exc}"), file=sys.stderr)
-        return EXIT_BAD_INPUT
     except (DermedgeError, ValueError) as exc:
-        print(_para(f"error: {exc}"), file=sys.stderr)
+        print(error_text(PROG, exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("tensorflow", "keras", "pandas", "yaml"):
+            raise
+        print(error_text(PROG, f"`{PROG} {args.command}` needs the training stack, which is not "
+                         f"installed here (no module named '{exc.name}'). Install it with pip "
+                         "install -e '.[train]' (or '.[gpu]' on a CUDA machine)."),
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; no bundle was written", file=sys.stderr)

@@ -41,8 +41,28 @@ else
   echo "model on the server instead of in the phone's browser. See docs/BROWSER.md."
 fi
 
+step "summary"
+"$BIN/python" - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+m = json.loads((out / "run" / "metrics.json").read_text())
+v = json.loads((out / "bundle-int8" / "validation.json").read_text())["validation"]
+mb = {b: (out / b / "model.tflite").stat().st_size / 1e6 for b in ("bundle-int8", "bundle-float32")}
+print(f"""made in {out}:
+  toy-data/        synthetic lesions in the HAM10000 layout (not real skin images)
+  run/             the trained tiny_cnn (model.keras, model_card.json, metrics, plots)
+  bundle-int8/     {mb['bundle-int8']:.2f} MB on-device model, validation {'passed' if v['passed'] else 'REFUSED'}
+  bundle-float32/  {mb['bundle-float32']:.2f} MB cloud-tier model
+validation split: balanced accuracy {m['balanced_accuracy']:.2f}, melanoma AUC {m['melanoma']['auc']:.2f}
+int8 vs float:    {v['heads']['diagnosis']['top1_agreement']:.1%} of diagnoses agree
+(a toy model on synthetic data: these figures say the pipeline works, not how well it would
+do on real lesions; README.md shows how to train on your own HAM10000 download)""")
+PY
 cat <<MSG
 
-Done. Try the demo from a phone browser on your network (or http://127.0.0.1:8080):
-  $BIN/edge-demo serve --device $OUT/bundle-int8 --cloud $OUT/bundle-float32 --port 8080
+Next: serve the demo and open it from a phone on your network (http://<this machine's LAN
+address>:8080) or on http://127.0.0.1:8080:
+  $BIN/edge-demo serve --device $OUT/bundle-int8 --cloud $OUT/bundle-float32 --host 0.0.0.0 --port 8080
 MSG

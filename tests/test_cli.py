@@ -1,4 +1,4 @@
-"""The ``trainer`` CLI: bad input ends in one ``error:`` paragraph, exit 2, no run directory."""
+"""The ``trainer`` CLI: bad input ends in one ``trainer: error:`` paragraph, exit 2, no run dir."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _run(capsys, argv):
 
 
 def _assert_one_paragraph_error(err: str, *needles: str) -> None:
-    assert err.startswith("error: "), err
+    assert err.startswith("trainer: error: "), err
     assert "Traceback" not in err and "\n\n" not in err.strip()
     flat = " ".join(err.split())
     for needle in needles:
@@ -76,7 +76,7 @@ def test_wrong_data_path(capsys, tmp_path):
     code, _, err = _run(capsys, ["fit", "--data", str(tmp_path / "nowhere"), "--out",
                                  str(tmp_path / "run"), *FAST])
     assert code == 2
-    _assert_one_paragraph_error(err, "nowhere", "does not exist")
+    _assert_one_paragraph_error(err, "nowhere", "not found", "--data")
     _no_run_dirs(tmp_path, "run")
 
 
@@ -159,3 +159,86 @@ def test_toy_data_command(capsys, tmp_path):
     code, _, err = _run(capsys, ["toy-data", "--out", str(tmp_path / "toy"), "--size", "24"])
     assert code == 2
     _assert_one_paragraph_error(err, "overwrite")
+
+
+def _cli(*argv: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    import time
+
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "trainer", *argv], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                   **(env or {})})
+    return r, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["fit", "--data", "no/such/dir", "--out", "{tmp}/x"], ["no/such/dir", "--data"]),
+    (["fit", "--config", "configs/efficientnet_lite0_ham10000.yaml", "--out", "{tmp}/x"],
+     ["No dataset", "--data"]),
+    (["fit", "--data", "{tmp}", "--out", "{tmp}/file/sub"], ["is a file", "--out"]),
+    (["fit", "--data", "{tmp}", "--images", "{tmp}/nope", "--out", "{tmp}/x"],
+     ["--images", "not found"]),
+    (["evaluate", "runs/missing"], ["runs/missing", "not found"]),
+    (["evaluate", "{tmp}"], ["no model.keras"]),
+    (["explain", "{tmp}", "x.jpg", "--out", "{tmp}/e"], ["no model.keras"]),
+    (["ensemble", "runs/a", "runs/b", "--out", "{tmp}/c"], ["runs/a"]),
+])
+def test_bad_paths_are_refused_fast_without_tensorflow(tmp_path, argv, needles):
+    """Refused in under 2 s, one `trainer: error:` paragraph, no TensorFlow start-up lines."""
+    (tmp_path / "file").write_text("")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    r, seconds = _cli(*argv)
+    assert r.returncode == 2, r.stderr
+    _assert_one_paragraph_error(r.stderr, *needles)
+    assert seconds < 2.0, seconds
+    assert "absl" not in r.stderr and "oneDNN" not in r.stderr
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    from trainer.cli import _parser
+
+    parser = _parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        assert sub.description, name
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, (name, action.option_strings)
+        text = " ".join(sub.format_help().split())
+        if name == "evaluate":
+            assert "(default: 64)" in text and "(default: val)" in text
+        if name == "toy-data":
+            assert "(default: 420)" in text
+
+
+def test_tensorflow_start_up_noise_is_hidden_unless_verbose(tmp_path, trained_run):
+    quiet, _ = _cli("evaluate", str(trained_run.run_dir), "--out", str(tmp_path / "q"),
+                    "--no-gallery")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "oneDNN" not in quiet.stderr and "absl::InitializeLog" not in quiet.stderr
+    loud, _ = _cli("evaluate", str(trained_run.run_dir), "--out", str(tmp_path / "v"),
+                   "--no-gallery", "--verbose", env={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert loud.returncode == 0, loud.stderr
+    assert "oneDNN" in loud.stderr or "absl" in loud.stderr
+
+
+def test_fit_prints_one_line_per_epoch(capsys, tmp_path, toy_data):
+    argv = ["fit", "--data", str(toy_data), "--out", str(tmp_path / "run"),
+            *[a for a in FAST if a != "--quiet"], "--epochs", "2", "--head-epochs", "1",
+            "--set", "train.average_epochs=1"]
+    code, out, err = _run(capsys, argv)
+    assert code == 0, err
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == ["1/3", "2/3", "3/3"]
+    assert "/step" not in out and "━" not in out  # no Keras progress bar or per-epoch log
+
+
+def test_fit_without_built_lite_weights_names_the_command_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("DERMEDGE_CACHE", str(tmp_path / "cache"))
+    r, seconds = _cli("fit", "--config", "configs/efficientnet_lite0_ham10000.yaml", "--data",
+                      str(tmp_path), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and seconds < 2.0, r.stderr
+    _assert_one_paragraph_error(r.stderr, "trainer weights efficientnet_lite0")

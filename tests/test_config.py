@@ -106,5 +106,13 @@ def test_melanoma_threshold_specs():
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
+    """Recipes name weights by what they are and take the data from --data: no local paths."""
+    from trainer.backbones import get_backbone
+
+    text = (REPO / "configs" / name).read_text()
+    assert "../shared" not in text and "shared/" not in text
     c = RunConfig.from_yaml(REPO / "configs" / name)
-    assert c.model.backbone and c.data.path
+    backbone = get_backbone(c.model.backbone)
+    assert c.model.weights in ("imagenet", None)
+    assert (c.model.weights is None) == (backbone.imagenet is None)
+    assert c.data.path is None or name == "quickstart.yaml"

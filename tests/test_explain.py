@@ -302,7 +302,7 @@ def test_cli_explain_errors_leave_no_output(corner, tmp_path, capsys):
     for args, needle in cases:
         code, _, err = _cli(capsys, ["explain", *args, "--out", str(out)])
         assert code == 2, (args, err)
-        assert err.startswith("error: ") and "Traceback" not in err
+        assert err.startswith("trainer: error: ") and "Traceback" not in err
         assert needle in " ".join(err.split()), (needle, err)
         assert not out.exists(), args
     code, _, err = _cli(capsys, ["explain", str(corner.run), str(photos[0]), "--out",

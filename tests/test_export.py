@@ -332,7 +332,7 @@ def test_bad_input_exits_2_with_clear_error_and_no_bundle(run_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2, err
     assert message in " ".join(err.split()), err
-    assert "Traceback" not in err and "\nerror: " in "\n" + err
+    assert "Traceback" not in err and "\npython -m export: error: " in "\n" + err
     assert not out.exists()
     assert not (tmp_path / "exports").exists() or _leftovers(tmp_path / "exports") == []
 

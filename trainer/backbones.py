@@ -42,6 +42,9 @@ class Backbone:
     last_conv_layer: str
     description: str
     mobile: bool
+    # Where weights="imagenet" comes from: "keras" (the keras.applications download), "dermedge"
+    # (built once by `trainer weights NAME`, trainer/weights.py) or None (no pretrained weights).
+    imagenet: str | None
     factory: Callable[[tuple[int, int, int], Weights], keras.Model] = field(
         repr=False, compare=False
     )
@@ -49,6 +52,20 @@ class Backbone:
     @property
     def preprocessing_formula(self) -> str:
         return PREPROCESSING_FORMULAS[self.preprocessing]
+
+    def resolve_weights(self, weights: Weights) -> str | None:
+        """None, or what the factory loads: 'imagenet' for a Keras download, else a file path."""
+        weights = _check_weights(self.name, weights)
+        if weights != "imagenet":
+            return weights
+        if self.imagenet == "dermedge":
+            from trainer.weights import resolve
+
+            return str(resolve(self.name))
+        if self.imagenet is None:
+            raise DermedgeError(f"Backbone '{self.name}' has no pretrained weights; received "
+                                "weights='imagenet'. Use weights=None (random init).")
+        return weights
 
     def build(self, input_shape: tuple[int, int, int], weights: Weights) -> keras.Model:
         """The feature extractor (no top, not pooled), named ``"backbone"``."""
@@ -67,7 +84,7 @@ class Backbone:
                 f"received {input_shape[0]}x{input_shape[1]}. Use input_size >= {self.min_size} "
                 f"(default {self.default_size})."
             )
-        weights = _check_weights(self.name, weights)
+        weights = self.resolve_weights(weights)
         base = self.factory(input_shape, weights)
         # Rewrap so the sub-model has the stable name every consumer looks up.
         return keras.Model(base.inputs[0], base.outputs[0], name="backbone")
@@ -102,10 +119,13 @@ def _keras_app(fn_name: str, **kwargs) -> Callable[[tuple[int, int, int], Weight
     return factory
 
 
-def _efficientnet_lite0(input_shape, weights):
-    from trainer.efficientnet_lite import efficientnet_lite0
+def _efficientnet_lite(variant: int):
+    def factory(input_shape, weights):
+        from trainer.efficientnet_lite import efficientnet_lite
 
-    return efficientnet_lite0(input_shape, include_top=False, weights=weights)
+        return efficientnet_lite(variant, input_shape, include_top=False, weights=weights)
+
+    return factory
 
 
 def _tiny_cnn(input_shape, weights):
@@ -133,6 +153,7 @@ REGISTRY: dict[str, Backbone] = {
     for b in (
         Backbone(
             name="resnet50",
+            imagenet="keras",
             default_size=224,
             min_size=32,
             preprocessing="caffe",
@@ -143,6 +164,7 @@ REGISTRY: dict[str, Backbone] = {
         ),
         Backbone(
             name="inception_resnet_v2",
+            imagenet="keras",
             default_size=299,
             min_size=75,
             preprocessing="tf",
@@ -154,6 +176,7 @@ REGISTRY: dict[str, Backbone] = {
         ),
         Backbone(
             name="mobilenet_v2",
+            imagenet="keras",
             default_size=224,
             min_size=32,
             preprocessing="tf",
@@ -162,16 +185,21 @@ REGISTRY: dict[str, Backbone] = {
             mobile=True,
             factory=_keras_app("MobileNetV2", alpha=1.0),
         ),
-        Backbone(
-            name="efficientnet_lite0",
-            default_size=224,
-            min_size=32,
-            preprocessing="effnet_lite",
-            last_conv_layer="top_activation",
-            description="EfficientNet-Lite0 (ReLU6, no SE; quantizes well), 3.4M params; "
-            "on-device. ImageNet weights from a local .npz.",
-            mobile=True,
-            factory=_efficientnet_lite0,
+        *(
+            Backbone(
+                name=f"efficientnet_lite{n}",
+                default_size=size,
+                min_size=32,
+                preprocessing="effnet_lite",
+                last_conv_layer="top_activation",
+                description=f"EfficientNet-Lite{n} (ReLU6, no SE; quantizes well), {params} "
+                "params; on-device. ImageNet weights: `trainer weights "
+                f"efficientnet_lite{n}` builds them once.",
+                mobile=True,
+                imagenet="dermedge",
+                factory=_efficientnet_lite(n),
+            )
+            for n, size, params in ((0, 224, "3.4M"), (1, 240, "4.2M"), (2, 260, "4.8M"))
         ),
         Backbone(
             name="tiny_cnn",
@@ -182,6 +210,7 @@ REGISTRY: dict[str, Backbone] = {
             description="4 conv blocks (16-32-64-128), random init; for tests and the "
             "quickstart only, not for real use.",
             mobile=True,
+            imagenet=None,
             factory=_tiny_cnn,
         ),
     )

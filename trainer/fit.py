@@ -576,7 +576,7 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
             # permute the batch order from Python's global RNG, which tf.distribute's extra
             # pass over the generator advances, so 1 and N replicas would see different orders.
             train_model.fit(data, epochs=last, initial_epoch=begin, callbacks=cbs,
-                            verbose=verbose, shuffle=False)
+                            verbose=0, shuffle=False)  # EpochEnd prints one line per epoch
 
         # The kept weights (best epoch, last, or averaged), then everything is measured on them.
         _restore_final(model, ckpt, state, t.restore)
