@@ -152,14 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_mobile_parsers(sub) -> None:
     """``inspect`` and ``metadata-setup`` (issue 27: TFLite metadata, export/tflite_metadata.py)."""
     i = sub.add_parser("inspect", help="what a mobile developer needs from a bundle or .tflite: "
-                       "input, outputs in subgraph order with labels, metadata, MediaPipe check")
+                       "input, outputs in subgraph order with labels, metadata, MediaPipe check",
+                       description="Print what a mobile developer needs from a bundle or a "
+                       ".tflite file: the input's name, shape, dtype and quantization, the "
+                       "outputs in subgraph order with their labels, the TFLite metadata found, "
+                       "and whether MediaPipe Tasks loads the file.")
     i.add_argument("model", help="bundle folder or .tflite file")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.add_argument("--no-mediapipe", action="store_true",
                    help="skip loading the file in MediaPipe Tasks (its environment is not "
                    "created by inspect; `metadata-setup` or an export creates it)")
     m = sub.add_parser("metadata-setup", help="build the MediaPipe environment that writes TFLite "
-                       "metadata (cached; every export otherwise builds it on first use)")
+                       "metadata (cached; every export otherwise builds it on first use)",
+                       description="Build the pinned, cached MediaPipe environment that writes "
+                       "TFLite Model Metadata into exported files (every export otherwise builds "
+                       "it on first use).")
     m.add_argument("--python", default=None, help="base interpreter for the venv (default: this "
                    "one)")
     m.add_argument("--force", action="store_true", help="rebuild it even if it exists")

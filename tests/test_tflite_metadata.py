@@ -158,5 +158,5 @@ def test_inspect_prints_what_a_mobile_developer_needs(exported, capsys, tmp_path
     assert info["outputs"][order.index("melanoma")]["labels"] == ["melanoma"]
     assert info["mediapipe"]["static_problems"] == []
     assert main(["inspect", str(tmp_path / "missing")]) == 2
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # one paragraph, wrapped
     assert "error:" in err and "does not exist" in err and "Traceback" not in err
