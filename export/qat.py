@@ -147,10 +147,6 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def _listify(x):
-    return x if isinstance(x, list) else [x]
-
-
 def graph_spec(model) -> dict:
     """The Keras 3 functional model as a flat layer list (nested functional models inlined).
 

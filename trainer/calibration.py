@@ -453,6 +453,7 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
     import shutil
     from pathlib import Path
 
+    from dermedge.card import card_from_dict, recalibrated
     from trainer.data import cache_images, read_splits
     from trainer.errors import RunDirError
     from trainer.evaluate import card_metrics, choose_threshold, score, write_outputs
@@ -508,14 +509,14 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
         else {}
     metrics.update({k: old[k] for k in ("split", "source", "best_epoch") if k in old})
     metrics["tta"] = False
-    card["calibration"] = section
-    card["heads"]["melanoma"]["threshold"] = float(threshold)
-    card.setdefault("metrics", {})["val"] = card_metrics(metrics)
+    scores = None
     if card.get("metadata_prior"):  # same tables; its val scores used the old answers
         from trainer.metadata import score_on_val
 
-        card["metadata_prior"].update(
-            score_on_val(card["metadata_prior"], val, p_mel, probs, threshold, spec))
+        scores = score_on_val(card["metadata_prior"], val, p_mel, probs, threshold, spec)
+    card = recalibrated(card_from_dict(card, where=str(run / "model_card.json")),
+                        calibration=section, melanoma_threshold=threshold,
+                        metrics_val=card_metrics(metrics), metadata_scores=scores).to_dict()
     # Rewrite a copy and swap it in: an interruption leaves the run as it was.
     work = partial_dir(run)
     if work.exists():

@@ -21,13 +21,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermedge import image as image_contract
+from dermedge.card import build_card
 from trainer import distribute as dist
 from trainer.config import MAXIMISED_MONITORS, ConfigError, RunConfig
 from trainer.errors import DataError, RunDirError
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
 from trainer.run import (
-    CARD_SCHEMA_VERSION,
     is_complete_run,
     now_iso,
     partial_dir,
@@ -611,11 +610,10 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
         keras.mixed_precision.set_global_policy(previous_policy)
 
     wall = state["wall_time_before_s"] + time.time() - t_start
-    card = _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed)
-    card["training"]["distribution"] = dist.card_section(plan, t)
+    # age/sex/site evidence for consumers that have it (trainer.metadata), or None
     prior = metadata_for_run(records, p_mel, probs, threshold, t.melanoma_threshold)
-    if prior is not None:  # age/sex/site evidence for consumers that have it (trainer.metadata)
-        card["metadata_prior"] = prior
+    card = _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed,
+                 plan=plan, prior=prior).to_dict()
     write_json_atomic(work / "model_card.json", card)
     if not t.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -625,39 +623,34 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
                      is_chief=plan.is_chief)
 
 
-def _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed) -> dict:
+def _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed, *,
+          plan, prior):
+    """The run's typed card (dermedge.card), from what training measured."""
     import keras
 
     from trainer.data import describe
     from trainer.evaluate import card_metrics
+    from trainer.toy import is_synthetic
 
     d = describe(records)
-    return {
-        "schema_version": CARD_SCHEMA_VERSION,
-        "name": config.name,
-        "created": now_iso(),
-        "backbone": spec.name,
-        "weights": config.model.weights,
-        "input": {**image_contract.describe(size), "dtype": "float32"},
-        "preprocessing": {"in_model": True, "mode": spec.preprocessing,
-                          "formula": spec.preprocessing_formula},
-        "heads": {
-            "melanoma": {"activation": "sigmoid", "labels": list(MELANOMA_LABELS),
-                         "threshold": float(threshold)},
-            "diagnosis": {"activation": "softmax", "labels": list(DIAGNOSIS_LABELS)},
-        },
-        "data": {"source": config.data.path, "layout": layout, "n_images": d["n_images"],
-                 "n_lesions": d.get("n_lesions"), "splits": d["splits"],
-                 "class_counts": {s: d["class_counts"][s] for s in ("train", "val", "test")}},
-        "config": config.to_dict(),
-        "training": {"epochs_run": len(state["history"]), "best_epoch": state["best_epoch"],
-                     "stopped_early": bool(state["stopped_early"]),
-                     "monitor": config.train.monitor, "restore": config.train.restore,
-                     "averaged_epochs": state.get("averaged_epochs", []),
-                     "wall_time_s": round(wall, 1), "backend": keras.backend.backend(),
-                     "device": "gpu" if _gpu_visible() else "cpu", "mixed_precision": mixed},
-        "calibration": state.get("calibration"),
-        "distillation": state.get("distillation"),
-        "metrics": {"val": card_metrics(metrics)},
-        "versions": versions(),
-    }
+    return build_card(
+        name=config.name, created=now_iso(), backbone=spec.name, weights=config.model.weights,
+        input_size=size,
+        preprocessing={"in_model": True, "mode": spec.preprocessing,
+                       "formula": spec.preprocessing_formula},
+        melanoma_threshold=threshold, diagnosis_labels=DIAGNOSIS_LABELS,
+        melanoma_labels=MELANOMA_LABELS,
+        data={"source": config.data.path, "layout": layout, "n_images": d["n_images"],
+              "n_lesions": d.get("n_lesions"), "splits": d["splits"],
+              "class_counts": {s: d["class_counts"][s] for s in ("train", "val", "test")}},
+        synthetic=is_synthetic(config.data.path),
+        config=config.to_dict(),
+        training={"epochs_run": len(state["history"]), "best_epoch": state["best_epoch"],
+                  "stopped_early": bool(state["stopped_early"]),
+                  "monitor": config.train.monitor, "restore": config.train.restore,
+                  "averaged_epochs": state.get("averaged_epochs", []),
+                  "wall_time_s": round(wall, 1), "backend": keras.backend.backend(),
+                  "device": "gpu" if _gpu_visible() else "cpu", "mixed_precision": mixed,
+                  "distribution": dist.card_section(plan, config.train)},
+        calibration=state.get("calibration"), distillation=state.get("distillation"),
+        metrics_val=card_metrics(metrics), versions=versions(), metadata_prior=prior)

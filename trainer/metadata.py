@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from dermedge.card import card_from_dict, with_section
 from trainer.errors import DermedgeError
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 
@@ -232,8 +233,9 @@ def fit_run(run_dir, *, weight: float = DEFAULT_WEIGHT, smoothing: float = DEFAU
     scored = score_on_val(section, val, p_mel, probs,
                           float(card["heads"]["melanoma"]["threshold"]), spec)
     section.update(scored)
-    card["metadata_prior"] = section
-    write_json_atomic(run / "model_card.json", card)
+    card = with_section(card_from_dict(card, where=str(run / "model_card.json")),
+                        "metadata_prior", section)
+    write_json_atomic(run / "model_card.json", card.to_dict())
     return section
 
 
