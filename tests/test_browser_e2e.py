@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ci import unavailable
 from demo_fixtures import jpeg_bytes, tiny_bundles
 
 pytestmark = pytest.mark.browser
@@ -29,16 +30,16 @@ def _ensure_chromium() -> None:
     if os.path.exists(CHROMIUM) and os.path.exists(DRIVER):
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(f"{CHROMIUM} / {DRIVER} not found and apt-get cannot run here (not root):"
+        unavailable(f"{CHROMIUM} / {DRIVER} not found and apt-get cannot run here (not root):"
                     " install Debian packages chromium and chromium-driver.")
     try:
         subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=300)
         subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], check=True,
                        capture_output=True, timeout=600)
     except (subprocess.SubprocessError, OSError) as exc:
-        pytest.skip(f"installing chromium + chromium-driver with apt-get failed: {exc}")
+        unavailable(f"installing chromium + chromium-driver with apt-get failed: {exc}")
     if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
-        pytest.skip("apt-get ran but /usr/bin/chromium or /usr/bin/chromedriver is missing.")
+        unavailable("apt-get ran but /usr/bin/chromium or /usr/bin/chromedriver is missing.")
 
 
 def _free_port() -> int:

@@ -29,8 +29,8 @@ def doc_json_after(heading: str) -> dict:
     """The first ```json block after ``heading`` in docs/ARTIFACTS.md, parsed."""
     text = DOC.read_text()
     start = text.index(heading)
-    m = re.search(r"```json\n(.*?)```", text[start:], re.S)
-    return json.loads(m.group(1))
+    block = re.search(r"```json\n(.*?)```", text[start:], re.S).group(1).strip()
+    return json.loads(block if block.startswith("{") else "{" + block + "}")
 
 
 def doc_table_names(heading: str) -> list[str]:
