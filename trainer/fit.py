@@ -9,6 +9,7 @@ there; ``resume=True`` continues an interrupted run from its last completed epoc
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import shutil
 import sys
@@ -36,6 +37,7 @@ from trainer.run import (
     write_text_atomic,
 )
 
+log = logging.getLogger("trainer")
 PHASES = ("head", "finetune")
 STATE_VERSION = 1
 
@@ -153,13 +155,25 @@ def _phase_of(config: RunConfig, epoch: int) -> str:
     return "head" if epoch < config.train.head_epochs else "finetune"
 
 
-def _gpu_visible() -> bool:
+def gpu_status() -> tuple[bool, str | None]:
+    """``(GPU visible, why the check failed or None)``: "no GPU" is ``(False, None)``."""
     import keras
 
     try:
-        return bool(keras.distribution.list_devices("gpu"))
-    except Exception:  # noqa: BLE001 - backends without device listing: assume no GPU
-        return False
+        return bool(keras.distribution.list_devices("gpu")), None
+    except Exception as exc:  # noqa: BLE001 - any backend error means "could not tell"
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def _gpu_visible() -> bool:
+    """True when Keras lists a GPU. A failed check counts as no GPU, and is logged: it turns
+    ``mixed_precision: auto`` off and records ``training.device: cpu``."""
+    visible, failure = gpu_status()
+    if failure is not None:
+        log.warning("Could not check for a GPU (%s); training as if there were none: "
+                    "train.mixed_precision 'auto' stays off and the card records device 'cpu'.",
+                    failure)
+    return visible
 
 
 def _mixed_precision(config: RunConfig) -> bool:
@@ -356,11 +370,29 @@ def _save_last(model, train_model, ckpt: Path) -> None:
     tmp = ckpt / "last_optimizer.tmp.npz"
     np.savez(tmp, **arrays)
     tmp.replace(ckpt / "last_optimizer.npz")
+    arrays = {f"v{i:05d}": np.asarray(v) for i, v in enumerate(_rng_states(train_model))}
+    tmp = ckpt / "last_rng.tmp.npz"
+    np.savez(tmp, **arrays)
+    tmp.replace(ckpt / "last_rng.npz")
+
+
+def _rng_states(train_model) -> list:
+    """The dropout and augmentation layers' random-number states. Keras keeps them out of the
+    weights; a resumed run restores them so it draws what the uninterrupted run would."""
+    return [v for v in train_model.variables if "seed_generator_state" in v.path]
 
 
 def _restore(model, train_model, ckpt: Path, *, with_optimizer: bool) -> None:
-    """Weights (and optimizer state) of the last checkpoint into the freshly built models."""
+    """Weights, random-number states (and optimizer state) of the last checkpoint into the
+    freshly built models."""
     model.load_weights(str(ckpt / "last.keras"))
+    if (ckpt / "last_rng.npz").is_file():  # absent in checkpoints written before it existed
+        states = _rng_states(train_model)
+        with np.load(ckpt / "last_rng.npz") as z:
+            src = [z[k] for k in sorted(z.files)]
+        if len(src) == len(states):
+            for dst, a in zip(states, src, strict=True):
+                dst.assign(a)
     if not with_optimizer:
         return
     opt = train_model.optimizer
@@ -532,8 +564,9 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
         scope.enter_context(dist.scope(plan))  # models and optimizers live on every replica
         if mixed:
             keras.mixed_precision.set_global_policy("mixed_float16")
-        # Seeds depend on where we start so a resumed run does not replay epoch 1's draws.
-        keras.utils.set_random_seed(config.seed + start_epoch)
+        # The same seed on resume: the layers get the same random streams, and _restore puts
+        # each stream where the interrupted run left it (so no draw of epoch 1 is replayed).
+        keras.utils.set_random_seed(config.seed)
         model = _build(config, size)
         if t.bn_momentum is not None:
             for layer in backbone_submodel(model).layers:
