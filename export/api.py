@@ -151,7 +151,7 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
         float_out = keras_predict(model, images)
         lite = LiteModel.load(conv.tflite)
         lite_out = lite.predict(images, batch_size=VALIDATION_BATCH)
-        offsets = _offsets_fitted_on(run, data, split)
+        offsets = offsets_fitted_on(run, data, split)
         report["validation"] = compare(float_out, lite_out, val_rows["dx"].tolist(),
                                        val_rows["melanoma"].to_numpy(), run.diagnosis_labels,
                                        run.melanoma_threshold, tolerances,
@@ -223,7 +223,7 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                         tflite_bytes=len(conv.tflite), seconds=time.perf_counter() - t0)
 
 
-def _offsets_fitted_on(run: Run, data, split: str) -> np.ndarray | None:
+def offsets_fitted_on(run: Run, data, split: str) -> np.ndarray | None:
     """The run's class offsets (in its diagnosis-label order) when the images being validated
     on are the ones they were fitted on (its own ``split``), else None."""
     section = (run.card.get("calibration") or {}).get("class_bias") or {}

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from dermedge import numerics
+
 # Clips before the logs (float64): softmax outputs may underflow to 0; a sigmoid's 1 - p needs
 # a margin from 1.
 SOFTMAX_EPS, SIGMOID_EPS = 1e-300, 1e-12
@@ -47,7 +49,8 @@ SHIFT_MIN, SHIFT_MAX = -6.0, 6.0
 HEAD_LAYERS = {"diagnosis": "diagnosis", "melanoma": "melanoma"}
 
 
-def _softmax_logits(probs: np.ndarray) -> np.ndarray:
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """Probabilities -> logits (log p, clipped): softmax of the result gives ``probs`` back."""
     return np.log(np.clip(np.asarray(probs, np.float64), SOFTMAX_EPS, 1.0))
 
 
@@ -77,10 +80,8 @@ def sigmoid_nll(logits: np.ndarray, y: np.ndarray, temperature: float,
 
 
 def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = np.asarray(logits, np.float64) / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    p = e / e.sum(axis=-1, keepdims=True)
+    """``dermedge.numerics.softmax``, averaged over passes when ``logits`` is (P, N, K)."""
+    p = numerics.softmax(logits, temperature)
     return p.mean(axis=0) if p.ndim == 3 else p
 
 
@@ -117,7 +118,7 @@ def fit_temperature_softmax(probs: np.ndarray, y: np.ndarray) -> float:
     y = np.asarray(y, np.int64).reshape(-1)
     if len(y) == 0:
         return 1.0
-    z = _softmax_logits(probs)
+    z = log_probs(probs)
     return _minimise(lambda t: softmax_nll(z, y, t))
 
 
@@ -152,7 +153,7 @@ def apply_softmax(probs: np.ndarray, temperature: float,
                   bias: np.ndarray | None = None) -> np.ndarray:
     """Calibrated (N, K) probabilities from (N, K) or (P, N, K) per-pass probabilities
     (``softmax(log p / T + bias)`` per pass, then averaged)."""
-    z = _softmax_logits(probs)
+    z = log_probs(probs)
     if bias is not None:
         z = z + np.asarray(bias, np.float64) * temperature
     return _softmax(z, temperature)
@@ -184,7 +185,7 @@ def fit_class_bias(probs: np.ndarray, y: np.ndarray, temperature: float = 1.0, *
     offset pushed to minus infinity. Gradient descent with backtracking (the one-pass loss is
     convex in ``b``; K parameters)."""
     y = np.asarray(y, np.int64).reshape(-1)
-    z = _softmax_logits(probs)
+    z = log_probs(probs)
     z = (z if z.ndim == 3 else z[None]) / temperature
     k = z.shape[-1]
     counts = np.bincount(y, minlength=k)
@@ -258,9 +259,7 @@ def strip_class_bias(model, card: dict) -> bool:
 
 
 def _balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
-    from trainer.metrics import balanced_accuracy
-
-    return float(balanced_accuracy(y, probs.argmax(axis=-1), probs.shape[-1]))
+    return numerics.balanced_accuracy(y, probs.argmax(axis=-1))
 
 
 CROSSFIT_REPEATS = 10
@@ -344,8 +343,8 @@ def crossfit_pair(reference: np.ndarray, other: np.ndarray, y: np.ndarray, offse
     halving kept every class on both sides."""
     y = np.asarray(y, np.int64).reshape(-1)
     offsets = np.asarray(offsets, np.float64).reshape(-1)
-    zr = _softmax_logits(reference) - offsets
-    zo = _softmax_logits(other) - offsets
+    zr = log_probs(reference) - offsets
+    zo = log_probs(other) - offsets
     pr = _softmax(zr, 1.0)
     k = zr.shape[-1]
     rng = np.random.default_rng(seed)
@@ -420,7 +419,7 @@ def calibrate(model, p_mel: np.ndarray, probs: np.ndarray, y: np.ndarray, mel: n
     before_probs, before_mel = probs.mean(axis=0), p_mel.mean(axis=0)
     after_probs = apply_softmax(probs, t_diag, bias)
     after_mel = apply_sigmoid(p_mel, t_mel, c_mel)
-    zd, zm = _softmax_logits(probs), _sigmoid_logits(p_mel)
+    zd, zm = log_probs(probs), _sigmoid_logits(p_mel)
     zd_after = zd if bias is None else zd + bias * t_diag
     section = {
         "method": "temperature scaling (diagnosis) and Platt scaling (melanoma: temperature "
@@ -456,7 +455,8 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
     from dermedge.card import card_from_dict, recalibrated
     from trainer.data import cache_images, read_splits
     from trainer.errors import RunDirError
-    from trainer.evaluate import card_metrics, choose_threshold, score, write_outputs
+    from trainer.evaluate import write_outputs
+    from trainer.metrics import card_metrics, choose_threshold, score
     from trainer.metrics import expected_calibration_error as ece
     from trainer.pipeline import MEL_INDEX, labels_from_dx, predict_arrays
     from trainer.run import load_run, move_into_place, partial_dir, write_json_atomic
@@ -494,7 +494,7 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
         after = apply_softmax(probs, 1.0, bias)
         section["ece_after"] = {**existing["ece_after"], "diagnosis": ece(after, y)}
         section["nll_after"] = {**existing["nll_after"],
-                                "diagnosis": softmax_nll(_softmax_logits(after), y, 1.0)}
+                                "diagnosis": softmax_nll(log_probs(after), y, 1.0)}
         if crossfit is not None:
             section["ece_after_crossfit"] = {**existing["ece_after_crossfit"],
                                              "diagnosis": ece(crossfit, y)}

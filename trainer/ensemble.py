@@ -118,8 +118,9 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
     import keras
 
     from trainer.data import cache_images
-    from trainer.evaluate import card_metrics, choose_threshold, score, write_outputs
+    from trainer.evaluate import write_outputs
     from trainer.metadata import for_run as metadata_for_run
+    from trainer.metrics import card_metrics, choose_threshold, score
     from trainer.pipeline import MEL_INDEX, labels_from_dx, predict_arrays
     from trainer.run import (
         is_complete_run,

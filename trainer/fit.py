@@ -505,9 +505,10 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
     import keras
 
     from trainer.data import cache_images
-    from trainer.evaluate import choose_threshold, score, write_outputs
+    from trainer.evaluate import write_outputs
     from trainer.losses import head_losses
     from trainer.metadata import for_run as metadata_for_run
+    from trainer.metrics import choose_threshold, score
     from trainer.model import (
         backbone_submodel,
         build_augmenter,
@@ -662,7 +663,7 @@ def _card(config, spec, size, records, layout, state, metrics, threshold, wall, 
     import keras
 
     from trainer.data import describe
-    from trainer.evaluate import card_metrics
+    from trainer.metrics import card_metrics
     from trainer.toy import is_synthetic
 
     d = describe(records)

@@ -32,6 +32,7 @@ import numpy as np
 from dermedge.card import card_from_dict, with_section
 from trainer.errors import DermedgeError
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
+from trainer.metrics import card_metrics, choose_threshold, score
 
 FIELDS: tuple[str, ...] = ("age", "sex", "site")
 AGE_BIN_YEARS = 10
@@ -243,7 +244,6 @@ def score_on_val(section: Mapping[str, Any], val, p_mel: np.ndarray, probs: np.n
                  image_threshold: float, spec) -> dict[str, Any]:
     """What the tables do on the validation split: the melanoma threshold chosen on the updated
     probabilities (``spec`` as in ``train.melanoma_threshold``) and the metrics with and without."""
-    from trainer.evaluate import card_metrics, choose_threshold, score
     from trainer.run import now_iso
 
     image_only = score(val, p_mel, probs, threshold=image_threshold)
