@@ -24,10 +24,13 @@ CARD_SCHEMA_VERSION = 1
 READABLE_VERSIONS: tuple[int, ...] = (1,)
 CARD_FILE = "model_card.json"
 HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
+# The feature-extractor sub-model's name in cards written before ``backbone_layer`` existed.
+V1_BACKBONE_LAYER = "backbone"
 RESIZE_MODES: tuple[str, ...] = (image_contract.RESIZE,)
 # Top-level keys in the order every writer emits them (optional ones only when present).
 KEY_ORDER: tuple[str, ...] = (
-    "schema_version", "name", "created", "backbone", "weights", "input", "preprocessing",
+    "schema_version", "name", "created", "backbone", "backbone_layer", "weights", "input",
+    "preprocessing",
     "heads", "ensemble", "data", "config", "training", "calibration", "distillation",
     "metrics", "versions", "metadata_prior", "export")
 OPTIONAL_KEYS: tuple[str, ...] = ("ensemble", "metadata_prior", "export")
@@ -93,6 +96,13 @@ class ModelCard:
         return self.diagnosis.labels
 
     @property
+    def backbone_layer(self) -> str | None:
+        """The name of the model's feature-extractor sub-model (None for an ensemble)."""
+        if "backbone_layer" in self.raw:
+            return self.raw["backbone_layer"]
+        return None if self.backbone == "ensemble" else V1_BACKBONE_LAYER
+
+    @property
     def export(self) -> dict[str, Any] | None:
         section = self.raw.get("export")
         return copy.deepcopy(section) if isinstance(section, dict) else None
@@ -116,17 +126,20 @@ def build_card(*, name: str | None, created: str, backbone: str, weights: str | 
                melanoma_labels: tuple[str, ...] | list[str] = ("melanoma",),
                calibration: dict | None = None, distillation: dict | None = None,
                ensemble: dict | None = None, metadata_prior: dict | None = None,
-               synthetic: bool = False) -> ModelCard:
+               backbone_layer: str | None = None, synthetic: bool = False) -> ModelCard:
     """The card of a run directory (``trainer fit``, ``trainer ensemble``).
 
     ``data.synthetic`` is set from ``synthetic``: True when the run trained on
     ``trainer toy-data`` output, so every bundle made from it says it is a toy model.
+    ``backbone_layer``: the feature-extractor sub-model's name (export's bias correction works
+    on it); None when the model has none (an ensemble).
     """
     d: dict[str, Any] = {
         "schema_version": CARD_SCHEMA_VERSION,
         "name": name,
         "created": created,
         "backbone": backbone,
+        "backbone_layer": backbone_layer,
         "weights": weights,
         # Keras and float TFLite take float32 pixels 0-255; the contract's uint8 is the image.
         "input": {**image_contract.describe(int(input_size)), "dtype": "float32"},

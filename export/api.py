@@ -248,7 +248,8 @@ def _bias_corrected(run, model, config, rep, plain, debug, say):
     say(f"bias correction: rounding kernels to int8, correcting on {n_bc} train images")
     try:
         bias = correct_biases(corrected, rep[:n_bc], keep_float=config.keep_float,
-                              rounding=config.weight_rounding, log=say)
+                              rounding=config.weight_rounding,
+                              backbone_layer=run.backbone_layer, log=say)
     except ExportError as exc:
         if plain is None:  # "on" / "kernel" was asked for explicitly
             raise

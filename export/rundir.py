@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermedge.card import read_card
+from dermedge.card import card_from_dict, read_card
 from dermedge.image import load_image
 from export.errors import ExportError, RunDirError
 
@@ -36,6 +36,11 @@ class Run:
     @property
     def melanoma_labels(self) -> tuple[str, ...]:
         return tuple(self.card["heads"]["melanoma"].get("labels") or ["melanoma"])
+
+    @property
+    def backbone_layer(self) -> str | None:
+        """The feature-extractor sub-model's name, from the card (None for an ensemble)."""
+        return card_from_dict(self.card).backbone_layer
 
     @property
     def melanoma_threshold(self) -> float:

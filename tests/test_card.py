@@ -147,3 +147,13 @@ def test_documented_files_are_the_ones_written():
     run_files = doc_table_names("## The run directory")
     assert set(RUN_FILES) <= set(run_files)
     assert doc_table_names("## The export bundle") == list(BUNDLE_FILES)
+
+
+def test_backbone_layer_comes_from_the_card_with_the_v1_default():
+    assert _built(backbone_layer="features").backbone_layer == "features"
+    assert _built(backbone="ensemble").backbone_layer is None
+    old = _built().to_dict()
+    del old["backbone_layer"]  # a card written before the key existed
+    assert model_card.card_from_dict(old).backbone_layer == model_card.V1_BACKBONE_LAYER
+    old["backbone"] = "ensemble"
+    assert model_card.card_from_dict(old).backbone_layer is None
