@@ -305,7 +305,7 @@ def _source_dir(root: Path) -> Path:
     src = root / "src"
     src.mkdir()
     here = Path(__file__).resolve().parents[1]
-    for pkg in ("trainer", "export"):
+    for pkg in ("dermedge", "trainer", "export"):
         (src / pkg).symlink_to(here / pkg, target_is_directory=True)
     return src
 

@@ -49,9 +49,13 @@ def smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def card_for(name: str, backbone: str, size: int, threshold: float = 0.5) -> dict:
-    """A run card from the real builder, for a model trained outside ``trainer fit``."""
+    """A run card from the real builder, for a ``build_model`` model trained outside
+    ``trainer fit``."""
+    from trainer.model import BACKBONE_NAME
+
     return build_card(
-        name=name, created="2026-01-01T00:00:00+00:00", backbone=backbone, weights=None,
+        name=name, created="2026-01-01T00:00:00+00:00", backbone=backbone,
+        backbone_layer=BACKBONE_NAME, weights=None,
         input_size=size, preprocessing={"in_model": True}, melanoma_threshold=threshold,
         diagnosis_labels=DIAGNOSIS_LABELS, data={"source": "synthetic", "layout": "test"},
         synthetic=True, config={}, training={}, metrics_val={}, versions={}).to_dict()
