@@ -157,3 +157,16 @@ def test_backbone_layer_comes_from_the_card_with_the_v1_default():
     assert model_card.card_from_dict(old).backbone_layer == model_card.V1_BACKBONE_LAYER
     old["backbone"] = "ensemble"
     assert model_card.card_from_dict(old).backbone_layer is None
+
+
+def test_toy_data_leaves_the_marker_the_card_reads(tmp_path):
+    from trainer.toy import SYNTHETIC_MARKER, is_synthetic, make_toy_dataset
+
+    toy = make_toy_dataset(tmp_path / "toy", n_lesions=140, size=16, seed=0)
+    assert (toy / SYNTHETIC_MARKER).is_file()
+    assert is_synthetic(toy) and is_synthetic(toy / "HAM10000_metadata.csv")
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\n")
+    assert not is_synthetic(real) and not is_synthetic(real / "HAM10000_metadata.csv")
+    assert not is_synthetic(None)
