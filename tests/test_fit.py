@@ -230,6 +230,18 @@ def test_resumed_run_reproduces_the_uninterrupted_run(toy_data, tmp_path):
     mb = keras.saving.load_model(tmp_path / "resumed" / "model.keras")
     for x, y in zip(ma.get_weights(), mb.get_weights(), strict=True):
         np.testing.assert_array_equal(x, y)
+    assert whole.card["training"]["resumed"] == []
+    assert resumed.card["training"]["resumed"] == [{"after_epoch": 2, "exact": True,
+                                                    "why": None}]
+    # A checkpoint without the random states (an older dermedge): the card says it differs.
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "old", verbose=0, callbacks=[InterruptAfter(2)])
+    (partial_dir(tmp_path / "old") / "checkpoints" / "last_rng.npz").unlink()
+    old = fit(None, tmp_path / "old", resume=True, verbose=0)
+    [entry] = old.card["training"]["resumed"]
+    assert entry["after_epoch"] == 2 and entry["exact"] is False
+    assert "no random-number states" in entry["why"]
+    assert not np.array_equal(old.history["loss"].to_numpy(), whole.history["loss"].to_numpy())
 
 
 def test_gpu_check_failure_is_logged_not_silent(monkeypatch, caplog):

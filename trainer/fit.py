@@ -255,21 +255,29 @@ def _compile(config: RunConfig, train_model, phase: str, losses: dict) -> None:
     )
 
 
-def _restore(model, train_model, ckpt: Path, *, with_optimizer: bool) -> None:
+def _restore(model, train_model, ckpt: Path, *, with_optimizer: bool) -> str | None:
     """Weights, random-number states (and optimizer state) of the last checkpoint into the
-    freshly built models."""
-    model.load_weights(str(ckpt / "last.keras"))
-    if (ckpt / "last_rng.npz").is_file():  # absent in checkpoints written before it existed
-        from trainer.callbacks import rng_states
+    freshly built models. Returns why the run will not reproduce the uninterrupted one, or
+    None when it will."""
+    from trainer.callbacks import rng_states
 
-        states = rng_states(train_model)
+    model.load_weights(str(ckpt / "last.keras"))
+    why = None
+    states = rng_states(train_model)
+    if not (ckpt / "last_rng.npz").is_file():  # checkpoints written before it existed
+        why = ("the checkpoint holds no random-number states (written by an older dermedge), "
+               "so dropout and augmentation draw differently from the uninterrupted run")
+    else:
         with np.load(ckpt / "last_rng.npz") as z:
             src = [z[k] for k in sorted(z.files)]
         if len(src) == len(states):
             for dst, a in zip(states, src, strict=True):
                 dst.assign(a)
+        else:
+            why = (f"the checkpoint holds {len(src)} random-number states but the model has "
+                   f"{len(states)}, so dropout and augmentation draw differently")
     if not with_optimizer:
-        return
+        return why
     opt = train_model.optimizer
     opt.build(train_model.trainable_variables)
     with np.load(ckpt / "last_optimizer.npz") as z:
@@ -280,6 +288,7 @@ def _restore(model, train_model, ckpt: Path, *, with_optimizer: bool) -> None:
                           "start over with --overwrite.")
     for dst, a in zip(opt.variables, src, strict=True):
         dst.assign(a)
+    return why
 
 
 # ---------------------------------------------------------------------------- fit
@@ -525,8 +534,10 @@ def _train_phases(config: RunConfig, model, train_model, data: _Data, state: dic
         _compile(config, train_model, phase, losses)
         begin = max(first, int(state["epoch"]))
         if begin == start_epoch and start_epoch > 0:  # resuming in this session
-            _restore(model, train_model, work / "checkpoints",
-                     with_optimizer=state["phase"] == phase and begin > first)
+            why = _restore(model, train_model, work / "checkpoints",
+                           with_optimizer=state["phase"] == phase and begin > first)
+            state.setdefault("resumed", []).append(
+                {"after_epoch": start_epoch, "exact": why is None, "why": why})
         batches = dist.full_batch_dataset(
             plan, CachedDataset, data.train_images, data.train_y, batch_size=t.batch_size,
             shuffle=True, balance=t.class_balance, weight_method=t.class_weight_method,
@@ -637,6 +648,7 @@ def _card(config, spec, size, records, layout, state, metrics, threshold, wall, 
                   "stopped_early": bool(state["stopped_early"]),
                   "monitor": config.train.monitor, "restore": config.train.restore,
                   "averaged_epochs": state.get("averaged_epochs", []),
+                  "resumed": state.get("resumed", []),
                   "wall_time_s": round(wall, 1), "backend": keras.backend.backend(),
                   "device": "gpu" if _gpu_visible() else "cpu", "mixed_precision": mixed,
                   "distribution": dist.card_section(plan, config.train)},
