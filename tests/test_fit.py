@@ -244,6 +244,16 @@ def test_resumed_run_reproduces_the_uninterrupted_run(toy_data, tmp_path):
     assert not np.array_equal(old.history["loss"].to_numpy(), whole.history["loss"].to_numpy())
 
 
+def test_mixed_precision_run_ships_a_float32_model(toy_data, tmp_path):
+    cfg = tiny_config(toy_data, tmp_path / "cache", **{"train.mixed_precision": "on",
+                                                       "train.epochs": 1})
+    result = fit(cfg, tmp_path / "mp", verbose=0)
+    assert result.card["training"]["mixed_precision"] is True
+    model = keras.saving.load_model(tmp_path / "mp" / "model.keras")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+
+
 def test_gpu_check_failure_is_logged_not_silent(monkeypatch, caplog):
     from trainer import fit as fit_module
 
