@@ -30,9 +30,34 @@ import pandas as pd
 
 from dermedge.card import build_card
 from trainer import distribute as dist
+from trainer.backbones import get_backbone
+from trainer.calibration import calibrate
 from trainer.config import ConfigError, RunConfig
-from trainer.errors import DataError, RunDirError
+from trainer.data import (
+    cache_images,
+    describe,
+    detect_layout,
+    load_records,
+    read_splits,
+    split_records,
+    write_splits,
+)
+from trainer.distill import agreement, check_no_leak, check_teacher, soft_targets, teacher_answers
+from trainer.errors import DataError, DermedgeError, RunDirError
+from trainer.evaluate import write_outputs
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
+from trainer.losses import head_losses, log_prior
+from trainer.metadata import for_run as metadata_for_run
+from trainer.metrics import card_metrics, choose_threshold, score
+from trainer.model import (
+    BACKBONE_NAME,
+    backbone_submodel,
+    build_augmenter,
+    build_model,
+    finetune_count,
+    set_trainable,
+    training_model,
+)
 from trainer.run import (
     is_complete_run,
     now_iso,
@@ -42,6 +67,7 @@ from trainer.run import (
     write_json_atomic,
     write_text_atomic,
 )
+from trainer.toy import is_synthetic
 
 log = logging.getLogger("trainer")
 PHASES = ("head", "finetune")
@@ -93,8 +119,6 @@ def prepare(config: RunConfig) -> tuple[Any, int, pd.DataFrame, str]:
 
     Returns ``(backbone spec, input size, records with split, layout)``.
     """
-    from trainer.backbones import get_backbone
-    from trainer.data import detect_layout, load_records, split_records
 
     if not config.data.path:
         raise ConfigError("No dataset given: pass --data PATH (or set data.path in the config; "
@@ -127,8 +151,6 @@ def prepare(config: RunConfig) -> tuple[Any, int, pd.DataFrame, str]:
     except ValueError as e:  # bad fractions slipped past config validation
         raise ConfigError(str(e)) from None
     if config.train.distill_from:
-        from trainer.distill import check_no_leak, check_teacher
-
         check_teacher(config.train.distill_from)
         check_no_leak(config.train.distill_from, records)
     return spec, size, records, layout
@@ -217,9 +239,6 @@ def _restore_final(model, ckpt: Path, state: dict, mode: str) -> None:
 
 
 def _build(config: RunConfig, size: int):
-    from trainer.errors import DermedgeError
-    from trainer.model import build_model
-
     try:
         return build_model(config.model.backbone, input_size=size,
                            weights=config.model.weights, dropout=config.model.dropout)
@@ -301,7 +320,6 @@ def fit(config: RunConfig | None, out: str | Path, *, overwrite: bool = False,
     interrupted run's). ``callbacks``: extra Keras callbacks, run after the checkpoint.
     ``verbose``: Keras verbosity (default 1 on a TTY, else 2; 0 silences the epoch log too).
     """
-    from trainer.data import read_splits, write_splits
 
     t_start = time.time()
     out = Path(out).expanduser().resolve()
@@ -346,8 +364,6 @@ def fit(config: RunConfig | None, out: str | Path, *, overwrite: bool = False,
 
     # Everything cheap and checkable happens before the first heavy step.
     if resume:
-        from trainer.backbones import get_backbone
-
         spec = get_backbone(config.model.backbone)
         size = config.model.input_size or spec.default_size
         records = read_splits(work / "splits.csv")
@@ -391,7 +407,6 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
                      overwrite, callbacks, verbose, progress, t_start) -> RunResult:
     import keras
 
-    from trainer.losses import head_losses
 
     state = _start_state(config, layout, state)
     data = _load_data(config, records, size, state, progress=progress)
@@ -457,7 +472,6 @@ def _load_data(config: RunConfig, records: pd.DataFrame, size: int, state: dict,
                progress: bool) -> _Data:
     """The splits' images through the cache, and the teacher's answers when distilling (their
     provenance goes into ``state["distillation"]``)."""
-    from trainer.data import cache_images
     from trainer.pipeline import labels_from_dx
 
     t = config.train
@@ -470,9 +484,6 @@ def _load_data(config: RunConfig, records: pd.DataFrame, size: int, state: dict,
                               workers=t.workers, progress=progress)
     soft = None
     if t.distill_from:
-        from trainer.distill import agreement, soft_targets, teacher_answers
-        from trainer.losses import log_prior
-
         p_t, d_t, distillation = teacher_answers(
             t.distill_from, train_rec["path"].tolist(), cache_dir=config.data.cache_dir,
             batch_size=t.batch_size, workers=t.workers, progress=progress)
@@ -490,7 +501,6 @@ def _build_models(config: RunConfig, size: int, plan):
     """``(inference model, training wrapper with the augmentation layers)``."""
     import keras
 
-    from trainer.model import backbone_submodel, build_augmenter, finetune_count, training_model
 
     t = config.train
     # The same seed on resume: the layers get the same random streams, and _restore puts
@@ -519,7 +529,6 @@ def _train_phases(config: RunConfig, model, train_model, data: _Data, state: dic
                   t_start: float) -> None:
     """The head phase (backbone frozen), then fine-tuning; each resumes where ``state`` says."""
     from trainer.callbacks import epoch_callbacks
-    from trainer.model import set_trainable
     from trainer.pipeline import CachedDataset
 
     t = config.train
@@ -558,14 +567,11 @@ def _train_phases(config: RunConfig, model, train_model, data: _Data, state: dic
 def _finalize(config: RunConfig, model, data: _Data, state: dict, work: Path) -> _Final:
     """The kept weights (best epoch, last, or averaged), calibration folded in, the melanoma
     threshold, and the val metrics, plots and history measured on them."""
-    from trainer.evaluate import write_outputs
-    from trainer.metrics import choose_threshold, score
     from trainer.pipeline import MEL_INDEX, predict_arrays
 
     t = config.train
     _restore_final(model, work / "checkpoints", state, t.restore)
     if t.calibrate:  # temperatures from single-pass predictions, folded into the heads
-        from trainer.calibration import calibrate
 
         p_mel, probs = predict_arrays(model, data.val_images, batch_size=t.batch_size)
         state["calibration"] = calibrate(model, p_mel, probs, data.val_y,
@@ -586,7 +592,6 @@ def _save_model(config: RunConfig, size: int, model, work: Path, *, mixed: bool)
     """``model.keras``, always float32 (a mixed-precision model is rebuilt clean first)."""
     import keras
 
-    from trainer.model import build_model
 
     if mixed:
         keras.mixed_precision.set_global_policy("float32")
@@ -602,7 +607,6 @@ def _save_model(config: RunConfig, size: int, model, work: Path, *, mixed: bool)
 def _write_run(config, out, work, spec, size, records, layout, state, final: _Final, *, plan,
                mixed, overwrite, t_start) -> RunResult:
     """The card (with the metadata tables), then ``<out>.partial`` renamed to ``<out>``."""
-    from trainer.metadata import for_run as metadata_for_run
 
     t = config.train
     wall = state["wall_time_before_s"] + time.time() - t_start
@@ -625,10 +629,6 @@ def _card(config, spec, size, records, layout, state, metrics, threshold, wall, 
     """The run's typed card (dermedge.card), from what training measured."""
     import keras
 
-    from trainer.data import describe
-    from trainer.metrics import card_metrics
-    from trainer.model import BACKBONE_NAME
-    from trainer.toy import is_synthetic
 
     d = describe(records)
     return build_card(
