@@ -37,6 +37,15 @@ from typing import Any
 import numpy as np
 
 from dermedge import numerics
+from dermedge.card import card_from_dict, recalibrated
+from trainer.data import cache_images, read_splits
+from trainer.errors import RunDirError
+from trainer.evaluate import write_outputs
+from trainer.labels import DIAGNOSIS_LABELS
+from trainer.metadata import score_on_val
+from trainer.metrics import card_metrics, choose_threshold, score
+from trainer.metrics import expected_calibration_error as ece
+from trainer.run import load_run, move_into_place, partial_dir, write_json_atomic
 
 # Clips before the logs (float64): softmax outputs may underflow to 0; a sigmoid's 1 - p needs
 # a margin from 1.
@@ -243,7 +252,6 @@ def fold_class_bias(heads_of, bias: np.ndarray) -> None:
 
 def member_offsets(card: dict) -> np.ndarray | None:
     """The class offsets folded into a run (its card's ``calibration.class_bias``), or None."""
-    from trainer.labels import DIAGNOSIS_LABELS
 
     offsets = ((card.get("calibration") or {}).get("class_bias") or {}).get("offsets")
     return None if not offsets else np.array([offsets[c] for c in DIAGNOSIS_LABELS])
@@ -276,7 +284,6 @@ def class_bias_section(probs: np.ndarray, y: np.ndarray, temperature: float, *, 
     ``temperature``). Returns ``(offsets, card section, cross-fitted (N, K) probabilities of
     the first halving that kept every class on both sides)``: offsets ``None`` when the split
     lacks a class, probabilities ``None`` when no halving kept every class on both sides."""
-    from trainer.labels import DIAGNOSIS_LABELS
 
     k = probs.shape[-1]
     counts = np.bincount(y, minlength=k)
@@ -384,7 +391,6 @@ def calibrate(model, p_mel: np.ndarray, probs: np.ndarray, y: np.ndarray, mel: n
     the section's ``class_bias`` entry has them and balanced accuracy before / after /
     cross-fitted.
     """
-    from trainer.metrics import expected_calibration_error as ece
 
     y = np.asarray(y, np.int64).reshape(-1)
     mel = np.asarray(mel, np.int64).reshape(-1)
@@ -452,14 +458,7 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
     import shutil
     from pathlib import Path
 
-    from dermedge.card import card_from_dict, recalibrated
-    from trainer.data import cache_images, read_splits
-    from trainer.errors import RunDirError
-    from trainer.evaluate import write_outputs
-    from trainer.metrics import card_metrics, choose_threshold, score
-    from trainer.metrics import expected_calibration_error as ece
     from trainer.pipeline import MEL_INDEX, labels_from_dx, predict_arrays
-    from trainer.run import load_run, move_into_place, partial_dir, write_json_atomic
 
     run = Path(run_dir).expanduser().resolve()
     model, card = load_run(run)
@@ -511,7 +510,6 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
     metrics["tta"] = False
     scores = None
     if card.get("metadata_prior"):  # same tables; its val scores used the old answers
-        from trainer.metadata import score_on_val
 
         scores = score_on_val(card["metadata_prior"], val, p_mel, probs, threshold, spec)
     card = recalibrated(card_from_dict(card, where=str(run / "model_card.json")),

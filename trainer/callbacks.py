@@ -19,7 +19,10 @@ import pandas as pd
 
 from trainer import distribute as dist
 from trainer.config import MAXIMISED_MONITORS, RunConfig
+from trainer.fit import lr_at, phase_of, val_loss
 from trainer.labels import DIAGNOSIS_LABELS
+from trainer.metrics import balanced_accuracy, roc_auc
+from trainer.pipeline import MEL_INDEX, predict_arrays
 from trainer.run import write_json_atomic
 
 
@@ -31,8 +34,6 @@ class LearningRate(keras.callbacks.Callback):
         self.config, self.train_model = config, train_model
 
     def on_epoch_begin(self, epoch, logs=None):
-        from trainer.fit import lr_at
-
         opt = self.train_model.optimizer
         getattr(opt, "inner_optimizer", opt).learning_rate = lr_at(self.config, epoch)
 
@@ -43,18 +44,12 @@ class ValidationMetrics(keras.callbacks.Callback):
 
     def __init__(self, config: RunConfig, model, images: np.ndarray, y: np.ndarray,
                  losses: dict):
-        from trainer.pipeline import MEL_INDEX
-
         super().__init__()
         self.config, self.inference, self.images, self.y = config, model, images, y
         self.losses = losses
         self.mel_true = (y == MEL_INDEX).astype(np.int64)
 
     def on_epoch_end(self, epoch, logs=None):
-        from trainer.fit import val_loss
-        from trainer.metrics import balanced_accuracy, roc_auc
-        from trainer.pipeline import predict_arrays
-
         p_mel, probs = predict_arrays(self.inference, self.images,
                                       batch_size=self.config.train.batch_size)
         pred = probs.argmax(axis=1)
@@ -80,8 +75,6 @@ class History(keras.callbacks.Callback):
         self._t0 = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
-        from trainer.fit import lr_at, phase_of
-
         row = {"epoch": epoch + 1, "phase": phase_of(self.config, epoch),
                "lr": lr_at(self.config, epoch), "loss": float(logs.get("loss", float("nan")))}
         row.update({k: float(v) for k, v in sorted(logs.items())
@@ -148,8 +141,6 @@ class StopAgreement(keras.callbacks.Callback):
         self.config, self.train_model, self.state, self.plan = config, train_model, state, plan
 
     def on_epoch_end(self, epoch, logs=None):
-        from trainer.fit import phase_of
-
         t = self.config.train
         stop = (phase_of(self.config, epoch) == "finetune" and t.restore == "best"
                 and t.early_stopping_patience > 0
@@ -170,8 +161,6 @@ class Checkpoint(keras.callbacks.Callback):
         self.ckpt, self.state, self.t_start = ckpt, state, t_start
 
     def on_epoch_end(self, epoch, logs=None):
-        from trainer.fit import phase_of
-
         save_last(self.inference, self.train_model, self.ckpt)
         self.state["epoch"] = epoch + 1
         self.state["phase"] = phase_of(self.config, epoch)

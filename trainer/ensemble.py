@@ -23,8 +23,24 @@ from typing import Any
 import numpy as np
 
 from dermedge.card import build_card
+from trainer.calibration import calibrate as fit_and_fold
+from trainer.calibration import strip_class_bias
+from trainer.data import cache_images, read_splits
 from trainer.errors import DermedgeError, RunDirError
+from trainer.evaluate import write_outputs
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
+from trainer.metadata import for_run as metadata_for_run
+from trainer.metrics import card_metrics, choose_threshold, score
+from trainer.run import (
+    is_complete_run,
+    load_run,
+    move_into_place,
+    now_iso,
+    partial_dir,
+    versions,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 FLIPS = ("identity", "hflip", "vflip", "hvflip")
 
@@ -73,8 +89,6 @@ def build_ensemble(members: Sequence[Any], size: int, *, tta: bool = True,
 
 
 def _same_splits(runs: Sequence[Path]):
-    from trainer.data import read_splits
-
     first = read_splits(runs[0] / "splits.csv")
     key = first[["image_id", "split"]].sort_values("image_id").reset_index(drop=True)
     for run in runs[1:]:
@@ -117,21 +131,7 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
     offset in the model)."""
     import keras
 
-    from trainer.data import cache_images
-    from trainer.evaluate import write_outputs
-    from trainer.metadata import for_run as metadata_for_run
-    from trainer.metrics import card_metrics, choose_threshold, score
     from trainer.pipeline import MEL_INDEX, labels_from_dx, predict_arrays
-    from trainer.run import (
-        is_complete_run,
-        load_run,
-        move_into_place,
-        now_iso,
-        partial_dir,
-        versions,
-        write_json_atomic,
-        write_text_atomic,
-    )
 
     if class_bias and not calibrate:
         raise DermedgeError("--class-bias is fitted with the calibration; drop --no-calibrate "
@@ -164,14 +164,11 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
 
     stripped = []
     if class_bias:  # members' own offsets were fitted for each alone: the average gets its own
-        from trainer.calibration import strip_class_bias
 
         stripped = [str(run) for run, (model, card) in zip(runs, loaded, strict=True)
                     if strip_class_bias(model, card)]
     calibration = None
     if calibrate:
-        from trainer.calibration import calibrate as fit_and_fold
-
         p_passes, d_passes = _member_passes(members, images, tta=tta, batch_size=batch_size)
         calibration = fit_and_fold(members, p_passes, d_passes, val_y, val_y == MEL_INDEX,
                                    class_bias=class_bias)

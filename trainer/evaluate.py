@@ -8,10 +8,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from trainer.data import cache_images, load_records, read_splits, write_isic_predictions
 from trainer.errors import DataError, DermedgeError
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 from trainer.metadata import apply_prior, has_metadata
-from trainer.metrics import card_metrics, choose_threshold, score
+from trainer.metrics import card_metrics, choose_threshold, roc_curve, score
+from trainer.run import load_run, write_json_atomic, write_text_atomic
 
 __all__ = ["card_metrics", "choose_threshold", "evaluate", "score", "summary_table",
            "write_outputs"]
@@ -28,9 +30,6 @@ def write_outputs(out_dir: str | Path, records: pd.DataFrame, p_mel: np.ndarray,
     (``{class: png}`` from ``trainer.explain.write_gallery``, or why it was skipped) is linked
     from report.md."""
     from trainer import plots
-    from trainer.data import write_isic_predictions
-    from trainer.metrics import roc_curve
-    from trainer.run import write_json_atomic, write_text_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,9 +148,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, layout: str
     carry age/sex/site; the image model's own figures stay under ``metrics["metadata"]``.
     """
     check_gallery(gallery)
-    from trainer.data import cache_images, load_records, read_splits
     from trainer.pipeline import predict_arrays
-    from trainer.run import load_run
 
     run = Path(run_dir).expanduser().resolve()
     model, card = load_run(run)
