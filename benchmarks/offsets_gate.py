@@ -41,12 +41,16 @@ GATE = Tolerances().balanced_accuracy_drop  # the export's default
 def drops(pf: np.ndarray, pl: np.ndarray, y: np.ndarray, offsets: np.ndarray,
           repeats: int = 5) -> dict:
     """The three drops (float minus copy) of one copy ``pl`` of ``pf``."""
-    from trainer.calibration import _balanced_accuracy, _softmax_logits, crossfit_pair
+    from dermedge.numerics import balanced_accuracy
+    from trainer.calibration import crossfit_pair, log_probs
 
-    zf, zl = _softmax_logits(pf) - offsets, _softmax_logits(pl) - offsets
+    def bacc(scores):
+        return balanced_accuracy(y, scores.argmax(axis=-1))
+
+    zf, zl = log_probs(pf) - offsets, log_probs(pl) - offsets
     return {
-        "in_sample": _balanced_accuracy(y, pf) - _balanced_accuracy(y, pl),
-        "without_offsets": _balanced_accuracy(y, zf) - _balanced_accuracy(y, zl),
+        "in_sample": bacc(pf) - bacc(pl),
+        "without_offsets": bacc(zf) - bacc(zl),
         "crossfit": crossfit_pair(pf, pl, y, offsets, repeats=repeats)["drop"],
         "agreement": float(np.mean(pf.argmax(1) == pl.argmax(1))),
     }
@@ -62,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
 
-    from export.api import _offsets_fitted_on, keras_predict
+    from dermedge.numerics import softmax
+    from export.api import keras_predict, offsets_fitted_on
     from export.bench import table
     from export.rundir import load_images, open_run, validation_records
-    from trainer.calibration import _softmax
 
     run = open_run(args.run)
-    offsets = _offsets_fitted_on(run, None, "val")
+    offsets = offsets_fitted_on(run, None, "val")
     if offsets is None:
         print(f"{run.path} has no class offsets fitted on its val split: nothing to measure "
               "(`trainer calibrate RUN --class-bias` adds them).", file=sys.stderr)
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     rows, records = [], []
     for scale in args.noise:
-        got = [drops(pf, _softmax(z + rng.normal(scale=scale, size=z.shape), 1.0), y, offsets)
+        got = [drops(pf, softmax(z + rng.normal(scale=scale, size=z.shape)), y, offsets)
                for _ in range(args.copies)]
         rec = {"copy": f"float + noise {scale}", "copies": args.copies,
                "agreement": float(np.mean([g["agreement"] for g in got]))}

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from dermedge.numerics import balanced_accuracy
+
 from . import __version__
 from .errors import CalibrationError, RequestError
 from .imaging import load_path
@@ -111,12 +113,6 @@ def wilson(k: float, n: float, z: float = Z95) -> list[float] | None:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def _balanced_accuracy(y: Sequence[str], pred: Sequence[str]) -> float:
-    y, pred = np.asarray(y), np.asarray(pred)
-    recalls = [float(np.mean(pred[y == c] == c)) for c in np.unique(y)]
-    return float(np.mean(recalls)) if recalls else float("nan")
-
-
 def evaluate(policy: Policy, results: Sequence[dict[str, Any]], device: Tier,
              cloud: Tier | None) -> dict[str, Any]:
     """Replay ``policy`` on cached answers: the coverage-table row."""
@@ -153,11 +149,11 @@ def evaluate(policy: Policy, results: Sequence[dict[str, Any]], device: Tier,
         "n": n,
         "fallback_rate": float(fell_a.mean()),
         "device_accuracy_kept": float(np.mean(dp[kept] == y_a[kept])) if kept.any() else None,
-        "device_balanced_accuracy_kept": _balanced_accuracy(y_a[kept], dp[kept])
+        "device_balanced_accuracy_kept": balanced_accuracy(y_a[kept], dp[kept])
         if kept.any() else None,
         "device_only_accuracy": float(np.mean(dp == y_a)),
         "combined_accuracy": float(np.mean(fp == y_a)),
-        "combined_balanced_accuracy": _balanced_accuracy(y_a, fp),
+        "combined_balanced_accuracy": balanced_accuracy(y_a, fp),
         "referral_rate": float(ref_a.mean()),
         "melanoma_sensitivity": rate(ref_a, mel_a),
         "melanoma_specificity": rate(~ref_a, ~mel_a),
@@ -205,7 +201,7 @@ def _search(results, device: Tier, cloud: Tier | None, target: float, base: Poli
                 if r > target + 1e-9:
                     continue
                 pred = np.where(fb, cl_pred, dev_pred)
-                feasible.append((r, _balanced_accuracy(y, pred), (c, w, second, min(1.0, above))))
+                feasible.append((r, balanced_accuracy(y, pred), (c, w, second, min(1.0, above))))
     # Use the budget (the cloud tier is the stronger model): among candidates whose fallback
     # rate is within a quarter of the target of the highest feasible rate, the best balanced
     # accuracy wins, then the higher rate.

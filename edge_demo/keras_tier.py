@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from dermedge.card import CARD_FILE, read_card
+
 from .errors import BundleError
-from .imaging import RESIZE_MODES, center_crop_resize
-from .tiers import CARD_FILE, _card_get, _read_card, tier_answer
+from .imaging import center_crop_resize
+from .tiers import tier_answer
 
 KERAS_FILE = "model.keras"
 
@@ -39,20 +41,19 @@ class KerasTier:
                 f"The cloud tier {path} is a Keras run directory, which needs TensorFlow and"
                 f" Keras ({exc}). Install them (pip install tensorflow-cpu keras), or export the"
                 " run with `python -m export tflite RUN` and pass the bundle folder.") from exc
-        self.card = _read_card(path)
+        if not (path / CARD_FILE).is_file():
+            raise BundleError(f"{path} has no {CARD_FILE}; pass a run directory written by"
+                              " `trainer fit`.")
+        card = read_card(path, error=BundleError)  # validated: dermedge.card
+        self.card = card.to_dict()
         self.bundle = path.resolve()
-        self.name = name or str(self.card.get("name") or path.name)
+        self.name = name or str(card.name or path.name)
         data = (path / KERAS_FILE).read_bytes()
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.size_bytes = len(data)
-        shape = _card_get(self.card, "input.shape", path)
-        self.image_size = int(shape[0])
-        resize = str(self.card.get("input", {}).get("resize", "center_crop_resize"))
-        if resize not in RESIZE_MODES:
-            raise BundleError(f"{path / CARD_FILE}: input.resize={resize!r} is not supported.")
-        self.labels = tuple(_card_get(self.card, "heads.diagnosis.labels", path))
-        thr = self.card.get("heads", {}).get("melanoma", {}).get("threshold")
-        self.melanoma_threshold = float(thr) if thr is not None else 0.5
+        self.image_size = card.input_size
+        self.labels = card.diagnosis_labels
+        self.melanoma_threshold = card.melanoma_threshold
         try:
             self._model = keras.saving.load_model(path / KERAS_FILE, compile=False)
         except Exception as exc:  # noqa: BLE001 - any load failure is a bad run dir

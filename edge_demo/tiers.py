@@ -8,7 +8,6 @@ outputs dequantized with the tensor's own scale/zero-point; heads are read by na
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import queue
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dermedge.card import read_card
 
 from .errors import BundleError
 from .imaging import RESIZE_MODES, center_crop_resize
@@ -61,13 +62,7 @@ def _read_card(bundle: Path) -> dict[str, Any]:
         raise BundleError(
             f"The bundle {bundle} has no {CARD_FILE}. Point to a folder written by"
             " `python -m export tflite` (it holds model.tflite, model_card.json and labels).")
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"Cannot parse {path} as JSON ({exc}); re-export the bundle.") from exc
-    if not isinstance(card, dict):
-        raise BundleError(f"{path} must hold a JSON object; received {type(card).__name__}.")
-    return card
+    return read_card(path, error=BundleError).to_dict()  # validated: dermedge.card
 
 
 def _validation_passed(card: dict[str, Any]) -> bool | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from export.config import QuantizationConfig, Tolerances
 from export.litert import SIGNATURE, Bundle, LiteModel, load_bundle, run_tflite
 from export.refused import REFUSED_NOTICE, refused_notice
 from export.rundir import Run, load_images, open_run, representative_records, validation_records
+from export.tflite_metadata import mediapipe_python, with_metadata
+from export.validate import to_markdown
 
 __all__ = ["BundleResult", "export_run", "load_bundle", "run_tflite", "default_out",
            "keras_predict", "QuantizationConfig", "Tolerances", "Bundle", "LiteModel"]
@@ -80,10 +83,11 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     With ``config.qat`` (``QuantizationConfig.int8_qat``) the model is fine-tuned with fake
     quantization in the QAT interpreter (``qat_python``, see export/qat.py) and the
     post-training int8 model is converted and validated too, for the side-by-side report.
-    """
-    from export.convert import convert_model
-    from export.validate import compare, to_markdown
 
+    The steps, in order: check the request and read its inputs -> :func:`_convert` (PTQ, bias
+    correction, QAT) -> :func:`_finish_file` (batch 1, compaction, metadata) on each candidate
+    -> :func:`_validate` -> :func:`_card_section` -> write the bundle.
+    """
     t0 = time.perf_counter()
     say = log or (lambda msg: None)
     config = config or QuantizationConfig.float32()
@@ -91,87 +95,167 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     run = open_run(run_dir)
     label = "int8-qat" if config.qat is not None else config.mode
     out = Path(out) if out is not None else default_out(run, label)
+    qat_exe = _check_request(config, debug, qat_python)
+    md_python = mediapipe_python(log=say)  # the metadata writer's venv, built on first use
+    rep, val_rows, where = _read_inputs(run, config, data, split, validate, say)
+    model = run.load_model()
+    shipped, ptq, qat_info = _convert(run, model, config, rep, debug=debug, qat_exe=qat_exe,
+                                      say=say)
+    check = rep[:COMPACT_CHECK_IMAGES] if rep is not None else _noise(run.input_size)
+    shipped = _finish_file(shipped, config, run.card, check, say, md_python)
+    ptq = _finish_file(ptq, config, run.card, check, say, md_python) if ptq is not None else None
+    report = _report(run, config, where, shipped)
+    passed = _validate(report, run, model, shipped, ptq, val_rows, tolerances,
+                       data=data, split=split, validate=validate, say=say)
+    section = _card_section(config, shipped, ptq, qat_info, report, where, validate=validate,
+                            passed=passed)
+    card = export_card(run.card, section)
+    files = {
+        "model.tflite": shipped.conv.tflite,
+        "labels_diagnosis.txt": "\n".join(run.diagnosis_labels) + "\n",
+        "labels_melanoma.txt": "\n".join(run.melanoma_labels) + "\n",
+        "model_card.json": dumps(card),
+        "validation.json": dumps(report),
+        "validation.md": (to_markdown(report, f"{run.name} → {label}") + _qat_md(report)
+                          if validate else f"# Validation: {run.name} → {label}\n\n"
+                          "Skipped (--no-validate).\n"),
+        "USAGE.md": usage_md(card),
+    }
+    assert set(files) == set(BUNDLE_FILES)  # internal invariant, not user input
+    if passed is False:  # written with the bundle, so a refused folder is never unmarked
+        files[REFUSED_NOTICE] = refused_notice(report["validation"]["failed"])
+    path = write_bundle(out, files)
+    size = len(shipped.conv.tflite)
+    say(f"wrote {path} ({size:,} bytes)")
+    return BundleResult(path=path, mode=config.mode, passed=passed, card=card, report=report,
+                        tflite_bytes=size, seconds=time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One converted model on its way into the bundle (``conv``: export.convert's result) and
+    its bias-correction report."""
+
+    conv: Any
+    bias: dict | None = None
+
+
+def _check_request(config: QuantizationConfig, debug: bool, qat_python) -> str | None:
+    """Option combinations that cannot work, before any work; the QAT interpreter if asked."""
     if debug and config.mode != "int8":
         from export.errors import ExportError
 
         raise ExportError("--debug runs the int8 quantization debugger; add --int8 or drop "
                           "--debug.")
-    qat_exe = None
-    if config.qat is not None:  # --- QAT (export/qat.py): fail fast without its environment
-        from export.qat import QATError, find_qat_python
+    if config.qat is None:
+        return None
+    from export.qat import QATError, find_qat_python
 
-        if debug:
-            raise QATError("--debug analyses post-training int8 layer by layer; it does not "
-                           "apply to --qat. Drop one of them.")
-        qat_exe = find_qat_python(qat_python)
-    from export.tflite_metadata import mediapipe_python, with_metadata  # issue 27
+    if debug:
+        raise QATError("--debug analyses post-training int8 layer by layer; it does not "
+                       "apply to --qat. Drop one of them.")
+    return find_qat_python(qat_python)  # fail fast without the QAT environment
 
-    md_python = mediapipe_python(log=say)  # the metadata writer's venv, built on first use
-    # Read everything that can fail on bad input before converting anything.
+
+def _read_inputs(run: Run, config: QuantizationConfig, data, split: str, validate: bool, say):
+    """``(calibration images or None, validation rows or None, where they come from)``: all
+    that can fail on bad input, read before converting anything."""
     rep = None
     if config.mode == "int8":
         rows = representative_records(run, config.representative_images, seed=config.seed)
         say(f"calibration: {len(rows)} train images, stratified by class")
         rep = load_images(rows["path"].tolist(), run.input_size)
-    val_rows, where = (validation_records(run, data, split) if validate else (None, None))
-    import tensorflow as tf
+    val_rows, where = validation_records(run, data, split) if validate else (None, None)
+    return rep, val_rows, where
 
-    model = run.load_model()
+
+def _convert(run: Run, model, config: QuantizationConfig, rep, *, debug: bool, qat_exe,
+             say) -> tuple[_Candidate, _Candidate | None, dict | None]:
+    """The conversion steps: post-training conversion, then bias correction (int8), then QAT.
+
+    Returns ``(shipped, ptq, qat_info)``. Without QAT ``ptq`` and ``qat_info`` are None; with
+    it the QAT model ships (not bias-corrected) and the PTQ model stays for the comparison.
+    """
+    from export.convert import convert_model
+
     if config.qat is not None:
         from export.qat import check_qat_support, graph_spec
 
         check_qat_support(graph_spec(model), run.card.get("backbone"))
     say(f"converting {run.name} ({run.card.get('backbone')}) to {config.mode}")
-    bias = None
-    conv = (convert_model(model, config, rep, debug=debug)
-            if config.bias_correction not in ("on", "kernel") else None)
+    conv, bias = (convert_model(model, config, rep, debug=debug)
+                  if config.bias_correction not in ("on", "kernel") else None), None
     if config.bias_correction != "off":  # on a second copy: validation compares with float
         conv, bias = _bias_corrected(run, model, config, rep, conv, debug, say)
-    ptq = qat_info = None
-    if config.qat is not None:  # --- QAT: the PTQ model above stays for the side-by-side
-        from export.qat import run_qat
+    if config.qat is None:
+        return _Candidate(conv, bias), None, None
+    from export.qat import run_qat
 
-        ptq, ptq_bias, bias = conv, bias, None  # the shipped (QAT) model is not bias-corrected
-        conv, qat_info = run_qat(run, model, config, rep, python=qat_exe, log=say)
-    check = rep[:COMPACT_CHECK_IMAGES] if rep is not None else _noise(run.input_size)
-    conv = _batch_fixed(conv, check)  # the file phones and browsers run: [1, S, S, 3]
-    if ptq is not None:
-        ptq = _batch_fixed(ptq, check)
+    qat_conv, qat_info = run_qat(run, model, config, rep, python=qat_exe, log=say)
+    return _Candidate(qat_conv), _Candidate(conv, bias), qat_info
+
+
+def _finish_file(c: _Candidate, config: QuantizationConfig, card: dict, check: np.ndarray,
+                 say, md_python) -> _Candidate:
+    """The file steps, each output-preserving: batch 1 -> compaction -> metadata."""
+    conv = _batch_fixed(c.conv, check)  # the file phones and browsers run: [1, S, S, 3]
     if config.compact:  # lossless: identical quantization vectors stored once
         conv = _compacted(conv, config, check, say)
-        if ptq is not None:
-            ptq = _compacted(ptq, config, check, say)
-    conv = with_metadata(conv, run.card, check, say, python=md_python)  # before validation
+    # TFLite Model Metadata (export/tflite_metadata.py), after compaction, before validation
+    conv = with_metadata(conv, card, check, say, python=md_python)
+    return _Candidate(conv, c.bias)
+
+
+def _report(run: Run, config: QuantizationConfig, where, shipped: _Candidate) -> dict:
+    """validation.json's header: what was converted, how, and what each step recorded."""
+    conv = shipped.conv
     report: dict = {"run": str(run.path), "mode": config.mode, "config": config.to_dict(),
                     "data": where, "checks": conv.checks, "denylisted": conv.denylisted}
-    if bias is not None:
-        report["bias_correction"] = bias
+    if shipped.bias is not None:
+        report["bias_correction"] = shipped.bias
     if conv.compaction is not None:
         report["compaction"] = conv.compaction
     if conv.debug:
         report["debug"] = conv.debug
-    if validate:
-        say(f"validating on {len(val_rows)} images from {where}")
-        images = load_images(val_rows["path"].tolist(), run.input_size)
-        float_out = keras_predict(model, images)
-        lite = LiteModel.load(conv.tflite)
-        lite_out = lite.predict(images, batch_size=VALIDATION_BATCH)
-        offsets = _offsets_fitted_on(run, data, split)
-        report["validation"] = compare(float_out, lite_out, val_rows["dx"].tolist(),
-                                       val_rows["melanoma"].to_numpy(), run.diagnosis_labels,
-                                       run.melanoma_threshold, tolerances,
-                                       class_offsets=offsets)
-        passed = report["validation"]["passed"]
-        if ptq is not None:  # --- QAT: the PTQ model through the same gate
-            ptq_out = LiteModel.load(ptq.tflite).predict(images, batch_size=VALIDATION_BATCH)
-            report["ptq"] = {"validation": compare(
-                float_out, ptq_out, val_rows["dx"].tolist(), val_rows["melanoma"].to_numpy(),
-                run.diagnosis_labels, run.melanoma_threshold, tolerances,
-                class_offsets=offsets)}
-    else:
+    return report
+
+
+def _validate(report: dict, run: Run, model, shipped: _Candidate, ptq: _Candidate | None,
+              val_rows, tolerances: Tolerances, *, data, split: str, validate: bool,
+              say) -> bool | None:
+    """LiteRT vs the float Keras model on the validation rows, through the gates (the PTQ
+    model too, with QAT); fills ``report`` and returns the verdict (None: not validated)."""
+    from export.validate import compare
+
+    if not validate:
         report["validation"] = {"passed": None, "skipped": True, "n": 0, "gates": [],
                                 "failed": []}
-        passed = None
+        return None
+    where = report["data"]
+    say(f"validating on {len(val_rows)} images from {where}")
+    images = load_images(val_rows["path"].tolist(), run.input_size)
+    float_out = keras_predict(model, images)
+    offsets = offsets_fitted_on(run, data, split)
+
+    def gate(c: _Candidate) -> dict:
+        out = LiteModel.load(c.conv.tflite).predict(images, batch_size=VALIDATION_BATCH)
+        return compare(float_out, out, val_rows["dx"].tolist(),
+                       val_rows["melanoma"].to_numpy(), run.diagnosis_labels,
+                       run.melanoma_threshold, tolerances, class_offsets=offsets)
+
+    report["validation"] = gate(shipped)
+    if ptq is not None:  # QAT: the PTQ model through the same gates
+        report["ptq"] = {"validation": gate(ptq)}
+    return report["validation"]["passed"]
+
+
+def _card_section(config: QuantizationConfig, shipped: _Candidate, ptq: _Candidate | None,
+                  qat_info: dict | None, report: dict, where, *, validate: bool,
+                  passed: bool | None) -> dict:
+    """The bundle card's ``export`` section (docs/ARTIFACTS.md)."""
+    import tensorflow as tf
+
+    conv, bias = shipped.conv, shipped.bias
     v = report["validation"]
     summary = (_summary(v, where) if validate else
                {"passed": passed, "n": 0, "data": where, "failed": []})
@@ -195,9 +279,10 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                                                       "ops")},
                "validation": summary,
                "size_bytes": len(conv.tflite), "sha256": sha256_bytes(conv.tflite)}
-    if ptq is not None:  # --- QAT: what was trained, and the PTQ model it is compared with
-        ptq_section = {"size_bytes": len(ptq.tflite), "sha256": sha256_bytes(ptq.tflite),
-                       "integer_tensor_fraction": ptq.checks["integer_tensor_fraction"],
+    if ptq is not None:  # QAT: what was trained, and the PTQ model it is compared with
+        ptq_bias = ptq.bias
+        ptq_section = {"size_bytes": len(ptq.conv.tflite), "sha256": sha256_bytes(ptq.conv.tflite),
+                       "integer_tensor_fraction": ptq.conv.checks["integer_tensor_fraction"],
                        "bias_correction": None if ptq_bias is None else {
                            k: ptq_bias.get(k) for k in ("chosen", "method", "seconds")}}
         report["ptq"] = {**ptq_section, **report.get("ptq", {})}  # full validation report
@@ -209,28 +294,10 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
             "augment", "train_images", "calibration_images", "frozen", "history",
             "rebuild_max_abs_diff", "versions", "seconds")}
         section["qat"]["ptq"] = ptq_section
-    card = export_card(run.card, section)
-    files = {
-        "model.tflite": conv.tflite,
-        "labels_diagnosis.txt": "\n".join(run.diagnosis_labels) + "\n",
-        "labels_melanoma.txt": "\n".join(run.melanoma_labels) + "\n",
-        "model_card.json": dumps(card),
-        "validation.json": dumps(report),
-        "validation.md": (to_markdown(report, f"{run.name} → {label}") + _qat_md(report)
-                          if validate else f"# Validation: {run.name} → {label}\n\n"
-                          "Skipped (--no-validate).\n"),
-        "USAGE.md": usage_md(card),
-    }
-    assert set(files) == set(BUNDLE_FILES)  # internal invariant, not user input
-    if passed is False:  # written with the bundle, so a refused folder is never unmarked
-        files[REFUSED_NOTICE] = refused_notice(report["validation"]["failed"])
-    path = write_bundle(out, files)
-    say(f"wrote {path} ({len(conv.tflite):,} bytes)")
-    return BundleResult(path=path, mode=config.mode, passed=passed, card=card, report=report,
-                        tflite_bytes=len(conv.tflite), seconds=time.perf_counter() - t0)
+    return section
 
 
-def _offsets_fitted_on(run: Run, data, split: str) -> np.ndarray | None:
+def offsets_fitted_on(run: Run, data, split: str) -> np.ndarray | None:
     """The run's class offsets (in its diagnosis-label order) when the images being validated
     on are the ones they were fitted on (its own ``split``), else None."""
     section = (run.card.get("calibration") or {}).get("class_bias") or {}
@@ -255,7 +322,8 @@ def _bias_corrected(run, model, config, rep, plain, debug, say):
     say(f"bias correction: rounding kernels to int8, correcting on {n_bc} train images")
     try:
         bias = correct_biases(corrected, rep[:n_bc], keep_float=config.keep_float,
-                              rounding=config.weight_rounding, log=say)
+                              rounding=config.weight_rounding,
+                              backbone_layer=run.backbone_layer, log=say)
     except ExportError as exc:
         if plain is None:  # "on" / "kernel" was asked for explicitly
             raise

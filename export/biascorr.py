@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+from dermedge.card import V1_BACKBONE_LAYER
 from export.errors import ExportError
 
 INT8_MAX = 127
@@ -110,16 +111,19 @@ def _apply_shift(layer, owner, shift: np.ndarray) -> None:
     bn.set_weights(w)
 
 
-def _backbone_input(model, images: np.ndarray) -> tuple[object, np.ndarray]:
-    """The ``backbone`` sub-model and the calibration images as it receives them."""
-    from trainer.model import BACKBONE_NAME
-
+def _backbone_input(model, images: np.ndarray,
+                    layer: str | None) -> tuple[object, np.ndarray]:
+    """The feature-extractor sub-model named ``layer`` (the card's ``backbone_layer``) and the
+    calibration images as it receives them."""
     try:
-        backbone = model.get_layer(BACKBONE_NAME)
+        if layer is None:
+            raise ValueError(layer)
+        backbone = model.get_layer(layer)
     except ValueError:
-        raise ExportError(f"Bias correction needs the '{BACKBONE_NAME}' sub-model that `trainer "
-                          f"fit` builds; model '{model.name}' has none (an ensemble?). Pass "
-                          "--bias-correction off.") from None
+        raise ExportError(f"Bias correction needs the feature-extractor sub-model that `trainer "
+                          f"fit` builds (the card's backbone_layer: {layer!r}); model "
+                          f"'{model.name}' has none (an ensemble?). Pass --bias-correction off."
+                          ) from None
     x = np.asarray(images, np.float32)
     for layer in model.layers[1:]:  # the preprocessing layers between the input and backbone
         if layer is backbone:
@@ -279,13 +283,15 @@ def _layer_inputs(backbone, layer, x: np.ndarray):
 
 
 def correct_biases(model, images: np.ndarray, *, keep_float: tuple[str, ...] = (),
-                   rounding: str = "nearest", log=None) -> dict:
+                   rounding: str = "nearest", backbone_layer: str | None = V1_BACKBONE_LAYER,
+                   log=None) -> dict:
     """Round every conv kernel of ``model``'s backbone to its int8 grid and correct the biases.
 
     ``images``: uint8 ``(N, S, S, 3)`` calibration images (the train split, never the
     validation set). ``rounding``: ``"nearest"`` (the default) or ``"adaptive"`` (choose floor
-    or ceil per weight for the smallest output error). Returns a report for the bundle's card
-    and validation.json.
+    or ceil per weight for the smallest output error). ``backbone_layer``: the sub-model to
+    correct, as the run's card names it. Returns a report for the bundle's card and
+    validation.json.
     """
     import keras
 
@@ -295,7 +301,7 @@ def correct_biases(model, images: np.ndarray, *, keep_float: tuple[str, ...] = (
     t0 = time.perf_counter()
     if len(images) == 0:
         raise ExportError("Bias correction needs calibration images; received none.")
-    backbone, x = _backbone_input(model, images)
+    backbone, x = _backbone_input(model, images, backbone_layer)
     L = _layers()
     op_types = {"CONV_2D": L.Conv2D, "DEPTHWISE_CONV_2D": L.DepthwiseConv2D}
     skip_types = tuple(op_types[k] for k in keep_float if k in op_types)

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from dermedge.card import with_export
 
 BUNDLE_FILES: tuple[str, ...] = ("model.tflite", "labels_diagnosis.txt", "labels_melanoma.txt",
                                  "model_card.json", "validation.json", "validation.md", "USAGE.md")
@@ -20,9 +21,8 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def export_card(run_card: dict, export_section: dict) -> dict:
-    card = copy.deepcopy(run_card)
-    card["export"] = export_section
-    return card
+    """The bundle's card: the run's card plus ``export`` (validated by dermedge.card)."""
+    return with_export(run_card, export_section).to_dict()
 
 
 def _patient_md(prior: dict | None) -> str:

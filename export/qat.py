@@ -147,10 +147,6 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def _listify(x):
-    return x if isinstance(x, list) else [x]
-
-
 def graph_spec(model) -> dict:
     """The Keras 3 functional model as a flat layer list (nested functional models inlined).
 
@@ -309,7 +305,7 @@ def _source_dir(root: Path) -> Path:
     src = root / "src"
     src.mkdir()
     here = Path(__file__).resolve().parents[1]
-    for pkg in ("trainer", "export"):
+    for pkg in ("dermedge", "trainer", "export"):
         (src / pkg).symlink_to(here / pkg, target_is_directory=True)
     return src
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dermedge.card import card_from_dict, read_card
+from dermedge.image import load_image
 from export.errors import ExportError, RunDirError
 
 HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
@@ -36,6 +37,11 @@ class Run:
     @property
     def melanoma_labels(self) -> tuple[str, ...]:
         return tuple(self.card["heads"]["melanoma"].get("labels") or ["melanoma"])
+
+    @property
+    def backbone_layer(self) -> str | None:
+        """The feature-extractor sub-model's name, from the card (None for an ensemble)."""
+        return card_from_dict(self.card).backbone_layer
 
     @property
     def melanoma_threshold(self) -> float:
@@ -86,48 +92,11 @@ def open_run(path: str | Path) -> Run:
         raise RunDirError(f"The run directory {path} has no model_card.json, so the input size, "
                           "labels and melanoma threshold are unknown. Export needs a complete run: "
                           "re-run `trainer fit`, or point at the right folder.")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunDirError(f"{card_path} is not valid JSON ({exc}). Restore it from the run or "
-                          "re-run `trainer fit`.") from None
-    if not isinstance(card, dict):
-        raise RunDirError(f"{card_path} must hold a JSON object; received {type(card).__name__}.")
-    _check_card(card, card_path)
+    card = read_card(card_path, error=RunDirError).to_dict()
     if not (path / "model.keras").is_file():
         raise RunDirError(f"The run directory {path} has no model.keras. Training may not have "
                           "finished; re-run `trainer fit` (or `--resume`).")
     return Run(path.resolve(), card)
-
-
-def _get(card: dict, dotted: str):
-    cur = card
-    for key in dotted.split("."):
-        if not isinstance(cur, dict) or key not in cur:
-            return None
-        cur = cur[key]
-    return cur
-
-
-def _check_card(card: dict, where: Path) -> None:
-    problems = []
-    shape = _get(card, "input.shape")
-    if not (isinstance(shape, list) and len(shape) == 3 and shape[2] == 3 and shape[0] == shape[1]
-            and isinstance(shape[0], int) and shape[0] > 0):
-        problems.append(f"input.shape must be [S, S, 3]; received {shape!r}")
-    if _get(card, "input.name") not in (None, "image"):
-        problems.append(f"input.name must be 'image'; received {_get(card, 'input.name')!r}")
-    labels = _get(card, "heads.diagnosis.labels")
-    if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
-        problems.append(f"heads.diagnosis.labels must be a list of label names; received "
-                        f"{labels!r}")
-    thr = _get(card, "heads.melanoma.threshold")
-    if not (isinstance(thr, (int, float)) and not isinstance(thr, bool) and 0 < thr < 1):
-        problems.append(f"heads.melanoma.threshold must be a number in (0, 1); received {thr!r}")
-    if problems:
-        raise RunDirError(f"The model card {where} lacks fields export needs: "
-                          + "; ".join(problems) + ". The card is written by `trainer fit` "
-                          "(schema in docs/ARTIFACTS.md); re-run training or fix the card.")
 
 
 def _check_model(model, run: Run, path: Path) -> None:
@@ -222,9 +191,7 @@ def validation_records(run: Run, data: str | Path | None = None, split: str = "v
 
 
 def load_images(paths, size: int) -> np.ndarray:
-    """uint8 ``(N, S, S, 3)`` through trainer's reference resize (the training path)."""
-    from trainer.data import load_image
-
+    """uint8 ``(N, S, S, 3)`` through the image contract (dermedge.image), as training."""
     if len(paths) == 0:
         return np.zeros((0, size, size, 3), np.uint8)
     return np.stack([load_image(p, size) for p in paths])

@@ -2,8 +2,10 @@
 
 Builds a small Keras 3 functional model with the project's contract (input ``image`` raw
 RGB 0-255, outputs ``melanoma`` (1) and ``diagnosis`` (7)) and converts it with the TFLite
-converter to float32 and full-int8 (uint8 in/out), then writes ``model_card.json`` per
-docs/ARTIFACTS.md. Uses TensorFlow, which only tests and benchmarks may import.
+converter to float32 and full-int8 (uint8 in/out); the card comes from the real builders
+(``dermedge.card.build_card`` + ``with_export``), so it is the one ``python -m export tflite``
+writes. Uses TensorFlow, which only tests and benchmarks may import. The bundle made by the
+real ``trainer fit`` -> ``python -m export`` chain is conftest.py's ``chain_bundle``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from dermedge.card import build_card, with_export
 
 LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 SIZE = 32
@@ -83,24 +87,21 @@ def write_bundle(folder: Path, model_bytes: bytes, mode: str, name: str) -> Path
     (folder / "model.tflite").write_bytes(model_bytes)
     (folder / "labels_diagnosis.txt").write_text("\n".join(LABELS) + "\n")
     (folder / "labels_melanoma.txt").write_text("melanoma\n")
-    card = _card(name)
-    card["export"] = {"mode": mode, "signature": "serving_default", **_details(model_bytes),
-                      "size_bytes": len(model_bytes),
-                      "sha256": hashlib.sha256(model_bytes).hexdigest()}
-    (folder / "model_card.json").write_text(json.dumps(card, indent=2))
+    card = with_export(_card(name), {
+        "mode": mode, "signature": "serving_default", **_details(model_bytes),
+        "size_bytes": len(model_bytes), "sha256": hashlib.sha256(model_bytes).hexdigest()})
+    (folder / "model_card.json").write_text(card.to_json())
     return folder
 
 
 def _card(name: str) -> dict:
-    return {
-        "schema_version": 1, "name": name, "backbone": "tiny_test_cnn",
-        "input": {"name": "image", "shape": [SIZE, SIZE, 3], "dtype": "float32",
-                  "range": [0, 255], "color": "RGB", "resize": "center_crop_resize"},
-        "preprocessing": {"in_model": True, "mode": "tf", "formula": "x / 127.5 - 1"},
-        "heads": {"melanoma": {"activation": "sigmoid", "labels": ["melanoma"],
-                               "threshold": THRESHOLD},
-                  "diagnosis": {"activation": "softmax", "labels": list(LABELS)}},
-    }
+    return build_card(
+        name=name, created="2026-01-01T00:00:00+00:00", backbone="tiny_test_cnn", weights=None,
+        input_size=SIZE, preprocessing={"in_model": True, "mode": "tf",
+                                        "formula": "x / 127.5 - 1"},
+        melanoma_threshold=THRESHOLD, diagnosis_labels=LABELS,
+        data={"source": "synthetic", "layout": "test"}, synthetic=True, config={},
+        training={}, metrics_val={}, versions={}).to_dict()
 
 
 def _card_only(folder: Path, name: str) -> Path:

@@ -1,7 +1,8 @@
 """Run directories for export tests: a tiny model + card + splits over synthetic JPEGs.
 
-Reusable by other test modules (e.g. the demo's) through :func:`make_run_dir` and
-:func:`make_bundle` (which goes through ``export.api``).
+Reusable by other test modules through :func:`make_run_dir`. The card comes from the one
+builder (``dermedge.card.build_card``), as ``trainer fit`` writes it; the whole chain through
+the real ``trainer fit`` and ``python -m export`` is in conftest.py's ``chain_*`` fixtures.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dermedge.card import build_card
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 
 # One distinct colour per class, so a tiny CNN learns the task in a few epochs.
@@ -47,18 +49,16 @@ def smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def card_for(name: str, backbone: str, size: int, threshold: float = 0.5) -> dict:
-    return {
-        "schema_version": 1, "name": name, "created": "2026-01-01T00:00:00+00:00",
-        "backbone": backbone, "weights": None,
-        "input": {"name": "image", "shape": [size, size, 3], "dtype": "float32",
-                  "range": [0, 255], "color": "RGB", "resize": "center_crop_resize"},
-        "preprocessing": {"in_model": True},
-        "heads": {"melanoma": {"activation": "sigmoid", "labels": ["melanoma"],
-                               "threshold": threshold},
-                  "diagnosis": {"activation": "softmax", "labels": list(DIAGNOSIS_LABELS)}},
-        "data": {"source": "synthetic", "layout": "test"},
-        "config": {}, "training": {}, "metrics": {}, "versions": {},
-    }
+    """A run card from the real builder, for a ``build_model`` model trained outside
+    ``trainer fit``."""
+    from trainer.model import BACKBONE_NAME
+
+    return build_card(
+        name=name, created="2026-01-01T00:00:00+00:00", backbone=backbone,
+        backbone_layer=BACKBONE_NAME, weights=None,
+        input_size=size, preprocessing={"in_model": True}, melanoma_threshold=threshold,
+        diagnosis_labels=DIAGNOSIS_LABELS, data={"source": "synthetic", "layout": "test"},
+        synthetic=True, config={}, training={}, metrics_val={}, versions={}).to_dict()
 
 
 def train_quickly(model, images: np.ndarray, dx: list[str], epochs: int = 30) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci import unavailable
 from demo_fixtures import jpeg_bytes, tiny_bundles
 
 pytestmark = pytest.mark.browser
@@ -35,11 +36,7 @@ WEB = REPO / "edge_demo" / "web"
 RUNTIME_JS = WEB / "node_modules" / "@litertjs" / "core" / "dist" / "index.js"
 
 
-def _unavailable(msg: str):
-    """Skip outside CI; under CI=true a missing dependency is a failure with the reason."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
+_unavailable = unavailable  # skip outside CI; under CI=true a failure with the reason
 
 
 def _apt_install(*packages: str) -> None:

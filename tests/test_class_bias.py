@@ -236,7 +236,7 @@ def test_crossfit_pair_scores_both_models_with_offsets_they_were_not_fitted_on()
 def test_export_gate_uses_the_crossfitted_drop_only_for_offsets_fitted_on_those_images():
     from types import SimpleNamespace
 
-    from export.api import _offsets_fitted_on
+    from export.api import offsets_fitted_on
     from export.config import Tolerances
     from export.validate import compare, to_markdown
 
@@ -280,8 +280,8 @@ def test_export_gate_uses_the_crossfitted_drop_only_for_offsets_fitted_on_those_
     run = SimpleNamespace(diagnosis_labels=tuple(reversed(DIAGNOSIS_LABELS)), card={
         "calibration": {"class_bias": {"fitted_on": "val", "offsets": dict(
             zip(DIAGNOSIS_LABELS, b.tolist(), strict=True))}}})
-    np.testing.assert_allclose(_offsets_fitted_on(run, None, "val"), b[::-1])  # label order
-    assert _offsets_fitted_on(run, "other/labelled/set", "val") is None
-    assert _offsets_fitted_on(run, None, "train") is None
+    np.testing.assert_allclose(offsets_fitted_on(run, None, "val"), b[::-1])  # label order
+    assert offsets_fitted_on(run, "other/labelled/set", "val") is None
+    assert offsets_fitted_on(run, None, "train") is None
     run.card["calibration"]["class_bias"] = {"skipped": "no vasc"}
-    assert _offsets_fitted_on(run, None, "val") is None
+    assert offsets_fitted_on(run, None, "val") is None

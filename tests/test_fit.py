@@ -213,6 +213,68 @@ def test_resume_continues_from_the_last_epoch(toy_data, tmp_path):
     assert np.isfinite(hist["loss"]).all()
 
 
+def test_resumed_run_reproduces_the_uninterrupted_run(toy_data, tmp_path):
+    """Killed after epoch 2 and resumed, with dropout and augmentation drawing random numbers:
+    the same losses every epoch and the same final weights as a run never interrupted."""
+    cfg = tiny_config(toy_data, tmp_path / "cache", **{
+        "train.early_stopping_patience": 0, "train.restore": "last", "model.dropout": 0.3,
+        "augment.enabled": True})
+    whole = fit(cfg, tmp_path / "whole", verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "resumed", verbose=0, callbacks=[InterruptAfter(2)])
+    resumed = fit(None, tmp_path / "resumed", resume=True, verbose=0)
+    cols = ["epoch", "loss", "val_loss", "val_balanced_accuracy"]
+    a, b = whole.history[cols].to_numpy(), resumed.history[cols].to_numpy()
+    assert len(a) == TOTAL_EPOCHS and np.array_equal(a, b), (a - b)
+    ma = keras.saving.load_model(tmp_path / "whole" / "model.keras")
+    mb = keras.saving.load_model(tmp_path / "resumed" / "model.keras")
+    for x, y in zip(ma.get_weights(), mb.get_weights(), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert whole.card["training"]["resumed"] == []
+    assert resumed.card["training"]["resumed"] == [{"after_epoch": 2, "exact": True,
+                                                    "why": None}]
+    # A checkpoint without the random states (an older dermedge): the card says it differs.
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "old", verbose=0, callbacks=[InterruptAfter(2)])
+    (partial_dir(tmp_path / "old") / "checkpoints" / "last_rng.npz").unlink()
+    old = fit(None, tmp_path / "old", resume=True, verbose=0)
+    [entry] = old.card["training"]["resumed"]
+    assert entry["after_epoch"] == 2 and entry["exact"] is False
+    assert "no random-number states" in entry["why"]
+    assert not np.array_equal(old.history["loss"].to_numpy(), whole.history["loss"].to_numpy())
+
+
+def test_mixed_precision_run_ships_a_float32_model(toy_data, tmp_path):
+    cfg = tiny_config(toy_data, tmp_path / "cache", **{"train.mixed_precision": "on",
+                                                       "train.epochs": 1})
+    result = fit(cfg, tmp_path / "mp", verbose=0)
+    assert result.card["training"]["mixed_precision"] is True
+    model = keras.saving.load_model(tmp_path / "mp" / "model.keras")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+
+
+def test_gpu_check_failure_is_logged_not_silent(monkeypatch, caplog):
+    from trainer import fit as fit_module
+
+    visible, failure = fit_module.gpu_status()
+    assert failure is None  # GPU or not, the check itself works here
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert fit_module._gpu_visible() is visible
+    assert caplog.records == []
+
+    def broken(kind):
+        raise RuntimeError("CUDA driver version is insufficient")
+
+    monkeypatch.setattr(keras.distribution, "list_devices", broken)
+    assert fit_module.gpu_status() == (False, "RuntimeError: CUDA driver version is "
+                                              "insufficient")
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert fit_module._gpu_visible() is False
+    assert "Could not check for a GPU (RuntimeError: CUDA driver" in caplog.text
+    assert "records device 'cpu'" in caplog.text
+
+
 def test_failed_run_leaves_nothing_behind(toy_data, tmp_path):
     from trainer.errors import UnknownBackboneError
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci import unavailable
 
 from trainer import metrics as M
 from trainer.data import default_cache_dir, read_isic_csv, write_isic_predictions
@@ -80,13 +81,13 @@ def isic_python() -> str:
     try:
         made = _run([exe, "-m", "venv", str(tmp)], 300)
         if made.returncode:
-            pytest.skip(f"cannot create a venv for {SCORER}: {made.stderr.strip()[-500:]}")
+            unavailable(f"cannot create a venv for {SCORER}: {made.stderr.strip()[-500:]}")
         pip = _run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q",
                     "--disable-pip-version-check", "--timeout", "30", "--retries", "1",
                     f"{SCORER}=={version}", *pins], 600)
         if pip.returncode:
             errors = [ln for ln in pip.stderr.splitlines() if "ERROR" in ln] or [pip.stderr]
-            pytest.skip(f"pip cannot install {SCORER}=={version}: {' '.join(errors)[-500:]}")
+            unavailable(f"pip cannot install {SCORER}=={version}: {' '.join(errors)[-500:]}")
         (tmp / ".installed").write_text(f"{SCORER}=={version}\n")
         if py.exists():  # another process built it meanwhile
             return str(py)

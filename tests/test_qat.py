@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci import unavailable
 from export_fixtures import make_run_dir
 
 from export.api import QuantizationConfig, export_run
@@ -57,7 +58,7 @@ def qat_python() -> str:
     try:
         return str(setup_qat_env())
     except QATError as exc:
-        pytest.skip(f"cannot build the QAT environment: {exc}")
+        unavailable(f"cannot build the QAT environment: {exc}")
 
 
 def _no_leftovers(tmp: Path) -> list[str]:

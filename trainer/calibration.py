@@ -36,6 +36,17 @@ from typing import Any
 
 import numpy as np
 
+from dermedge import numerics
+from dermedge.card import card_from_dict, recalibrated
+from trainer.data import cache_images, read_splits
+from trainer.errors import RunDirError
+from trainer.evaluate import write_outputs
+from trainer.labels import DIAGNOSIS_LABELS
+from trainer.metadata import score_on_val
+from trainer.metrics import card_metrics, choose_threshold, score
+from trainer.metrics import expected_calibration_error as ece
+from trainer.run import load_run, move_into_place, partial_dir, write_json_atomic
+
 # Clips before the logs (float64): softmax outputs may underflow to 0; a sigmoid's 1 - p needs
 # a margin from 1.
 SOFTMAX_EPS, SIGMOID_EPS = 1e-300, 1e-12
@@ -47,7 +58,8 @@ SHIFT_MIN, SHIFT_MAX = -6.0, 6.0
 HEAD_LAYERS = {"diagnosis": "diagnosis", "melanoma": "melanoma"}
 
 
-def _softmax_logits(probs: np.ndarray) -> np.ndarray:
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """Probabilities -> logits (log p, clipped): softmax of the result gives ``probs`` back."""
     return np.log(np.clip(np.asarray(probs, np.float64), SOFTMAX_EPS, 1.0))
 
 
@@ -77,10 +89,8 @@ def sigmoid_nll(logits: np.ndarray, y: np.ndarray, temperature: float,
 
 
 def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = np.asarray(logits, np.float64) / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    p = e / e.sum(axis=-1, keepdims=True)
+    """``dermedge.numerics.softmax``, averaged over passes when ``logits`` is (P, N, K)."""
+    p = numerics.softmax(logits, temperature)
     return p.mean(axis=0) if p.ndim == 3 else p
 
 
@@ -117,7 +127,7 @@ def fit_temperature_softmax(probs: np.ndarray, y: np.ndarray) -> float:
     y = np.asarray(y, np.int64).reshape(-1)
     if len(y) == 0:
         return 1.0
-    z = _softmax_logits(probs)
+    z = log_probs(probs)
     return _minimise(lambda t: softmax_nll(z, y, t))
 
 
@@ -152,7 +162,7 @@ def apply_softmax(probs: np.ndarray, temperature: float,
                   bias: np.ndarray | None = None) -> np.ndarray:
     """Calibrated (N, K) probabilities from (N, K) or (P, N, K) per-pass probabilities
     (``softmax(log p / T + bias)`` per pass, then averaged)."""
-    z = _softmax_logits(probs)
+    z = log_probs(probs)
     if bias is not None:
         z = z + np.asarray(bias, np.float64) * temperature
     return _softmax(z, temperature)
@@ -184,7 +194,7 @@ def fit_class_bias(probs: np.ndarray, y: np.ndarray, temperature: float = 1.0, *
     offset pushed to minus infinity. Gradient descent with backtracking (the one-pass loss is
     convex in ``b``; K parameters)."""
     y = np.asarray(y, np.int64).reshape(-1)
-    z = _softmax_logits(probs)
+    z = log_probs(probs)
     z = (z if z.ndim == 3 else z[None]) / temperature
     k = z.shape[-1]
     counts = np.bincount(y, minlength=k)
@@ -242,7 +252,6 @@ def fold_class_bias(heads_of, bias: np.ndarray) -> None:
 
 def member_offsets(card: dict) -> np.ndarray | None:
     """The class offsets folded into a run (its card's ``calibration.class_bias``), or None."""
-    from trainer.labels import DIAGNOSIS_LABELS
 
     offsets = ((card.get("calibration") or {}).get("class_bias") or {}).get("offsets")
     return None if not offsets else np.array([offsets[c] for c in DIAGNOSIS_LABELS])
@@ -258,9 +267,7 @@ def strip_class_bias(model, card: dict) -> bool:
 
 
 def _balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
-    from trainer.metrics import balanced_accuracy
-
-    return float(balanced_accuracy(y, probs.argmax(axis=-1), probs.shape[-1]))
+    return numerics.balanced_accuracy(y, probs.argmax(axis=-1))
 
 
 CROSSFIT_REPEATS = 10
@@ -277,7 +284,6 @@ def class_bias_section(probs: np.ndarray, y: np.ndarray, temperature: float, *, 
     ``temperature``). Returns ``(offsets, card section, cross-fitted (N, K) probabilities of
     the first halving that kept every class on both sides)``: offsets ``None`` when the split
     lacks a class, probabilities ``None`` when no halving kept every class on both sides."""
-    from trainer.labels import DIAGNOSIS_LABELS
 
     k = probs.shape[-1]
     counts = np.bincount(y, minlength=k)
@@ -344,8 +350,8 @@ def crossfit_pair(reference: np.ndarray, other: np.ndarray, y: np.ndarray, offse
     halving kept every class on both sides."""
     y = np.asarray(y, np.int64).reshape(-1)
     offsets = np.asarray(offsets, np.float64).reshape(-1)
-    zr = _softmax_logits(reference) - offsets
-    zo = _softmax_logits(other) - offsets
+    zr = log_probs(reference) - offsets
+    zo = log_probs(other) - offsets
     pr = _softmax(zr, 1.0)
     k = zr.shape[-1]
     rng = np.random.default_rng(seed)
@@ -385,7 +391,6 @@ def calibrate(model, p_mel: np.ndarray, probs: np.ndarray, y: np.ndarray, mel: n
     the section's ``class_bias`` entry has them and balanced accuracy before / after /
     cross-fitted.
     """
-    from trainer.metrics import expected_calibration_error as ece
 
     y = np.asarray(y, np.int64).reshape(-1)
     mel = np.asarray(mel, np.int64).reshape(-1)
@@ -420,7 +425,7 @@ def calibrate(model, p_mel: np.ndarray, probs: np.ndarray, y: np.ndarray, mel: n
     before_probs, before_mel = probs.mean(axis=0), p_mel.mean(axis=0)
     after_probs = apply_softmax(probs, t_diag, bias)
     after_mel = apply_sigmoid(p_mel, t_mel, c_mel)
-    zd, zm = _softmax_logits(probs), _sigmoid_logits(p_mel)
+    zd, zm = log_probs(probs), _sigmoid_logits(p_mel)
     zd_after = zd if bias is None else zd + bias * t_diag
     section = {
         "method": "temperature scaling (diagnosis) and Platt scaling (melanoma: temperature "
@@ -453,12 +458,7 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
     import shutil
     from pathlib import Path
 
-    from trainer.data import cache_images, read_splits
-    from trainer.errors import RunDirError
-    from trainer.evaluate import card_metrics, choose_threshold, score, write_outputs
-    from trainer.metrics import expected_calibration_error as ece
     from trainer.pipeline import MEL_INDEX, labels_from_dx, predict_arrays
-    from trainer.run import load_run, move_into_place, partial_dir, write_json_atomic
 
     run = Path(run_dir).expanduser().resolve()
     model, card = load_run(run)
@@ -493,7 +493,7 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
         after = apply_softmax(probs, 1.0, bias)
         section["ece_after"] = {**existing["ece_after"], "diagnosis": ece(after, y)}
         section["nll_after"] = {**existing["nll_after"],
-                                "diagnosis": softmax_nll(_softmax_logits(after), y, 1.0)}
+                                "diagnosis": softmax_nll(log_probs(after), y, 1.0)}
         if crossfit is not None:
             section["ece_after_crossfit"] = {**existing["ece_after_crossfit"],
                                              "diagnosis": ece(crossfit, y)}
@@ -508,14 +508,13 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
         else {}
     metrics.update({k: old[k] for k in ("split", "source", "best_epoch") if k in old})
     metrics["tta"] = False
-    card["calibration"] = section
-    card["heads"]["melanoma"]["threshold"] = float(threshold)
-    card.setdefault("metrics", {})["val"] = card_metrics(metrics)
+    scores = None
     if card.get("metadata_prior"):  # same tables; its val scores used the old answers
-        from trainer.metadata import score_on_val
 
-        card["metadata_prior"].update(
-            score_on_val(card["metadata_prior"], val, p_mel, probs, threshold, spec))
+        scores = score_on_val(card["metadata_prior"], val, p_mel, probs, threshold, spec)
+    card = recalibrated(card_from_dict(card, where=str(run / "model_card.json")),
+                        calibration=section, melanoma_threshold=threshold,
+                        metrics_val=card_metrics(metrics), metadata_scores=scores).to_dict()
     # Rewrite a copy and swap it in: an interruption leaves the run as it was.
     work = partial_dir(run)
     if work.exists():

@@ -8,6 +8,7 @@ model card.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -392,13 +393,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        errors = []
         # Try the most specific member first (Literal before str, int before float).
         for a in sorted((a for a in args if a is not type(None)), key=_specificity):
-            try:
+            with contextlib.suppress(ConfigError):
                 return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
         raise ConfigError(f"`{key}` has the wrong type. Received: {key}={value!r}; expected "
                           f"{_describe(tp)}.")
     if origin is Literal:

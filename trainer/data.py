@@ -602,7 +602,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DERMEDGE_CACHE") or Path.home() / ".cache" / "dermedge")
 
 
-def _cache_key(paths: Sequence[str], size: int) -> tuple[str, list[str]]:
+def cache_key(paths: Sequence[str], size: int) -> tuple[str, list[str]]:
+    """``(key, absolute paths)``: the image cache's key for these files at this size."""
     abs_paths = [os.path.abspath(str(p)) for p in paths]
     entries, missing = [], []
     for p in abs_paths:
@@ -652,7 +653,7 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | Path | None =
     paths = list(paths)
     if not paths:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
-    key, abs_paths = _cache_key(paths, size)
+    key, abs_paths = cache_key(paths, size)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / f"images_{size}px_n{len(paths)}_{key}.npy"

@@ -79,7 +79,7 @@ def teacher_answers(teacher: str | Path, paths: list[str], *, cache_dir: str | P
                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``(p_mel (N,), probs (N, 7), info)``: the teacher's answers on ``paths`` (one pass over
     the unaugmented images; an ensemble's flips are inside its model), cached on disk."""
-    from trainer.data import _cache_key, cache_images, default_cache_dir
+    from trainer.data import cache_images, cache_key, default_cache_dir
     from trainer.pipeline import N_CLASSES, predict_arrays
     from trainer.run import load_run
 
@@ -87,7 +87,7 @@ def teacher_answers(teacher: str | Path, paths: list[str], *, cache_dir: str | P
     card = check_teacher(teacher)
     size = int(card["input"]["shape"][0])
     sha = hashlib.sha256((teacher / "model.keras").read_bytes()).hexdigest()  # as trainer ensemble
-    key, _ = _cache_key(paths, size)
+    key, _ = cache_key(paths, size)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"teacher_v{TARGETS_VERSION}_{sha[:16]}_{size}px_n{len(paths)}_{key}.npz"

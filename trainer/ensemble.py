@@ -22,8 +22,25 @@ from typing import Any
 
 import numpy as np
 
+from dermedge.card import build_card
+from trainer.calibration import calibrate as fit_and_fold
+from trainer.calibration import strip_class_bias
+from trainer.data import cache_images, read_splits
 from trainer.errors import DermedgeError, RunDirError
+from trainer.evaluate import write_outputs
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
+from trainer.metadata import for_run as metadata_for_run
+from trainer.metrics import card_metrics, choose_threshold, score
+from trainer.run import (
+    is_complete_run,
+    load_run,
+    move_into_place,
+    now_iso,
+    partial_dir,
+    versions,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 FLIPS = ("identity", "hflip", "vflip", "hvflip")
 
@@ -72,8 +89,6 @@ def build_ensemble(members: Sequence[Any], size: int, *, tta: bool = True,
 
 
 def _same_splits(runs: Sequence[Path]):
-    from trainer.data import read_splits
-
     first = read_splits(runs[0] / "splits.csv")
     key = first[["image_id", "split"]].sort_values("image_id").reset_index(drop=True)
     for run in runs[1:]:
@@ -116,21 +131,7 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
     offset in the model)."""
     import keras
 
-    from trainer.data import cache_images
-    from trainer.evaluate import card_metrics, choose_threshold, score, write_outputs
-    from trainer.metadata import for_run as metadata_for_run
     from trainer.pipeline import MEL_INDEX, labels_from_dx, predict_arrays
-    from trainer.run import (
-        CARD_SCHEMA_VERSION,
-        is_complete_run,
-        load_run,
-        move_into_place,
-        now_iso,
-        partial_dir,
-        versions,
-        write_json_atomic,
-        write_text_atomic,
-    )
 
     if class_bias and not calibrate:
         raise DermedgeError("--class-bias is fitted with the calibration; drop --no-calibrate "
@@ -163,14 +164,11 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
 
     stripped = []
     if class_bias:  # members' own offsets were fitted for each alone: the average gets its own
-        from trainer.calibration import strip_class_bias
 
         stripped = [str(run) for run, (model, card) in zip(runs, loaded, strict=True)
                     if strip_class_bias(model, card)]
     calibration = None
     if calibrate:
-        from trainer.calibration import calibrate as fit_and_fold
-
         p_passes, d_passes = _member_passes(members, images, tta=tta, batch_size=batch_size)
         calibration = fit_and_fold(members, p_passes, d_passes, val_y, val_y == MEL_INDEX,
                                    class_bias=class_bias)
@@ -200,21 +198,17 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
         write_text_atomic(work / "history.csv", "epoch,phase\n")
         write_outputs(work, val, p_mel, probs, metrics, predictions=False, report=False)
         first = loaded[0][1]
-        card = {
-            "schema_version": CARD_SCHEMA_VERSION,
-            "name": name or out.name,
-            "created": now_iso(),
-            "backbone": "ensemble",
-            "weights": None,
-            "input": dict(first["input"]),
-            "preprocessing": {"in_model": True, "mode": "per member",
-                              "formula": "each member normalises inside its own sub-model"},
-            "heads": {
-                "melanoma": {"activation": "sigmoid", "labels": list(MELANOMA_LABELS),
-                             "threshold": float(threshold)},
-                "diagnosis": {"activation": "softmax", "labels": list(DIAGNOSIS_LABELS)},
-            },
-            "ensemble": {
+        data = dict(first.get("data") or {})
+        data.pop("synthetic", None)  # a toy member makes a toy ensemble
+        synthetic = any((c.get("data") or {}).get("synthetic") for _, c in loaded)
+        card = build_card(
+            name=name or out.name, created=now_iso(), backbone="ensemble", weights=None,
+            input_size=size,
+            preprocessing={"in_model": True, "mode": "per member",
+                           "formula": "each member normalises inside its own sub-model"},
+            melanoma_threshold=threshold, diagnosis_labels=DIAGNOSIS_LABELS,
+            melanoma_labels=MELANOMA_LABELS,
+            ensemble={
                 "tta": list(FLIPS) if tta else ["identity"],
                 "passes": len(members) * (len(FLIPS) if tta else 1),
                 "members": [{"run": str(r), "name": c.get("name"), "backbone": c.get("backbone"),
@@ -225,20 +219,16 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
                             for r, (_, c) in zip(runs, loaded, strict=True)],
                 "member_offsets_removed": stripped,
             },
-            "data": first.get("data"),
-            "config": spec,
-            "training": {"epochs_run": 0, "wall_time_s": round(time.time() - t0, 1),
-                         "backend": keras.backend.backend(),
-                         "members_wall_time_s": round(sum(
-                             c.get("training", {}).get("wall_time_s") or 0.0
-                             for _, c in loaded), 1)},
-            "calibration": calibration,
-            "metrics": {"val": card_metrics(metrics)},
-            "versions": versions(),
-        }
-        prior = metadata_for_run(records, p_mel, probs, threshold, "youden")
-        if prior is not None:  # age/sex/site evidence (trainer.metadata)
-            card["metadata_prior"] = prior
+            data=data, synthetic=synthetic, config=spec,
+            training={"epochs_run": 0, "wall_time_s": round(time.time() - t0, 1),
+                      "backend": keras.backend.backend(),
+                      "members_wall_time_s": round(sum(
+                          c.get("training", {}).get("wall_time_s") or 0.0
+                          for _, c in loaded), 1)},
+            calibration=calibration, metrics_val=card_metrics(metrics), versions=versions(),
+            # age/sex/site evidence (trainer.metadata), or None
+            metadata_prior=metadata_for_run(records, p_mel, probs, threshold, "youden"),
+        ).to_dict()
         write_json_atomic(work / "model_card.json", card)
         move_into_place(work, out, overwrite=overwrite)
     except BaseException:

@@ -2,72 +2,23 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from trainer.data import cache_images, load_records, read_splits, write_isic_predictions
 from trainer.errors import DataError, DermedgeError
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
+from trainer.metadata import apply_prior, has_metadata
+from trainer.metrics import card_metrics, choose_threshold, roc_curve, score
+from trainer.run import load_run, write_json_atomic, write_text_atomic
+
+__all__ = ["card_metrics", "choose_threshold", "evaluate", "score", "summary_table",
+           "write_outputs"]
 
 GALLERY_PER_CLASS = 4  # Grad-CAM gallery: cases per true class and kind (issue 7)
-
-
-def score(records: pd.DataFrame, p_mel: np.ndarray, probs: np.ndarray, *,
-          threshold: float) -> dict[str, Any]:
-    """``trainer.metrics.classification_metrics`` for records with a ``dx`` column."""
-    from trainer.metrics import classification_metrics
-
-    index = {d: i for i, d in enumerate(DIAGNOSIS_LABELS)}
-    y = np.array([index[str(d)] for d in records["dx"]], dtype=np.int64)
-    mel = (records["dx"].astype(str).to_numpy() == MELANOMA_DX).astype(np.int64)
-    return classification_metrics(y, probs, mel, p_mel, list(DIAGNOSIS_LABELS),
-                                  mel_threshold=float(threshold))
-
-
-def card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures of ``metrics`` that a model card carries under ``metrics.val``."""
-    mel = metrics["melanoma"]
-    return {
-        "accuracy": metrics["accuracy"],
-        "balanced_accuracy": metrics["balanced_accuracy"],
-        "melanoma_auc": mel["auc"],
-        "melanoma_average_precision": mel["average_precision"],
-        "melanoma_sensitivity": mel["sensitivity"],
-        "melanoma_specificity": mel["specificity"],
-        "melanoma_threshold": mel["threshold"],
-        "sensitivity_at_specificity_0.90": mel.get("sensitivity_at_specificity_0.90"),
-        "diagnosis_ece": metrics.get("diagnosis_ece"),
-        "melanoma_ece": mel.get("ece"),
-    }
-
-
-def choose_threshold(records: pd.DataFrame, p_mel: np.ndarray, spec: str | float) -> float:
-    """The melanoma operating threshold on a (validation) set, from ``train.melanoma_threshold``."""
-    from trainer.config import melanoma_threshold_spec
-    from trainer.metrics import threshold_for_sensitivity, threshold_youden
-
-    kind, value = melanoma_threshold_spec(spec)
-    mel = (records["dx"].astype(str).to_numpy() == MELANOMA_DX).astype(np.int64)
-    if kind == "fixed":
-        return float(value)
-    if kind == "youden":
-        t = threshold_youden(mel, p_mel)
-    else:
-        t = threshold_for_sensitivity(mel, p_mel, value)
-    if not math.isfinite(t):  # no melanoma (or only melanoma) in the split
-        return 0.5
-    # The optimum is one of the scores; move it halfway to the next lower score. Same decisions
-    # on this split, but no case sits exactly on the threshold, where float round-off (or a
-    # float16/int8 export) would flip it.
-    below = np.asarray(p_mel, dtype=np.float64)
-    below = below[below < t]
-    if below.size:
-        t = (t + float(below.max())) / 2.0
-    # Kept inside (0, 1): a saturated sigmoid score of exactly 0 or 1 is not a usable threshold.
-    return float(np.clip(t, 1e-6, 1 - 1e-6))
 
 
 def write_outputs(out_dir: str | Path, records: pd.DataFrame, p_mel: np.ndarray,
@@ -79,9 +30,6 @@ def write_outputs(out_dir: str | Path, records: pd.DataFrame, p_mel: np.ndarray,
     (``{class: png}`` from ``trainer.explain.write_gallery``, or why it was skipped) is linked
     from report.md."""
     from trainer import plots
-    from trainer.data import write_isic_predictions
-    from trainer.metrics import roc_curve
-    from trainer.run import write_json_atomic, write_text_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,9 +148,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, layout: str
     carry age/sex/site; the image model's own figures stay under ``metrics["metadata"]``.
     """
     check_gallery(gallery)
-    from trainer.data import cache_images, load_records, read_splits
     from trainer.pipeline import predict_arrays
-    from trainer.run import load_run
 
     run = Path(run_dir).expanduser().resolve()
     model, card = load_run(run)
@@ -242,7 +188,6 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, layout: str
 def _with_metadata(card: dict[str, Any], records: pd.DataFrame, p_mel: np.ndarray,
                    probs: np.ndarray, threshold: float, use: bool):
     """The card's metadata tables applied where the records carry age/sex/site."""
-    from trainer.metadata import apply_prior, has_metadata
 
     prior = card.get("metadata_prior")
     if not prior:

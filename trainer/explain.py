@@ -436,7 +436,7 @@ def write_gallery(out_dir: str | Path, model: keras.Model, card: dict[str, Any],
     """``gallery/<class>.png`` per true class: a row of correct and a row of wrong cases, each
     as the crop and its Grad-CAM for the **predicted** class. Returns ``{class: relative path}``.
     """
-    from trainer.plots import _figure, _save
+    from trainer.plots import new_figure, save_figure
 
     labels = list(card["heads"]["diagnosis"]["labels"])
     index = {d: i for i, d in enumerate(labels)}
@@ -459,7 +459,7 @@ def write_gallery(out_dir: str | Path, model: keras.Model, card: dict[str, Any],
     written: dict[str, str] = {}
     out = Path(out_dir)
     for c, groups in sorted(picks.items()):
-        plt, (fig, axes) = _figure(nrows=2, ncols=2 * per_class,
+        plt, (fig, axes) = new_figure(nrows=2, ncols=2 * per_class,
                                    figsize=(1.55 * 2 * per_class, 4.2), squeeze=False)
         for row, kind in enumerate(("correct", "wrong")):
             cases = list(groups[kind])
@@ -484,6 +484,6 @@ def write_gallery(out_dir: str | Path, model: keras.Model, card: dict[str, Any],
         fig.suptitle(f"true {labels[c]}: {per_class} most confident correct / wrong cases; "
                      "Grad-CAM of the predicted class", fontsize=9)
         name = f"gallery/{labels[c]}.png"
-        _save(plt, fig, out / name)
+        save_figure(plt, fig, out / name)
         written[labels[c]] = name
     return written

@@ -3,12 +3,19 @@ a self-describing run directory (docs/ARTIFACTS.md).
 
 The run is built in ``<out>.partial/`` and renamed to ``<out>`` only when complete, so a failed
 run leaves no run directory. Each epoch writes ``checkpoints/last.keras`` + ``state.json``
-there; ``resume=True`` continues an interrupted run from its last completed epoch.
+there; ``resume=True`` continues an interrupted run from its last completed epoch and
+reproduces the uninterrupted run (same losses, same weights).
+
+The stages are steps, in order: ``prepare`` (cheap checks) -> ``_load_data`` ->
+``_build_models`` -> ``_train_phases`` (head, then fine-tune; the per-epoch jobs are the small
+callbacks of :mod:`trainer.callbacks`) -> ``_finalize`` (kept weights, calibration, threshold,
+metrics) -> ``_save_model`` -> ``_write_run`` (the card, then the rename).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import shutil
 import sys
@@ -21,13 +28,37 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermedge import image as image_contract
+from dermedge.card import build_card
 from trainer import distribute as dist
-from trainer.config import MAXIMISED_MONITORS, ConfigError, RunConfig
-from trainer.errors import DataError, RunDirError
+from trainer.backbones import get_backbone
+from trainer.calibration import calibrate
+from trainer.config import ConfigError, RunConfig
+from trainer.data import (
+    cache_images,
+    describe,
+    detect_layout,
+    load_records,
+    read_splits,
+    split_records,
+    write_splits,
+)
+from trainer.distill import agreement, check_no_leak, check_teacher, soft_targets, teacher_answers
+from trainer.errors import DataError, DermedgeError, RunDirError
+from trainer.evaluate import write_outputs
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
+from trainer.losses import head_losses, log_prior
+from trainer.metadata import for_run as metadata_for_run
+from trainer.metrics import card_metrics, choose_threshold, score
+from trainer.model import (
+    BACKBONE_NAME,
+    backbone_submodel,
+    build_augmenter,
+    build_model,
+    finetune_count,
+    set_trainable,
+    training_model,
+)
 from trainer.run import (
-    CARD_SCHEMA_VERSION,
     is_complete_run,
     now_iso,
     partial_dir,
@@ -36,7 +67,9 @@ from trainer.run import (
     write_json_atomic,
     write_text_atomic,
 )
+from trainer.toy import is_synthetic
 
+log = logging.getLogger("trainer")
 PHASES = ("head", "finetune")
 STATE_VERSION = 1
 
@@ -86,8 +119,6 @@ def prepare(config: RunConfig) -> tuple[Any, int, pd.DataFrame, str]:
 
     Returns ``(backbone spec, input size, records with split, layout)``.
     """
-    from trainer.backbones import get_backbone
-    from trainer.data import detect_layout, load_records, split_records
 
     if not config.data.path:
         raise ConfigError("No dataset given: pass --data PATH (or set data.path in the config; "
@@ -120,8 +151,6 @@ def prepare(config: RunConfig) -> tuple[Any, int, pd.DataFrame, str]:
     except ValueError as e:  # bad fractions slipped past config validation
         raise ConfigError(str(e)) from None
     if config.train.distill_from:
-        from trainer.distill import check_no_leak, check_teacher
-
         check_teacher(config.train.distill_from)
         check_no_leak(config.train.distill_from, records)
     return spec, size, records, layout
@@ -150,17 +179,30 @@ def _schedule(config: RunConfig, epoch: int) -> float:
     return t.lr
 
 
-def _phase_of(config: RunConfig, epoch: int) -> str:
+def phase_of(config: RunConfig, epoch: int) -> str:
+    """``head`` or ``finetune``: the phase global epoch ``epoch`` (0-based) belongs to."""
     return "head" if epoch < config.train.head_epochs else "finetune"
 
 
-def _gpu_visible() -> bool:
+def gpu_status() -> tuple[bool, str | None]:
+    """``(GPU visible, why the check failed or None)``: "no GPU" is ``(False, None)``."""
     import keras
 
     try:
-        return bool(keras.distribution.list_devices("gpu"))
-    except Exception:  # noqa: BLE001 - backends without device listing: assume no GPU
-        return False
+        return bool(keras.distribution.list_devices("gpu")), None
+    except Exception as exc:  # noqa: BLE001 - any backend error means "could not tell"
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def _gpu_visible() -> bool:
+    """True when Keras lists a GPU. A failed check counts as no GPU, and is logged: it turns
+    ``mixed_precision: auto`` off and records ``training.device: cpu``."""
+    visible, failure = gpu_status()
+    if failure is not None:
+        log.warning("Could not check for a GPU (%s); training as if there were none: "
+                    "train.mixed_precision 'auto' stays off and the card records device 'cpu'.",
+                    failure)
+    return visible
 
 
 def _mixed_precision(config: RunConfig) -> bool:
@@ -186,100 +228,6 @@ def val_loss(head_losses: dict, mel_true, p_mel, y_true, probs, *,
                      for k in ("melanoma", "diagnosis")))
 
 
-# ---------------------------------------------------------------------------- callbacks
-def _callbacks(config, model, train_model, work, val_images, val_y, state, verbose, t_start,
-               *, plan, losses):
-    import keras
-
-    from trainer.metrics import balanced_accuracy, roc_auc
-    from trainer.pipeline import MEL_INDEX, predict_arrays
-
-    ckpt = work / "checkpoints"
-    monitor = config.train.monitor
-    maximise = monitor in MAXIMISED_MONITORS
-    total = config.train.head_epochs + config.train.epochs
-    mel_true = (val_y == MEL_INDEX).astype(np.int64)
-
-    class EpochEnd(keras.callbacks.Callback):
-        """Validation metrics, history, best weights, early stopping and the checkpoint."""
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._t0 = time.time()
-            opt = train_model.optimizer
-            inner = getattr(opt, "inner_optimizer", opt)
-            inner.learning_rate = lr_at(config, epoch)
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            p_mel, probs = predict_arrays(model, val_images, batch_size=config.train.batch_size)
-            pred = probs.argmax(axis=1)
-            val = {
-                "val_loss": val_loss(losses, mel_true, p_mel, val_y, probs,
-                                     loss_weights=config.train.loss_weights),
-                "val_accuracy": float(np.mean(pred == val_y)),
-                "val_balanced_accuracy": balanced_accuracy(val_y, pred, len(DIAGNOSIS_LABELS)),
-                "val_melanoma_auc": roc_auc(mel_true, p_mel) if 0 < mel_true.sum() < len(
-                    mel_true) else float("nan"),
-            }
-            logs.update(val)
-            row = {"epoch": epoch + 1, "phase": _phase_of(config, epoch),
-                   "lr": lr_at(config, epoch), "loss": float(logs.get("loss", float("nan")))}
-            row.update({k: float(v) for k, v in sorted(logs.items())
-                        if not k.startswith("val_") and k != "loss"})
-            row.update(val)
-            row["time_s"] = round(time.time() - self._t0, 2)
-            state["history"].append(row)
-            pd.DataFrame(state["history"]).to_csv(work / "history.csv.tmp", index=False)
-            (work / "history.csv.tmp").replace(work / "history.csv")
-
-            value = val[monitor]
-            best = state["best_value"]
-            improved = math.isfinite(value) and (
-                best is None or (value > best if maximise else value < best))
-            if improved or state["best_epoch"] is None:
-                state["best_value"] = value if math.isfinite(value) else None
-                state["best_epoch"] = epoch + 1
-                model.save_weights(str(ckpt / "best.weights.h5"))
-            t = config.train
-            if t.restore == "average" and epoch + 1 > total - t.average_epochs:
-                _accumulate_average(model, ckpt, state, epoch + 1)
-            stop = (row["phase"] == "finetune" and config.train.restore == "best"
-                    and config.train.early_stopping_patience > 0
-                    and epoch + 1 - state["best_epoch"] >= config.train.early_stopping_patience)
-            if dist.agree(plan, stop):  # all workers stop at the same epoch
-                state["stopped_early"] = True
-                train_model.stop_training = True
-            _save_last(model, train_model, ckpt)
-            state["epoch"] = epoch + 1
-            state["phase"] = row["phase"]
-            state["wall_time_s"] = state["wall_time_before_s"] + time.time() - t_start
-            write_json_atomic(ckpt / "state.json", _jsonable_state(state))
-            if verbose:
-                mark = " *best*" if improved else ""
-                stop = "  early stop" if state.get("stopped_early") else ""
-                print(f"epoch {epoch + 1}/{total} [{row['phase']}] lr {row['lr']:.2e} "
-                      f"loss {row.get('loss', float('nan')):.4f} val_loss {val['val_loss']:.4f} "
-                      f"val_bal_acc {val['val_balanced_accuracy']:.3f} "
-                      f"val_acc {val['val_accuracy']:.3f} "
-                      f"val_mel_auc {val['val_melanoma_auc']:.3f} ({row['time_s']:.1f}s)"
-                      f"{mark}{stop}", flush=True)
-
-    return [EpochEnd()]
-
-
-def _accumulate_average(model, ckpt: Path, state: dict, epoch: int) -> None:
-    """Add this epoch's weights to the running sum in ``average_sum.npz`` (resumable)."""
-    weights = model.get_weights()
-    done = state.setdefault("averaged_epochs", [])
-    if done:
-        with np.load(ckpt / "average_sum.npz") as z:
-            weights = [z[f"w{i:05d}"] + w for i, w in enumerate(weights)]
-    tmp = ckpt / "average_sum.tmp.npz"
-    np.savez(tmp, **{f"w{i:05d}": w for i, w in enumerate(weights)})
-    tmp.replace(ckpt / "average_sum.npz")
-    done.append(epoch)
-
-
 def _restore_final(model, ckpt: Path, state: dict, mode: str) -> None:
     """Load the weights the run keeps (``train.restore``) into ``model``."""
     if mode == "best" and (ckpt / "best.weights.h5").is_file():
@@ -290,23 +238,7 @@ def _restore_final(model, ckpt: Path, state: dict, mode: str) -> None:
             model.set_weights([z[f"w{i:05d}"] / n for i in range(len(z.files))])
 
 
-def _jsonable_state(state: dict) -> dict:
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    return clean(state)
-
-
 def _build(config: RunConfig, size: int):
-    from trainer.errors import DermedgeError
-    from trainer.model import build_model
-
     try:
         return build_model(config.model.backbone, input_size=size,
                            weights=config.model.weights, dropout=config.model.dropout)
@@ -342,28 +274,29 @@ def _compile(config: RunConfig, train_model, phase: str, losses: dict) -> None:
     )
 
 
-def _save_last(model, train_model, ckpt: Path) -> None:
-    """``last.keras`` (the inference model: it shares every trained weight with the training
-    wrapper, whose augmentation layers hold none) + the optimizer state as ``.npz``.
+def _restore(model, train_model, ckpt: Path, *, with_optimizer: bool) -> str | None:
+    """Weights, random-number states (and optimizer state) of the last checkpoint into the
+    freshly built models. Returns why the run will not reproduce the uninterrupted one, or
+    None when it will."""
+    from trainer.callbacks import rng_states
 
-    Saving the training wrapper itself would be simpler, but Keras 3.15 cannot reload a
-    ``RandomShear`` layer from a ``.keras`` file.
-    """
-    tmp = ckpt / "last.tmp.keras"
-    model.save(str(tmp))
-    tmp.replace(ckpt / "last.keras")
-    opt = train_model.optimizer
-    arrays = {f"v{i:05d}": np.asarray(v) for i, v in enumerate(opt.variables)}
-    tmp = ckpt / "last_optimizer.tmp.npz"
-    np.savez(tmp, **arrays)
-    tmp.replace(ckpt / "last_optimizer.npz")
-
-
-def _restore(model, train_model, ckpt: Path, *, with_optimizer: bool) -> None:
-    """Weights (and optimizer state) of the last checkpoint into the freshly built models."""
     model.load_weights(str(ckpt / "last.keras"))
+    why = None
+    states = rng_states(train_model)
+    if not (ckpt / "last_rng.npz").is_file():  # checkpoints written before it existed
+        why = ("the checkpoint holds no random-number states (written by an older dermedge), "
+               "so dropout and augmentation draw differently from the uninterrupted run")
+    else:
+        with np.load(ckpt / "last_rng.npz") as z:
+            src = [z[k] for k in sorted(z.files)]
+        if len(src) == len(states):
+            for dst, a in zip(states, src, strict=True):
+                dst.assign(a)
+        else:
+            why = (f"the checkpoint holds {len(src)} random-number states but the model has "
+                   f"{len(states)}, so dropout and augmentation draw differently")
     if not with_optimizer:
-        return
+        return why
     opt = train_model.optimizer
     opt.build(train_model.trainable_variables)
     with np.load(ckpt / "last_optimizer.npz") as z:
@@ -374,6 +307,7 @@ def _restore(model, train_model, ckpt: Path, *, with_optimizer: bool) -> None:
                           "start over with --overwrite.")
     for dst, a in zip(opt.variables, src, strict=True):
         dst.assign(a)
+    return why
 
 
 # ---------------------------------------------------------------------------- fit
@@ -386,7 +320,6 @@ def fit(config: RunConfig | None, out: str | Path, *, overwrite: bool = False,
     interrupted run's). ``callbacks``: extra Keras callbacks, run after the checkpoint.
     ``verbose``: Keras verbosity (default 1 on a TTY, else 2; 0 silences the epoch log too).
     """
-    from trainer.data import read_splits, write_splits
 
     t_start = time.time()
     out = Path(out).expanduser().resolve()
@@ -431,8 +364,6 @@ def fit(config: RunConfig | None, out: str | Path, *, overwrite: bool = False,
 
     # Everything cheap and checkable happens before the first heavy step.
     if resume:
-        from trainer.backbones import get_backbone
-
         spec = get_backbone(config.model.backbone)
         size = config.model.input_size or spec.default_size
         records = read_splits(work / "splits.csv")
@@ -469,53 +400,90 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------------------- the steps
+# _train_and_write runs them in order: state -> data -> build -> train phase(s) -> finalize ->
+# write run. Each reads what the step before produced; the resumable state dict is shared.
 def _train_and_write(config, out, work, spec, size, records, layout, state, *, plan,
                      overwrite, callbacks, verbose, progress, t_start) -> RunResult:
     import keras
 
-    from trainer.data import cache_images
-    from trainer.evaluate import choose_threshold, score, write_outputs
-    from trainer.losses import head_losses
-    from trainer.metadata import for_run as metadata_for_run
-    from trainer.model import (
-        backbone_submodel,
-        build_augmenter,
-        build_model,
-        finetune_count,
-        set_trainable,
-        training_model,
-    )
-    from trainer.pipeline import MEL_INDEX, CachedDataset, labels_from_dx, predict_arrays
+
+    state = _start_state(config, layout, state)
+    data = _load_data(config, records, size, state, progress=progress)
+    losses = head_losses(config.train, data.train_y)
+    mixed = _mixed_precision(config)
+    previous_policy = keras.mixed_precision.global_policy().name
+    scope = contextlib.ExitStack()
+    try:
+        scope.enter_context(dist.scope(plan))  # models and optimizers live on every replica
+        if mixed:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        model, train_model = _build_models(config, size, plan)
+        _train_phases(config, model, train_model, data, state, work, plan=plan, losses=losses,
+                      callbacks=callbacks, verbose=verbose, t_start=t_start)
+        final = _finalize(config, model, data, state, work)
+        _save_model(config, size, model, work, mixed=mixed)
+    finally:
+        scope.close()
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return _write_run(config, out, work, spec, size, records, layout, state, final, plan=plan,
+                      mixed=mixed, overwrite=overwrite, t_start=t_start)
+
+
+@dataclass(frozen=True)
+class _Data:
+    """What a run trains and validates on: split rows, labels, cached uint8 images, and the
+    teacher's soft targets when distilling."""
+
+    train_rec: pd.DataFrame
+    val_rec: pd.DataFrame
+    train_y: np.ndarray
+    val_y: np.ndarray
+    train_images: np.ndarray
+    val_images: np.ndarray
+    soft: Any = None
+
+
+@dataclass(frozen=True)
+class _Final:
+    """The kept model measured on val: predictions, threshold, metrics, history."""
+
+    p_mel: np.ndarray
+    probs: np.ndarray
+    threshold: float
+    metrics: dict
+    history: pd.DataFrame
+
+
+def _start_state(config: RunConfig, layout: str, state: dict | None) -> dict:
+    """A fresh resumable state, or the interrupted run's with its wall time carried over."""
+    if state is not None:
+        state["wall_time_before_s"] = state.get("wall_time_s", 0.0)
+        return state
+    return {"version": STATE_VERSION, "epoch": 0, "phase": None, "best_epoch": None,
+            "best_value": None, "monitor": config.train.monitor,
+            "best_weights": "checkpoints/best.weights.h5", "stopped_early": False,
+            "history": [], "layout": layout, "seed": config.seed,
+            "split_seed": config.data.split_seed, "wall_time_before_s": 0.0,
+            "wall_time_s": 0.0}
+
+
+def _load_data(config: RunConfig, records: pd.DataFrame, size: int, state: dict, *,
+               progress: bool) -> _Data:
+    """The splits' images through the cache, and the teacher's answers when distilling (their
+    provenance goes into ``state["distillation"]``)."""
+    from trainer.pipeline import labels_from_dx
 
     t = config.train
-    total = t.head_epochs + t.epochs
-    ckpt = work / "checkpoints"
     train_rec = records[records["split"] == "train"].reset_index(drop=True)
     val_rec = records[records["split"] == "val"].reset_index(drop=True)
     train_y = labels_from_dx(train_rec["dx"])
-    losses = head_losses(t, train_y)
-    val_y = labels_from_dx(val_rec["dx"])
-    if state is None:
-        state = {"version": STATE_VERSION, "epoch": 0, "phase": None, "best_epoch": None,
-                 "best_value": None, "monitor": t.monitor,
-                 "best_weights": "checkpoints/best.weights.h5", "stopped_early": False,
-                 "history": [], "layout": layout, "seed": config.seed,
-                 "split_seed": config.data.split_seed, "wall_time_before_s": 0.0,
-                 "wall_time_s": 0.0}
-    else:
-        state["wall_time_before_s"] = state.get("wall_time_s", 0.0)
-    start_epoch = int(state["epoch"])
-
     train_images = cache_images(train_rec["path"].tolist(), size, config.data.cache_dir,
                                 workers=t.workers, progress=progress)
     val_images = cache_images(val_rec["path"].tolist(), size, config.data.cache_dir,
                               workers=t.workers, progress=progress)
-
-    soft, distillation = None, None
+    soft = None
     if t.distill_from:
-        from trainer.distill import agreement, soft_targets, teacher_answers
-        from trainer.losses import log_prior
-
         p_t, d_t, distillation = teacher_answers(
             t.distill_from, train_rec["path"].tolist(), cache_dir=config.data.cache_dir,
             batch_size=t.batch_size, workers=t.workers, progress=progress)
@@ -525,139 +493,164 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
         distillation.update({"weight": t.distill_weight,
                              "teacher_train_agreement": round(agreement(d_t, train_y), 4)})
         state["distillation"] = distillation
-
-    mixed = _mixed_precision(config)
-    previous_policy = keras.mixed_precision.global_policy().name
-    scope = contextlib.ExitStack()
-    try:
-        scope.enter_context(dist.scope(plan))  # models and optimizers live on every replica
-        if mixed:
-            keras.mixed_precision.set_global_policy("mixed_float16")
-        # Seeds depend on where we start so a resumed run does not replay epoch 1's draws.
-        keras.utils.set_random_seed(config.seed + start_epoch)
-        model = _build(config, size)
-        if t.bn_momentum is not None:
-            for layer in backbone_submodel(model).layers:
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.momentum = t.bn_momentum
-        a = config.augment
-        augmenter = (build_augmenter(flip=a.flip, rotation=a.rotation,
-                                     translation=a.translation, zoom=a.zoom, shear=a.shear,
-                                     brightness=a.brightness, contrast=a.contrast,
-                                     saturation=a.saturation, seed=config.seed)
-                     if a.enabled else None)
-        train_model = training_model(model, augmenter)
-        dist.adapt_models(plan, model, train_model)
-        if t.epochs:  # a bad train.finetune_layers fails now, not after the head epochs
-            finetune_count(model, t.finetune_layers)
-
-        for phase in PHASES:
-            first = 0 if phase == "head" else t.head_epochs
-            last = t.head_epochs if phase == "head" else total
-            if last <= first or start_epoch >= last or state["stopped_early"]:
-                continue
-            set_trainable(model, phase, finetune_layers=t.finetune_layers,
-                          freeze_bn=t.freeze_bn)
-            _compile(config, train_model, phase, losses)
-            begin = max(first, int(state["epoch"]))
-            if begin == start_epoch and start_epoch > 0:  # resuming in this session
-                _restore(model, train_model, ckpt,
-                         with_optimizer=state["phase"] == phase and begin > first)
-            data = dist.full_batch_dataset(
-                plan, CachedDataset, train_images, train_y, batch_size=t.batch_size,
-                shuffle=True, balance=t.class_balance, weight_method=t.class_weight_method,
-                resample_cap=t.resample_cap, seed=config.seed, initial_epoch=begin,
-                steps_per_epoch=t.steps_per_epoch, workers=t.workers,
-                mixup=config.augment.mixup if config.augment.enabled else 0.0,
-                soft_targets=soft, distill_weight=t.distill_weight)
-            cbs = _callbacks(config, model, train_model, work, val_images, val_y, state,
-                             verbose, t_start, plan=plan, losses=losses) + list(callbacks)
-            # shuffle=False: CachedDataset already shuffles from (seed, epoch); Keras would also
-            # permute the batch order from Python's global RNG, which tf.distribute's extra
-            # pass over the generator advances, so 1 and N replicas would see different orders.
-            train_model.fit(data, epochs=last, initial_epoch=begin, callbacks=cbs,
-                            verbose=0, shuffle=False)  # EpochEnd prints one line per epoch
-
-        # The kept weights (best epoch, last, or averaged), then everything is measured on them.
-        _restore_final(model, ckpt, state, t.restore)
-        calibration = None
-        if t.calibrate:  # temperatures from single-pass predictions, folded into the heads
-            from trainer.calibration import calibrate
-
-            p_mel, probs = predict_arrays(model, val_images, batch_size=t.batch_size)
-            calibration = calibrate(model, p_mel, probs, val_y, val_y == MEL_INDEX,
-                                    seed=config.seed, class_bias=t.class_bias)
-            state["calibration"] = calibration
-        p_mel, probs = predict_arrays(model, val_images, batch_size=t.batch_size,
-                                      tta=t.tta)
-        threshold = choose_threshold(val_rec, p_mel, t.melanoma_threshold)
-        metrics = score(val_rec, p_mel, probs, threshold=threshold)
-        metrics.update({"split": "val", "source": config.data.path, "tta": bool(t.tta),
-                        "best_epoch": state["best_epoch"]})
-        history = pd.DataFrame(state["history"])
-        write_outputs(work, val_rec, p_mel, probs, metrics, predictions=False, report=False,
-                      history=history, best_epoch=state["best_epoch"])
-        if mixed:  # ship a float32 model: rebuild clean and copy the weights
-            keras.mixed_precision.set_global_policy("float32")
-            clean = build_model(config.model.backbone, input_size=size, weights=None,
-                                dropout=config.model.dropout)
-            clean.set_weights(model.get_weights())
-            model = clean
-        tmp = work / "model.tmp.keras"
-        model.save(str(tmp))
-        tmp.replace(work / "model.keras")
-    finally:
-        scope.close()
-        keras.mixed_precision.set_global_policy(previous_policy)
-
-    wall = state["wall_time_before_s"] + time.time() - t_start
-    card = _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed)
-    card["training"]["distribution"] = dist.card_section(plan, t)
-    prior = metadata_for_run(records, p_mel, probs, threshold, t.melanoma_threshold)
-    if prior is not None:  # age/sex/site evidence for consumers that have it (trainer.metadata)
-        card["metadata_prior"] = prior
-    write_json_atomic(work / "model_card.json", card)
-    if not t.keep_checkpoints:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    dist.finish(plan, work, out, overwrite=overwrite)  # only the chief writes <out>
-    return RunResult(run_dir=out, metrics=metrics, card=card, history=history,
-                     best_epoch=state["best_epoch"], epochs_run=len(history), wall_time_s=wall,
-                     is_chief=plan.is_chief)
+    return _Data(train_rec, val_rec, train_y, labels_from_dx(val_rec["dx"]), train_images,
+                 val_images, soft)
 
 
-def _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed) -> dict:
+def _build_models(config: RunConfig, size: int, plan):
+    """``(inference model, training wrapper with the augmentation layers)``."""
     import keras
 
-    from trainer.data import describe
-    from trainer.evaluate import card_metrics
+
+    t = config.train
+    # The same seed on resume: the layers get the same random streams, and _restore puts
+    # each stream where the interrupted run left it (so no draw of epoch 1 is replayed).
+    keras.utils.set_random_seed(config.seed)
+    model = _build(config, size)
+    if t.bn_momentum is not None:
+        for layer in backbone_submodel(model).layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = t.bn_momentum
+    a = config.augment
+    augmenter = (build_augmenter(flip=a.flip, rotation=a.rotation,
+                                 translation=a.translation, zoom=a.zoom, shear=a.shear,
+                                 brightness=a.brightness, contrast=a.contrast,
+                                 saturation=a.saturation, seed=config.seed)
+                 if a.enabled else None)
+    train_model = training_model(model, augmenter)
+    dist.adapt_models(plan, model, train_model)
+    if t.epochs:  # a bad train.finetune_layers fails now, not after the head epochs
+        finetune_count(model, t.finetune_layers)
+    return model, train_model
+
+
+def _train_phases(config: RunConfig, model, train_model, data: _Data, state: dict,
+                  work: Path, *, plan, losses: dict, callbacks, verbose: int,
+                  t_start: float) -> None:
+    """The head phase (backbone frozen), then fine-tuning; each resumes where ``state`` says."""
+    from trainer.callbacks import epoch_callbacks
+    from trainer.pipeline import CachedDataset
+
+    t = config.train
+    total = t.head_epochs + t.epochs
+    start_epoch = int(state["epoch"])
+    for phase in PHASES:
+        first = 0 if phase == "head" else t.head_epochs
+        last = t.head_epochs if phase == "head" else total
+        if last <= first or start_epoch >= last or state["stopped_early"]:
+            continue
+        set_trainable(model, phase, finetune_layers=t.finetune_layers, freeze_bn=t.freeze_bn)
+        _compile(config, train_model, phase, losses)
+        begin = max(first, int(state["epoch"]))
+        if begin == start_epoch and start_epoch > 0:  # resuming in this session
+            why = _restore(model, train_model, work / "checkpoints",
+                           with_optimizer=state["phase"] == phase and begin > first)
+            state.setdefault("resumed", []).append(
+                {"after_epoch": start_epoch, "exact": why is None, "why": why})
+        batches = dist.full_batch_dataset(
+            plan, CachedDataset, data.train_images, data.train_y, batch_size=t.batch_size,
+            shuffle=True, balance=t.class_balance, weight_method=t.class_weight_method,
+            resample_cap=t.resample_cap, seed=config.seed, initial_epoch=begin,
+            steps_per_epoch=t.steps_per_epoch, workers=t.workers,
+            mixup=config.augment.mixup if config.augment.enabled else 0.0,
+            soft_targets=data.soft, distill_weight=t.distill_weight)
+        cbs = epoch_callbacks(config, model, train_model, work, data.val_images, data.val_y,
+                              state, plan=plan, losses=losses, verbose=verbose,
+                              t_start=t_start) + list(callbacks)
+        # shuffle=False: CachedDataset already shuffles from (seed, epoch); Keras would also
+        # permute the batch order from Python's global RNG, which tf.distribute's extra
+        # pass over the generator advances, so 1 and N replicas would see different orders.
+        train_model.fit(batches, epochs=last, initial_epoch=begin, callbacks=cbs,
+                        verbose=0, shuffle=False)  # EpochLog prints one line per epoch
+
+
+def _finalize(config: RunConfig, model, data: _Data, state: dict, work: Path) -> _Final:
+    """The kept weights (best epoch, last, or averaged), calibration folded in, the melanoma
+    threshold, and the val metrics, plots and history measured on them."""
+    from trainer.pipeline import MEL_INDEX, predict_arrays
+
+    t = config.train
+    _restore_final(model, work / "checkpoints", state, t.restore)
+    if t.calibrate:  # temperatures from single-pass predictions, folded into the heads
+
+        p_mel, probs = predict_arrays(model, data.val_images, batch_size=t.batch_size)
+        state["calibration"] = calibrate(model, p_mel, probs, data.val_y,
+                                         data.val_y == MEL_INDEX, seed=config.seed,
+                                         class_bias=t.class_bias)
+    p_mel, probs = predict_arrays(model, data.val_images, batch_size=t.batch_size, tta=t.tta)
+    threshold = choose_threshold(data.val_rec, p_mel, t.melanoma_threshold)
+    metrics = score(data.val_rec, p_mel, probs, threshold=threshold)
+    metrics.update({"split": "val", "source": config.data.path, "tta": bool(t.tta),
+                    "best_epoch": state["best_epoch"]})
+    history = pd.DataFrame(state["history"])
+    write_outputs(work, data.val_rec, p_mel, probs, metrics, predictions=False, report=False,
+                  history=history, best_epoch=state["best_epoch"])
+    return _Final(p_mel, probs, threshold, metrics, history)
+
+
+def _save_model(config: RunConfig, size: int, model, work: Path, *, mixed: bool) -> None:
+    """``model.keras``, always float32 (a mixed-precision model is rebuilt clean first)."""
+    import keras
+
+
+    if mixed:
+        keras.mixed_precision.set_global_policy("float32")
+        clean = build_model(config.model.backbone, input_size=size, weights=None,
+                            dropout=config.model.dropout)
+        clean.set_weights(model.get_weights())
+        model = clean
+    tmp = work / "model.tmp.keras"
+    model.save(str(tmp))
+    tmp.replace(work / "model.keras")
+
+
+def _write_run(config, out, work, spec, size, records, layout, state, final: _Final, *, plan,
+               mixed, overwrite, t_start) -> RunResult:
+    """The card (with the metadata tables), then ``<out>.partial`` renamed to ``<out>``."""
+
+    t = config.train
+    wall = state["wall_time_before_s"] + time.time() - t_start
+    # age/sex/site evidence for consumers that have it (trainer.metadata), or None
+    prior = metadata_for_run(records, final.p_mel, final.probs, final.threshold,
+                             t.melanoma_threshold)
+    card = _card(config, spec, size, records, layout, state, final.metrics, final.threshold,
+                 wall, mixed, plan=plan, prior=prior).to_dict()
+    write_json_atomic(work / "model_card.json", card)
+    if not t.keep_checkpoints:
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    dist.finish(plan, work, out, overwrite=overwrite)  # only the chief writes <out>
+    return RunResult(run_dir=out, metrics=final.metrics, card=card, history=final.history,
+                     best_epoch=state["best_epoch"], epochs_run=len(final.history),
+                     wall_time_s=wall, is_chief=plan.is_chief)
+
+
+def _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed, *,
+          plan, prior):
+    """The run's typed card (dermedge.card), from what training measured."""
+    import keras
+
 
     d = describe(records)
-    return {
-        "schema_version": CARD_SCHEMA_VERSION,
-        "name": config.name,
-        "created": now_iso(),
-        "backbone": spec.name,
-        "weights": config.model.weights,
-        "input": {**image_contract.describe(size), "dtype": "float32"},
-        "preprocessing": {"in_model": True, "mode": spec.preprocessing,
-                          "formula": spec.preprocessing_formula},
-        "heads": {
-            "melanoma": {"activation": "sigmoid", "labels": list(MELANOMA_LABELS),
-                         "threshold": float(threshold)},
-            "diagnosis": {"activation": "softmax", "labels": list(DIAGNOSIS_LABELS)},
-        },
-        "data": {"source": config.data.path, "layout": layout, "n_images": d["n_images"],
-                 "n_lesions": d.get("n_lesions"), "splits": d["splits"],
-                 "class_counts": {s: d["class_counts"][s] for s in ("train", "val", "test")}},
-        "config": config.to_dict(),
-        "training": {"epochs_run": len(state["history"]), "best_epoch": state["best_epoch"],
-                     "stopped_early": bool(state["stopped_early"]),
-                     "monitor": config.train.monitor, "restore": config.train.restore,
-                     "averaged_epochs": state.get("averaged_epochs", []),
-                     "wall_time_s": round(wall, 1), "backend": keras.backend.backend(),
-                     "device": "gpu" if _gpu_visible() else "cpu", "mixed_precision": mixed},
-        "calibration": state.get("calibration"),
-        "distillation": state.get("distillation"),
-        "metrics": {"val": card_metrics(metrics)},
-        "versions": versions(),
-    }
+    return build_card(
+        name=config.name, created=now_iso(), backbone=spec.name, backbone_layer=BACKBONE_NAME,
+        weights=config.model.weights,
+        input_size=size,
+        preprocessing={"in_model": True, "mode": spec.preprocessing,
+                       "formula": spec.preprocessing_formula},
+        melanoma_threshold=threshold, diagnosis_labels=DIAGNOSIS_LABELS,
+        melanoma_labels=MELANOMA_LABELS,
+        data={"source": config.data.path, "layout": layout, "n_images": d["n_images"],
+              "n_lesions": d.get("n_lesions"), "splits": d["splits"],
+              "class_counts": {s: d["class_counts"][s] for s in ("train", "val", "test")}},
+        synthetic=is_synthetic(config.data.path),
+        config=config.to_dict(),
+        training={"epochs_run": len(state["history"]), "best_epoch": state["best_epoch"],
+                  "stopped_early": bool(state["stopped_early"]),
+                  "monitor": config.train.monitor, "restore": config.train.restore,
+                  "averaged_epochs": state.get("averaged_epochs", []),
+                  "resumed": state.get("resumed", []),
+                  "wall_time_s": round(wall, 1), "backend": keras.backend.backend(),
+                  "device": "gpu" if _gpu_visible() else "cpu", "mixed_precision": mixed,
+                  "distribution": dist.card_section(plan, config.train)},
+        calibration=state.get("calibration"), distillation=state.get("distillation"),
+        metrics_val=card_metrics(metrics), versions=versions(), metadata_prior=prior)

@@ -42,10 +42,10 @@ def adjusted_categorical_crossentropy(log_prior_diag: np.ndarray, *, tau: float 
     ``label_smoothing`` mixes the target with the adjusted prior (module docstring)."""
     from keras import ops
 
-    from trainer.calibration import _softmax
+    from dermedge.numerics import softmax
 
     shift = np.asarray(tau * np.asarray(log_prior_diag), dtype="float32")
-    smooth_to = _softmax(shift, 1.0).astype("float32")
+    smooth_to = softmax(shift).astype("float32")
 
     def loss(y_true, y_pred):
         logits = ops.log(ops.clip(y_pred, EPS, 1.0)) + shift

@@ -29,8 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from trainer.errors import DermedgeError
+from dermedge.card import card_from_dict, with_section
+from trainer.data import cache_images, read_splits
+from trainer.errors import DermedgeError, RunDirError
 from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
+from trainer.metrics import card_metrics, choose_threshold, score
+from trainer.run import load_run, now_iso, read_card, write_json_atomic
 
 FIELDS: tuple[str, ...] = ("age", "sex", "site")
 AGE_BIN_YEARS = 10
@@ -205,10 +209,7 @@ def fit_run(run_dir, *, weight: float = DEFAULT_WEIGHT, smoothing: float = DEFAU
     """
     from pathlib import Path
 
-    from trainer.data import cache_images, read_splits
-    from trainer.errors import RunDirError
     from trainer.pipeline import predict_arrays
-    from trainer.run import load_run, read_card, write_json_atomic
 
     run = Path(run_dir).expanduser().resolve()
     card = read_card(run)
@@ -232,8 +233,9 @@ def fit_run(run_dir, *, weight: float = DEFAULT_WEIGHT, smoothing: float = DEFAU
     scored = score_on_val(section, val, p_mel, probs,
                           float(card["heads"]["melanoma"]["threshold"]), spec)
     section.update(scored)
-    card["metadata_prior"] = section
-    write_json_atomic(run / "model_card.json", card)
+    card = with_section(card_from_dict(card, where=str(run / "model_card.json")),
+                        "metadata_prior", section)
+    write_json_atomic(run / "model_card.json", card.to_dict())
     return section
 
 
@@ -241,8 +243,6 @@ def score_on_val(section: Mapping[str, Any], val, p_mel: np.ndarray, probs: np.n
                  image_threshold: float, spec) -> dict[str, Any]:
     """What the tables do on the validation split: the melanoma threshold chosen on the updated
     probabilities (``spec`` as in ``train.melanoma_threshold``) and the metrics with and without."""
-    from trainer.evaluate import card_metrics, choose_threshold, score
-    from trainer.run import now_iso
 
     image_only = score(val, p_mel, probs, threshold=image_threshold)
     p_mel2, probs2, used = apply_prior(section, p_mel, probs, val)
@@ -276,7 +276,6 @@ def remove_from_run(run_dir) -> bool:
     """Drop the card's ``metadata_prior``; returns whether there was one."""
     from pathlib import Path
 
-    from trainer.run import read_card, write_json_atomic
 
     run = Path(run_dir).expanduser().resolve()
     card = read_card(run)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _figure(**kw):
+def new_figure(**kw):
+    """``(pyplot, plt.subplots(**kw))`` on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -19,7 +20,8 @@ def _figure(**kw):
     return plt, plt.subplots(**kw)
 
 
-def _save(plt, fig, path: str | Path) -> None:
+def save_figure(plt, fig, path: str | Path) -> None:
+    """Write ``fig`` as a PNG atomically (temp file, then rename) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.png")
@@ -35,7 +37,7 @@ def _save(plt, fig, path: str | Path) -> None:
 
 def plot_curves(history, path: str | Path, *, best_epoch: int | None = None) -> None:
     """Loss (train/val) and validation balanced accuracy / melanoma AUC per epoch."""
-    plt, (fig, (ax1, ax2)) = _figure(ncols=2, figsize=(10, 4))
+    plt, (fig, (ax1, ax2)) = new_figure(ncols=2, figsize=(10, 4))
     ep = np.asarray(history["epoch"])
     for col, style in (("loss", "-"), ("val_loss", "--")):
         if col in history:
@@ -58,7 +60,7 @@ def plot_curves(history, path: str | Path, *, best_epoch: int | None = None) -> 
         ax2.axvline(best_epoch, color="green", lw=1, ls="--", label=f"best (epoch {best_epoch})")
     ax2.legend(loc="lower right")
     fig.suptitle("training curves")
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_confusion(cm, labels: Sequence[str], path: str | Path, *, normalize: bool) -> None:
@@ -67,7 +69,7 @@ def plot_confusion(cm, labels: Sequence[str], path: str | Path, *, normalize: bo
     if normalize:
         support = cm.sum(axis=1, keepdims=True)
         cm = np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)
-    plt, (fig, ax) = _figure(figsize=(6.2, 5.4))
+    plt, (fig, ax) = new_figure(figsize=(6.2, 5.4))
     im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalize else max(cm.max(), 1))
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_xticks(range(len(labels)), labels, rotation=45)
@@ -81,13 +83,13 @@ def plot_confusion(cm, labels: Sequence[str], path: str | Path, *, normalize: bo
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="white" if cm[i, j] > 0.6 * top else "black")
     ax.set_title("confusion matrix" + (" (row-normalised)" if normalize else " (counts)"))
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_roc(fpr, tpr, path: str | Path, *, auc: float | None = None,
              operating_point: tuple[float, float] | None = None) -> None:
     """ROC of the melanoma head; ``operating_point`` = (sensitivity, specificity)."""
-    plt, (fig, ax) = _figure(figsize=(5, 5))
+    plt, (fig, ax) = new_figure(figsize=(5, 5))
     label = f"AUC = {auc:.3f}" if auc is not None and np.isfinite(auc) else "ROC"
     ax.plot(fpr, tpr, lw=2, label=label)
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
@@ -101,4 +103,4 @@ def plot_roc(fpr, tpr, path: str | Path, *, auc: float | None = None,
     ax.set_ylim(0, 1.01)
     ax.legend(loc="lower right")
     ax.set_title("melanoma head ROC")
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)

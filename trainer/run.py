@@ -11,13 +11,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from dermedge.card import CARD_SCHEMA_VERSION
+from dermedge.card import read_card as read_model_card
 from trainer.errors import RunDirError
 
-CARD_SCHEMA_VERSION = 1
+__all__ = ["CARD_SCHEMA_VERSION", "RUN_FILES", "is_complete_run", "load_run", "move_into_place",
+           "now_iso", "partial_dir", "read_card", "read_json", "versions", "write_json_atomic",
+           "write_text_atomic"]
 # What makes a directory a complete run (written last: model_card.json).
 RUN_FILES = ("model.keras", "model_card.json", "config.yaml", "labels.txt", "splits.csv",
              "history.csv", "metrics.json")
-PLOTS = ("curves.png", "confusion_counts.png", "confusion_normalized.png", "roc_melanoma.png")
 
 
 def partial_dir(out: str | Path) -> Path:
@@ -76,12 +79,7 @@ def read_card(run_dir: str | Path) -> dict[str, Any]:
         raise RunDirError(f"{run} is not a complete run directory: missing "
                           f"{', '.join(missing)}. Pass the --out folder of a finished "
                           "`trainer fit`.")
-    card = read_json(run / "model_card.json")
-    if not isinstance(card, dict) or card.get("schema_version") != CARD_SCHEMA_VERSION:
-        got = card.get("schema_version") if isinstance(card, dict) else None
-        raise RunDirError(f"{run}/model_card.json has schema_version {got!r}; this version of "
-                          f"dermedge reads schema_version {CARD_SCHEMA_VERSION}.")
-    return card
+    return read_model_card(run, error=RunDirError).to_dict()
 
 
 def check_keras_file(path: Path) -> None:

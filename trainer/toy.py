@@ -23,6 +23,8 @@ from trainer.labels import DIAGNOSIS_LABELS
 HAM_SHARES: dict[str, float] = {
     "akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142,
 }
+# Written into every toy dataset; a run trained on it gets ``data.synthetic: true`` in its card.
+SYNTHETIC_MARKER = "SYNTHETIC.txt"
 SITES = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest",
          "foot", "neck", "scalp", "hand", "ear")
 SKIN_TONES = ((236, 198, 170), (224, 172, 138), (205, 150, 115), (240, 210, 190),
@@ -133,6 +135,15 @@ def _metadata_row(rng: np.random.Generator, dx: str) -> dict:
             "localization": str(rng.choice(SITES))}
 
 
+def is_synthetic(data: str | Path | None) -> bool:
+    """True when ``data`` (a dataset folder or a CSV in it) was written by ``trainer toy-data``."""
+    if not data:
+        return False
+    path = Path(data).expanduser()
+    folder = path if path.is_dir() else path.parent
+    return (folder / SYNTHETIC_MARKER).is_file()
+
+
 def make_toy_dataset(out_dir: str | Path, *, n_lesions: int = 420, size: int = 128,
                      seed: int = 0, overwrite: bool = False, min_per_class: int = 20,
                      second_image_fraction: float = 0.15) -> Path:
@@ -184,6 +195,9 @@ def make_toy_dataset(out_dir: str | Path, *, n_lesions: int = 420, size: int = 1
                                    "localization"]]
         meta.sort_values(["lesion_id", "image_id"]).to_csv(tmp / "HAM10000_metadata.csv",
                                                             index=False)
+        (tmp / SYNTHETIC_MARKER).write_text(
+            "Synthetic images made by `trainer toy-data` (not dermoscopy). A model trained on "
+            "them is a toy: its card says data.synthetic = true.\n")
         if out_dir.exists():
             trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             out_dir.rename(trash)
