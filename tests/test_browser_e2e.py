@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ci import unavailable
-from demo_fixtures import jpeg_bytes, tiny_bundles
+from demo_fixtures import jpeg_bytes, tiny_bundles, write_bundle
 
 pytestmark = pytest.mark.browser
 
@@ -90,8 +90,8 @@ def browser_bundles() -> dict[str, Path]:
         model = (dest / "model.tflite").read_bytes()
         size = json.loads((dest / "model_card.json").read_text())["input"]["shape"][0]
         fixed, _ = fix_batch(model, rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8))
-        (dest / "model.tflite").write_bytes(fixed)
-        out[key] = dest
+        card = json.loads((dest / "model_card.json").read_text())
+        out[key] = write_bundle(dest, fixed, card["export"]["mode"], card["name"])  # new sha256
     return out
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci import unavailable
 from export_fixtures import make_run_dir
 from mediapipe_fixtures import mediapipe_env
 
@@ -37,10 +38,7 @@ CDN = "https://cdn.jsdelivr.net/npm/@mediapipe/tasks-vision@0.10.21/wasm"
 WEB_TOLERANCE = 2 / 256
 
 
-def _unavailable(why: str):
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true: {why}")
-    pytest.skip(why)
+_unavailable = unavailable  # skip outside CI; under CI=true a failure with the reason
 
 
 def _tasks_vision() -> Path:

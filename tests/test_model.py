@@ -68,7 +68,8 @@ def test_tiny_model_structure(tiny):
     _check_outputs(tiny.predict(_images(), verbose=0), 4)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1",
+                                  "efficientnet_lite2"])
 def test_mobile_backbones_build_at_min_size(name):
     spec = get_backbone(name)
     model = build_model(name, input_size=spec.min_size, weights=None)
@@ -272,5 +273,6 @@ def test_head_stage_training_leaves_backbone_unchanged(tiny):
 
 
 def test_every_registered_backbone_is_covered():
-    covered = {"tiny_cnn", "mobilenet_v2", "efficientnet_lite0", "resnet50", "inception_resnet_v2"}
+    covered = {"tiny_cnn", "mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1",
+               "efficientnet_lite2", "resnet50", "inception_resnet_v2"}
     assert covered == set(list_backbones())

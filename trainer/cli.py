@@ -376,8 +376,10 @@ def _need_dir(path: str | os.PathLike, what: str, fix: str) -> Path:
     return p
 
 
-def _need_run(path: str) -> None:
-    p = _need_dir(path, "Run directory", "Pass a folder written by `trainer fit`.")
+def _need_run(path: str, option: str | None = None) -> None:
+    fix = "Pass a folder written by `trainer fit`."
+    p = _need_dir(path, "Run directory", f"{option} takes a folder written by `trainer fit`."
+                  if option else fix)
     if not (p / "model.keras").is_file():
         partial = p.with_name(p.name + ".partial")
         hint = (f" An interrupted run is in {partial}: finish it with `trainer fit --out {p} "
@@ -411,7 +413,7 @@ def precheck(args: argparse.Namespace) -> None:
         if args.config:
             _need_path(args.config, "Config file", "Pass an existing YAML file (see configs/).")
         if args.distill_from:
-            _need_run(args.distill_from)
+            _need_run(args.distill_from, option="--distill-from (train.distill_from)")
         _need_new_out(args.out, overwrite=args.overwrite, resume=args.resume)
         if args.resume:
             from trainer.run import partial_dir
