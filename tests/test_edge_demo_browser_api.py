@@ -145,16 +145,17 @@ def test_device_model_is_served_with_its_sha256(tmp_path):
 
 def test_synthetic_model_banner(tmp_path):
     b = tiny_bundles()
-    toy = tmp_path / "toy-int8"
-    shutil.copytree(b["int8"], toy)
-    card = json.loads((toy / "model_card.json").read_text())
-    card["data"] = {"synthetic": True}
-    (toy / "model_card.json").write_text(json.dumps(card))
-    html = make_app(tmp_path, DEVICE_BUNDLE=str(toy)).test_client().get("/").get_data(
-        as_text=True)
-    assert 'id="synthetic-note"' in html and "synthetic toy images" in html
-    html = make_app(tmp_path).test_client().get("/").get_data(as_text=True)
-    assert 'id="synthetic-note"' not in html
+    html = {}
+    for synthetic in (True, False):
+        dev = tmp_path / f"int8-{synthetic}"
+        shutil.copytree(b["int8"], dev)
+        card = json.loads((dev / "model_card.json").read_text())
+        card["data"]["synthetic"] = synthetic
+        (dev / "model_card.json").write_text(json.dumps(card))
+        html[synthetic] = make_app(tmp_path, DEVICE_BUNDLE=str(dev)).test_client().get(
+            "/").get_data(as_text=True)
+    assert 'id="synthetic-note"' in html[True] and "synthetic toy images" in html[True]
+    assert 'id="synthetic-note"' not in html[False]
 
 
 def test_cli_policy_type_error_is_one_paragraph_exit_2(tmp_path, capsys):

@@ -41,7 +41,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:tensorflow.lite.*")
 BUNDLE_FILES = {"model.tflite", "labels_diagnosis.txt", "labels_melanoma.txt", "model_card.json",
                 "validation.json", "validation.md", "USAGE.md"}
 # Each registry backbone either supports QAT (None) or says why not (a phrase of the message).
-SUPPORT = {"tiny_cnn": None, "mobilenet_v2": None, "efficientnet_lite0": None, "resnet50": None,
+SUPPORT = {"tiny_cnn": None, "mobilenet_v2": None, "efficientnet_lite0": None,
+           "efficientnet_lite1": None, "efficientnet_lite2": None, "resnet50": None,
            "inception_resnet_v2": "CustomScaleLayer"}
 
 

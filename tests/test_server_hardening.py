@@ -558,13 +558,12 @@ def test_a_truncated_model_keras_is_not_reported_as_missing(bundles, tmp_path):
 
     from export.errors import RunDirError as ExportRunDirError
     from export.rundir import Run
-    from trainer.run import CARD_SCHEMA_VERSION, RunDirError, load_run
+    from trainer.run import RunDirError, load_run
 
     run = tmp_path / "run"
     shutil.copytree(bundles["keras_run"], run)
     data = (run / "model.keras").read_bytes()
     (run / "model.keras").write_bytes(data[: len(data) // 2])
-    (run / "model_card.json").write_text(json.dumps({"schema_version": CARD_SCHEMA_VERSION}))
     with pytest.raises(RunDirError, match="not a complete .keras file") as err:
         load_run(run)
     assert "not found" not in str(err.value)
