@@ -152,8 +152,8 @@ def test_synthetic_model_banner(tmp_path):
         card = json.loads((dev / "model_card.json").read_text())
         card["data"]["synthetic"] = synthetic
         (dev / "model_card.json").write_text(json.dumps(card))
-        html[synthetic] = make_app(tmp_path, DEVICE_BUNDLE=str(dev)).test_client().get(
-            "/").get_data(as_text=True)
+        html[synthetic] = make_app(tmp_path, DEVICE_BUNDLE=str(dev), CLOUD_BUNDLE=None
+                                   ).test_client().get("/").get_data(as_text=True)
     assert 'id="synthetic-note"' in html[True] and "synthetic toy images" in html[True]
     assert 'id="synthetic-note"' not in html[False]
 
