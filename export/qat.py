@@ -13,15 +13,11 @@ quantized, hands the worker the run's training split and settings, and checks wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
-import uuid
 from collections import Counter, deque
 from pathlib import Path
 
@@ -29,6 +25,7 @@ import numpy as np
 
 from export.config import QuantizationConfig
 from export.errors import ExportError
+from export.venvs import PinnedVenv
 
 ENV_VAR = "DERMEDGE_QAT_PYTHON"
 QAT_REQUIREMENTS: tuple[str, ...] = (
@@ -57,14 +54,7 @@ class QATError(ExportError):
 # ----------------------------------------------------------------------------- environment
 def qat_env_dir() -> Path:
     """The cached QAT venv: keyed by the Python version and the pinned requirements."""
-    from trainer.data import default_cache_dir
-
-    key = hashlib.sha256("\n".join(QAT_REQUIREMENTS).encode()).hexdigest()[:10]
-    return default_cache_dir() / f"qat-venv-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
-
-
-def _python_in(venv: Path) -> Path:
-    return venv / "bin" / "python"
+    return QAT_ENV.directory()
 
 
 def setup_hint() -> str:
@@ -77,67 +67,26 @@ def setup_hint() -> str:
             f"VENV/bin/python (or set {ENV_VAR}).")
 
 
+QAT_ENV = PinnedVenv("QAT", "qat", QAT_REQUIREMENTS, ENV_VAR, QATError, setup_hint)
+
+
 def find_qat_python(explicit: str | os.PathLike | None = None) -> Path:
     """The QAT interpreter: ``explicit``, else ``$DERMEDGE_QAT_PYTHON``, else the cached venv."""
     for value, where in ((explicit, "--qat-python"), (os.environ.get(ENV_VAR), ENV_VAR)):
         if value:
-            path = Path(value).expanduser()
-            if path.is_dir() and _python_in(path).exists():  # a venv folder
-                path = _python_in(path)
-            if not (path.is_file() and os.access(path, os.X_OK)):
-                raise QATError(f"{where} names {path}, which is not an executable Python "
-                               f"interpreter. Point it at the python of a QAT environment, or "
-                               f"unset it. {setup_hint()}")
-            return path
-    venv = qat_env_dir()
-    if (venv / ".installed").is_file() and _python_in(venv).exists():
-        return _python_in(venv)
-    raise QATError(f"No QAT environment found. {setup_hint()}")
+            return QAT_ENV.explicit_python(value, where)
+    py = QAT_ENV.cached_python()
+    if py is None:
+        raise QATError(f"No QAT environment found. {setup_hint()}")
+    return py
 
 
 def setup_qat_env(base_python: str | os.PathLike | None = None, *, force: bool = False,
                   log=None) -> Path:
     """Build (or reuse) the cached QAT venv; returns its python. Built aside, then renamed."""
-    say = log or (lambda msg: None)
-    venv = qat_env_dir()
-    py = _python_in(venv)
-    if (venv / ".installed").is_file() and py.exists() and not force:
-        say(f"QAT environment already set up: {py}")
-        return py
-    base = str(base_python or sys.executable)
-    tmp = venv.with_name(f".{venv.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    try:
-        made = subprocess.run([base, "-m", "venv", str(tmp)], capture_output=True, text=True,
-                              timeout=300, check=False)
-        if made.returncode:
-            raise QATError(f"Cannot create a venv with {base}: {made.stderr.strip()[-500:]}. "
-                           "Pass another interpreter with --python.")
-        say(f"installing {' '.join(QAT_REQUIREMENTS)} into {venv} ...")
-        pip = subprocess.run([str(_python_in(tmp)), "-m", "pip", "install", "-q",
-                              "--disable-pip-version-check", "--timeout", "30", "--retries", "2",
-                              *QAT_REQUIREMENTS],
-                             capture_output=True, text=True, timeout=1800, check=False)
-        if pip.returncode:
-            errors = [ln for ln in pip.stderr.splitlines() if "ERROR" in ln] or [pip.stderr]
-            raise QATError(f"pip could not install the QAT environment: "
-                           f"{' '.join(errors)[-600:]}. It needs PyPI access (or a mirror in "
-                           "pip's config).")
-        (tmp / ".installed").write_text("\n".join(QAT_REQUIREMENTS) + "\n")
-        if (venv / ".installed").is_file() and not force:  # another process built it meanwhile
-            return py
-        if venv.exists():
-            shutil.rmtree(venv)
-        tmp.rename(venv)
-    except subprocess.TimeoutExpired as exc:
-        raise QATError(f"Building the QAT environment timed out ({exc.timeout:.0f} s for "
-                       f"{' '.join(exc.cmd[:4])} ...); check the network and retry.") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    say(f"QAT environment ready in {time.perf_counter() - t0:.0f} s: {py}")
-    return py
+    if QAT_ENV.cached_python() is not None and not force and log:
+        log(f"QAT environment already set up: {QAT_ENV.cached_python()}")
+    return QAT_ENV.build(base_python, force=force, log=log)
 
 
 # ----------------------------------------------------------------------------- the graph

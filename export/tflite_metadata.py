@@ -20,16 +20,12 @@ export/tflite_metadata_worker.py. This module is the core side:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
-import uuid
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import ExportError
+from export.venvs import PinnedVenv
 
 ENV_VAR = "DERMEDGE_MEDIAPIPE_PYTHON"
 # Installed with --no-deps: MediaPipe's own requirements add jax, sounddevice and the GUI
@@ -62,15 +59,7 @@ class MetadataError(ExportError):
 # ----------------------------------------------------------------------------- environment
 def env_dir() -> Path:
     """The cached MediaPipe venv: keyed by the Python version and the pinned requirements."""
-    from trainer.data import default_cache_dir
-
-    key = hashlib.sha256("\n".join(MEDIAPIPE_REQUIREMENTS).encode()).hexdigest()[:10]
-    py = f"py{sys.version_info[0]}{sys.version_info[1]}"
-    return default_cache_dir() / f"mediapipe-venv-{py}-{key}"
-
-
-def _python_in(venv: Path) -> Path:
-    return venv / "bin" / "python"
+    return MEDIAPIPE_ENV.directory()
 
 
 def setup_hint() -> str:
@@ -82,22 +71,19 @@ def setup_hint() -> str:
             f"VENV && VENV/bin/pip install --no-deps {reqs}` and set {ENV_VAR}=VENV/bin/python.")
 
 
+MEDIAPIPE_ENV = PinnedVenv("MediaPipe", "mediapipe", MEDIAPIPE_REQUIREMENTS, ENV_VAR,
+                           MetadataError, setup_hint, no_deps=True, pip_timeout=1200)
+
+
 def mediapipe_python(*, create: bool = True, log=None) -> Path:
     """The MediaPipe interpreter: ``$DERMEDGE_MEDIAPIPE_PYTHON``, else the cached venv (built
     here on first use when ``create``)."""
     value = os.environ.get(ENV_VAR)
     if value:
-        path = Path(value).expanduser()
-        if path.is_dir() and _python_in(path).exists():
-            path = _python_in(path)
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise MetadataError(f"{ENV_VAR} names {path}, which is not an executable Python "
-                                f"interpreter. Point it at the python of a MediaPipe "
-                                f"environment, or unset it. {setup_hint()}")
-        return path
-    venv = env_dir()
-    if (venv / ".installed").is_file() and _python_in(venv).exists():
-        return _python_in(venv)
+        return MEDIAPIPE_ENV.explicit_python(value, ENV_VAR)
+    py = MEDIAPIPE_ENV.cached_python()
+    if py is not None:
+        return py
     if not create:
         raise MetadataError(f"No MediaPipe environment found. {setup_hint()}")
     return setup_env(log=log)
@@ -106,45 +92,7 @@ def mediapipe_python(*, create: bool = True, log=None) -> Path:
 def setup_env(base_python: str | os.PathLike | None = None, *, force: bool = False,
               log=None) -> Path:
     """Build (or reuse) the cached MediaPipe venv; returns its python. Built aside, then renamed."""
-    say = log or (lambda msg: None)
-    venv = env_dir()
-    py = _python_in(venv)
-    if (venv / ".installed").is_file() and py.exists() and not force:
-        return py
-    base = str(base_python or sys.executable)
-    tmp = venv.with_name(f".{venv.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    say(f"creating the MediaPipe environment for TFLite metadata (once, about a minute): {venv}")
-    t0 = time.perf_counter()
-    try:
-        made = subprocess.run([base, "-m", "venv", str(tmp)], capture_output=True, text=True,
-                              timeout=300, check=False)
-        if made.returncode:
-            raise MetadataError(f"Cannot create a venv with {base}: "
-                                f"{made.stderr.strip()[-500:]}. {setup_hint()}")
-        pip = subprocess.run([str(_python_in(tmp)), "-m", "pip", "install", "-q", "--no-deps",
-                              "--disable-pip-version-check", "--timeout", "30", "--retries", "2",
-                              *MEDIAPIPE_REQUIREMENTS],
-                             capture_output=True, text=True, timeout=1200, check=False)
-        if pip.returncode:
-            errors = [ln for ln in pip.stderr.splitlines() if "ERROR" in ln] or [pip.stderr]
-            raise MetadataError(f"pip could not install the MediaPipe environment: "
-                                f"{' '.join(errors)[-600:]}. It needs PyPI access (or a mirror "
-                                f"in pip's config) once. {setup_hint()}")
-        (tmp / ".installed").write_text("\n".join(MEDIAPIPE_REQUIREMENTS) + "\n")
-        if (venv / ".installed").is_file() and not force:  # another process built it meanwhile
-            return py
-        if venv.exists():
-            shutil.rmtree(venv)
-        tmp.rename(venv)
-    except subprocess.TimeoutExpired as exc:
-        raise MetadataError(f"Building the MediaPipe environment timed out ({exc.timeout:.0f} s "
-                            "for pip); check the network and retry.") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    say(f"MediaPipe environment ready in {time.perf_counter() - t0:.0f} s: {py}")
-    return py
+    return MEDIAPIPE_ENV.build(base_python, force=force, log=log)
 
 
 def run_worker(mode: str, spec: dict, workdir: Path, *, python: Path | None = None,

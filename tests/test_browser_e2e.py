@@ -13,17 +13,14 @@ import functools
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from ci import unavailable
+from conftest import demo_server
 from demo_fixtures import jpeg_bytes, tiny_bundles, write_bundle
 
 pytestmark = pytest.mark.browser
@@ -93,40 +90,6 @@ def browser_bundles() -> dict[str, Path]:
         card = json.loads((dest / "model_card.json").read_text())
         out[key] = write_bundle(dest, fixed, card["export"]["mode"], card["name"])  # new sha256
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def demo_server(args: list[str], log: Path, timeout: float = 60):
-    """Run ``python -m edge_demo serve ARGS`` (the real waitress server) on a free port and
-    yield its URL once /readyz answers 200; fail with the server log if it never does."""
-    port = _free_port()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_demo", "serve", *args, "--port", str(port)],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server did not become ready:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 @contextlib.contextmanager
