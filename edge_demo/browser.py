@@ -18,7 +18,7 @@ from typing import Any
 from .calibrate import wilson
 from .errors import RequestError
 from .metadata import adjust, tables
-from .policy import DISCLAIMER, rules
+from .policy import rules
 
 WEB_DIR = Path(__file__).with_name("web")
 # The runtime files the page may load (LiteRT.js picks one .js/.wasm pair at run time).
@@ -161,38 +161,14 @@ def decide(service, device: dict[str, Any], data: bytes | None,
     wants = any(c.fired for c in checks)
     cloud = None
     if (wants or ask_cloud) and data and service.cloud is not None:
-        image = service._decode(data, timings)
+        image = service.decode(data, timings)
         t0 = time.perf_counter()
-        cloud = service._run(service.cloud, image, meta)
+        cloud = service.run_tier(service.cloud, image, meta)
         timings["cloud"] = round((time.perf_counter() - t0) * 1000.0, 3)
-    d = service.policy.decide(
-        device, cloud, device_threshold=service._threshold(service.device, device),
-        cloud_threshold=service._threshold(service.cloud, cloud))
-    reason = d.fallback_reason
-    if wants and service.cloud is None:
-        reason += " No cloud tier is configured, so the device answer stands."
-    elif wants and not data:
-        reason += " The photo was not sent, so the device answer stands."
+    note = " The photo was not sent, so the device answer stands." if wants and not data else ""
+    body = service.respond(device, cloud, meta, wanted=wants, note=note)
+    body["fallback"]["asked"] = bool(ask_cloud)
     timings["total"] = round((time.perf_counter() - t_all) * 1000.0, 3)
-    return {
-        "device": device,
-        "fallback": {"used": wants and cloud is not None, "wanted": wants,
-                     "asked": bool(ask_cloud),
-                     "rules_fired": d.fallback_rules, "reason": reason,
-                     "checks": [c.to_dict() for c in d.fallback_checks]},
-        "cloud": cloud,
-        "advice": {"decision": d.decision, "message": d.message,
-                   "rules_fired": d.advice_rules, "decided_by": d.decided_by,
-                   "checks": [c.to_dict() for c in d.advice_checks]},
-        "disclaimer": DISCLAIMER,
-        "metadata": service._metadata_section(meta, device, cloud,
-                                              {"device": service.device,
-                                               "cloud": service.cloud}),
-        "photo_received": bool(data),
-        "timings_ms": timings,
-        "tier_path": "browser+cloud" if cloud is not None else "browser",
-        "device_computed_on": "browser",
-        "models": {"device": service.device.summary(),
-                   "cloud": service.cloud.summary() if service.cloud else None,
-                   "policy": service.policy.source},
-    }
+    return {**body, "photo_received": bool(data), "timings_ms": timings,
+            "tier_path": "browser+cloud" if cloud is not None else "browser",
+            "device_computed_on": "browser"}

@@ -110,7 +110,7 @@ class DemoService:
     def _tiers(self) -> list:
         return [t for t in (self.device, self.cloud) if t is not None]
 
-    def _decode(self, data: bytes, timings: dict[str, float],
+    def decode(self, data: bytes, timings: dict[str, float],
                 what: str = "uploaded file") -> dict[int, Any]:
         """Upload bytes -> ``{side: (side, side, 3) uint8}`` for every loaded tier's size.
 
@@ -142,7 +142,7 @@ class DemoService:
         with budget.hold(im.size[0] * im.size[1]):
             return load_upload(im)
 
-    def _run(self, tier: Tier, inputs: dict[int, Any],
+    def run_tier(self, tier: Tier, inputs: dict[int, Any],
              meta: dict[str, Any] | None = None) -> dict[str, Any]:
         """The tier's answer, updated by the case's metadata when its card has the tables."""
         answer = tier.predict(inputs[tier.image_size])
@@ -174,9 +174,9 @@ class DemoService:
         ``what`` names the image in error messages (a local file for ``edge-demo predict``)."""
         t_all = time.perf_counter()
         timings: dict[str, float] = {"decode": 0.0, "device": 0.0, "cloud": 0.0}
-        inputs = self._decode(data, timings, what)
+        inputs = self.decode(data, timings, what)
         t0 = time.perf_counter()
-        device = self._run(self.device, inputs, metadata)
+        device = self.run_tier(self.device, inputs, metadata)
         timings["device"] = _ms(t0)
         checks = self.policy.fallback_checks(device)
         wants = any(c.fired for c in checks)
@@ -185,24 +185,34 @@ class DemoService:
         if wants and self.cloud is not None:
             t0 = time.perf_counter()
             try:
-                cloud = self._run(self.cloud, inputs, metadata)
+                cloud = self.run_tier(self.cloud, inputs, metadata)
             except Exception as exc:  # noqa: BLE001 - a cloud failure must not fail the request
                 log.exception("cloud tier failed")
                 cloud_error = f"{type(exc).__name__}: {exc}"
             timings["cloud"] = _ms(t0)
+        note = (f" The cloud tier failed ({cloud_error}); the device answer stands."
+                if cloud_error else "")
+        body = self.respond(device, cloud, metadata, wanted=wants, note=note)
+        timings["total"] = _ms(t_all)
+        return {**body, "timings_ms": timings,
+                "tier_path": "device+cloud" if cloud is not None else "device"}
+
+    def respond(self, device: dict[str, Any], cloud: dict[str, Any] | None,
+                metadata: dict[str, Any] | None, *, wanted: bool,
+                note: str = "") -> dict[str, Any]:
+        """The policy's decision on the tiers' answers, as the classify response body (less
+        timings and path): shared by the server tier and the browser tier's /decide."""
         d = self.policy.decide(
             device, cloud, device_threshold=self._threshold(self.device, device),
             cloud_threshold=self._threshold(self.cloud, cloud))
         reason = d.fallback_reason
-        if wants and self.cloud is None:
+        if wanted and self.cloud is None:
             reason += " No cloud tier is configured, so the device answer stands."
-        elif cloud_error:
-            reason += f" The cloud tier failed ({cloud_error}); the device answer stands."
-        timings["total"] = _ms(t_all)
-        path = "device+cloud" if cloud is not None else "device"
+        else:
+            reason += note
         return {
             "device": device,
-            "fallback": {"used": cloud is not None, "wanted": wants,
+            "fallback": {"used": wanted and cloud is not None, "wanted": wanted,
                          "rules_fired": d.fallback_rules, "reason": reason,
                          "checks": [c.to_dict() for c in d.fallback_checks]},
             "cloud": cloud,
@@ -212,8 +222,6 @@ class DemoService:
             "disclaimer": DISCLAIMER,
             "metadata": self._metadata_section(metadata, device, cloud,
                                                {"device": self.device, "cloud": self.cloud}),
-            "timings_ms": timings,
-            "tier_path": path,
             "models": {"device": self.device.summary(),
                        "cloud": self.cloud.summary() if self.cloud else None,
                        "policy": self.policy.source},
@@ -226,9 +234,9 @@ class DemoService:
             raise EdgeDemoError("No cloud tier is loaded; start the server with --cloud.")
         t_all = time.perf_counter()
         timings: dict[str, float] = {"decode": 0.0, "cloud": 0.0}
-        inputs = self._decode(data, timings)
+        inputs = self.decode(data, timings)
         t0 = time.perf_counter()
-        cloud = self._run(self.cloud, inputs, metadata)
+        cloud = self.run_tier(self.cloud, inputs, metadata)
         timings["cloud"] = _ms(t0)
         timings["total"] = _ms(t_all)
         return {"cloud": cloud, "disclaimer": DISCLAIMER,
