@@ -240,7 +240,7 @@ def no_http(device: str, data: bytes, threads: int, n: int, allow: bool,
     ref = DemoService.from_paths(device, allow_unvalidated=allow, fast_decode=False)
     fast.warm_up()
     ref.warm_up()
-    x = fast._decode(data, {})[fast.device.image_size]
+    x = fast.decode(data, {})[fast.device.image_size]
     out = interleaved_ms({"inference_ms": lambda: fast.device.predict(x),
                           "jpeg_to_answer_ms": lambda: fast.classify(data),
                           "jpeg_to_answer_reference_decode_ms": lambda: ref.classify(data)}, n)
