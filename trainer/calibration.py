@@ -3,9 +3,9 @@
 Diagnosis: temperature scaling (Guo et al., 2017), ``z -> z / T``. Melanoma: Platt scaling,
 ``z -> z / T + c``: a temperature and a shift. The shift matters because the melanoma head is
 trained with class weights, which move every logit by roughly the log of the weight ratio; a
-temperature alone cannot undo that (on the EfficientNet-Lite0 recipe it made the melanoma ECE
-worse, 0.070 -> 0.084). The diagnosis head gets no per-class shift by default: that would move
-its argmax, and the class weights that cause the shift are there for balanced accuracy.
+temperature alone cannot undo that (benchmarks/recipes.md has the ECE figures). The diagnosis
+head gets no per-class shift by default: that would move its argmax, and the class weights
+that cause the shift are there for balanced accuracy.
 
 Class-bias correction (opt-in, ``train.class_bias`` / ``trainer calibrate --class-bias``): one
 logit offset per diagnosis class, ``z -> z / T + b``, fitted on the validation split to minimise
@@ -340,8 +340,8 @@ def crossfit_pair(reference: np.ndarray, other: np.ndarray, y: np.ndarray, offse
     In sample, the comparison depends on where the offsets, chosen for exactly these labels,
     put the class boundaries among these images: a copy that answers a few near-ties
     differently can lose (or gain) more than a quantization gate's tolerance with errors
-    that know nothing of the labels (benchmarks/offsets_gate.py: 0.014 on average, at 98 %
-    top-1 agreement, on a run its offsets flatter by 0.03). So the offsets are taken out of
+    that know nothing of the labels (measured by benchmarks/offsets_gate.py). So the offsets
+    are taken out of
     both (exact for ``reference``: ``log p - offsets``), refitted from ``reference`` on one
     half of the images and applied to **both** models on the other half, as
     ``class_bias_section`` scores the float model; over ``repeats`` seeded halvings.
