@@ -32,13 +32,15 @@ def print_error(prog: str, message: object) -> None:
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" to an option's help unless the help already names its default."""
+    """Appends "(default: X)" to an option's help unless the help already names its default;
+    positionals, required options and flags (``--no-...`` says what it changes) say nothing."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
         if ("default" in text or default is None or default is False or default == []
-                or default is argparse.SUPPRESS or not action.option_strings):
+                or default is argparse.SUPPRESS or not action.option_strings
+                or action.required or action.nargs == 0):
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 

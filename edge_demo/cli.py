@@ -9,20 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dermedge.cli import HelpFormatter
 from dermedge.errors import DermedgeError
 
 from .server import CONNECTION_LIMIT, IDLE_TIMEOUT_S, REQUEST_TIMEOUT_S
-
-
-class _Formatter(argparse.HelpFormatter):
-    """Shows every option's default (options without one, and flags, say nothing)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (action.default in (None, False, argparse.SUPPRESS) or action.required
-                or action.nargs == 0 or "default" in text):  # flags say what they change
-            return text
-        return text + " (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,13 +56,13 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="edge-demo", formatter_class=_Formatter, description=(
+    p = _Parser(prog="edge-demo", formatter_class=HelpFormatter, description=(
         "The dermedge phone-to-cloud demo: an on-device LiteRT tier, a cloud tier and an"
         " explicit fallback policy. Research tool, not a diagnosis."))
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser(
-        "serve", formatter_class=_Formatter,
+        "serve", formatter_class=HelpFormatter,
         help="serve the page and the JSON API with waitress",
         description="Serve the demo page and the JSON API (docs/SERVING.md: limits, timeouts,"
                     " what touches the disk). Uploads stay in memory; nothing is stored unless"
@@ -113,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    " from this `trainer fit` run directory's model.keras (needs TensorFlow)")
 
     r = sub.add_parser(
-        "predict", formatter_class=_Formatter, help="classify image files and print JSON",
+        "predict", formatter_class=HelpFormatter, help="classify image files and print JSON",
         description="Classify each image with the same pipeline as the server and print one"
                     " JSON object per image. An unreadable image is reported on stderr and the"
                     " rest still run; the exit status is 1 when any image failed.")
@@ -128,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP)")
 
     c = sub.add_parser(
-        "calibrate", formatter_class=_Formatter,
+        "calibrate", formatter_class=HelpFormatter,
         help="choose policy thresholds on a labelled set",
         description="Run both tiers on a labelled validation set and choose the fallback and"
                     " referral thresholds for a target fallback rate and melanoma sensitivity;"

@@ -323,14 +323,19 @@ def _qat_table(report: dict) -> str:
 
 
 def cmd_qat_setup(args) -> int:
-    from export.qat import QAT_REQUIREMENTS, setup_qat_env
+    from export.qat import QAT_ENV, setup_qat_env
 
+    return _setup_env(args, QAT_ENV, setup_qat_env)
+
+
+def _setup_env(args, env, build) -> int:
+    """``qat-setup`` / ``metadata-setup``: print the pins, or build the cached venv."""
     if args.requirements:
-        print("\n".join(QAT_REQUIREMENTS))
+        print("\n".join(env.requirements))
         return EXIT_OK
-    py = setup_qat_env(args.python, force=args.force,
-                       log=lambda m: print(f"[export] {m}", file=sys.stderr))
-    print(f"QAT environment: {py}")
+    py = build(args.python, force=args.force,
+               log=lambda m: print(f"[export] {m}", file=sys.stderr))
+    print(f"{env.label} environment: {py}")
     return EXIT_OK
 
 
@@ -343,15 +348,9 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_metadata_setup(args) -> int:
-    from export.tflite_metadata import MEDIAPIPE_REQUIREMENTS, setup_env
+    from export.tflite_metadata import MEDIAPIPE_ENV, setup_env
 
-    if args.requirements:
-        print("\n".join(MEDIAPIPE_REQUIREMENTS))
-        return EXIT_OK
-    py = setup_env(args.python, force=args.force,
-                   log=lambda m: print(f"[export] {m}", file=sys.stderr))
-    print(f"MediaPipe environment: {py}")
-    return EXIT_OK
+    return _setup_env(args, MEDIAPIPE_ENV, setup_env)
 
 
 def cmd_bench(args) -> int:
