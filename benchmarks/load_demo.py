@@ -7,14 +7,15 @@ Side by side in one run, on the same cores (ratios are what to compare between m
 * ``jpeg->answer``: ``DemoService.classify`` on the photo's bytes (decode, crop, resize,
   inference, policy), 1 thread, with the demo's reduced-scale JPEG decode and with the
   reference full decode;
-* ``no-HTTP pipeline``: ``--threads`` threads calling ``classify`` (one-thread interpreters),
-  images/s;
+* ``no-HTTP pipeline``: ``--pipeline-threads`` threads (default: as many as the server's)
+  calling ``classify`` (one-thread interpreters), images/s, measured just before and just after
+  each server level (the ratio uses their mean, so a drifting machine compares like with like);
 * the server (a subprocess) at 1, 8 and 32 keep-alive clients: req/s, p50/p99, errors (must
   be 0), RSS, and ``/healthz`` p50/p99 probed during each level.
 
 Bounded: ``--requests`` and ``--seconds`` per level.
 
-    python benchmarks/load_demo.py --device /work/bundles/effl0-short-int8 --allow-unvalidated
+    python benchmarks/load_demo.py --device exports/effl0-int8
     python benchmarks/load_demo.py --device exports/mnv2-int8 --cloud exports/effl0-float32
 """
 
@@ -26,6 +27,7 @@ import http.client
 import json
 import os
 import platform
+import selectors
 import socket
 import subprocess
 import sys
@@ -58,6 +60,15 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` (default: this process)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def multipart(data: bytes, filename: str) -> tuple[bytes, str]:
@@ -144,58 +155,142 @@ class HealthProbe:
         conn.close()
 
 
+class Conn:
+    """One keep-alive HTTP/1.1 connection of the load client (non-blocking): sends prepared
+    request bytes and frames Content-Length responses. The client shares the cores with the
+    server, so one thread drives every connection (no per-request thread wake-ups or GIL
+    hand-offs) and does as little as it can."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        self.buf = b""
+        self.out = memoryview(b"")
+        self.t0 = 0.0
+
+    def start(self, request: bytes) -> None:
+        self.out, self.t0 = memoryview(request), time.perf_counter()
+
+    def send_some(self) -> bool:
+        """Send what the socket takes; True once the whole request is out."""
+        if self.out:
+            self.out = self.out[self.sock.send(self.out):]
+        return not self.out
+
+    def receive(self) -> tuple[int, bytes, bool] | None:
+        """Read what arrived; ``(status, body, server_closes)`` once a response is complete."""
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.buf += chunk
+        return self.parse()
+
+    def parse(self) -> tuple[int, bytes, bool] | None:
+        head, sep, rest = self.buf.partition(b"\r\n\r\n")
+        if not sep:
+            return None
+        lines = head.split(b"\r\n")
+        length, close = 0, False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+        if len(rest) < length:
+            return None
+        self.buf = rest[length:]
+        return int(lines[0].split()[1]), rest[:length], close
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def run_level(port: int, body: bytes, ctype: str, clients: int, max_requests: int,
-              max_seconds: float, expect_path: str) -> dict:
-    lock = threading.Lock()
-    state = {"sent": 0}
+              max_seconds: float, expect_path: str, server_pid: int | None = None,
+              timeout: float = 60.0) -> dict:
+    """``clients`` keep-alive connections, each sending its next request when the last is
+    answered, until ``max_requests`` or ``max_seconds``; one selector thread drives them."""
+    request = (f"POST /api/v1/classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+               f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    sel = selectors.DefaultSelector()
     latencies: list[float] = []
     errors: list[str] = []
+    sent = 0
     t_end = time.monotonic() + max_seconds
 
-    def take() -> bool:
-        with lock:
-            if state["sent"] >= max_requests or time.monotonic() >= t_end:
-                return False
-            state["sent"] += 1
-            return True
-
-    def worker():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            while take():
-                t0 = time.perf_counter()
-                try:
-                    conn.request("POST", "/api/v1/classify", body, {"Content-Type": ctype})
-                    resp = conn.getresponse()
-                    payload = resp.read()
-                    ms = (time.perf_counter() - t0) * 1000
-                    if resp.status != 200:
-                        raise RuntimeError(f"HTTP {resp.status}: {payload[:200]!r}")
-                    if json.loads(payload)["tier_path"] != expect_path:
-                        raise RuntimeError(f"unexpected tier path (wanted {expect_path})")
-                    with lock:
-                        latencies.append(ms)
-                except Exception as exc:  # noqa: BLE001 - every failure is counted
-                    with lock:
-                        errors.append(f"{type(exc).__name__}: {exc}")
-                    conn.close()
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        finally:
+    def begin(conn: Conn) -> None:
+        nonlocal sent
+        if sent >= max_requests or time.monotonic() >= t_end:
             conn.close()
+            return
+        sent += 1
+        conn.start(request)
+        sel.register(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
 
+    def drop(conn: Conn, exc: Exception) -> None:
+        errors.append(f"{type(exc).__name__}: {exc}")
+        if conn.sock.fileno() >= 0 and conn.sock in {k.fileobj for k in sel.get_map().values()}:
+            sel.unregister(conn.sock)
+        conn.close()
+
+    def fail(conn: Conn, exc: Exception) -> None:
+        drop(conn, exc)
+        try:
+            begin(Conn(port))
+        except OSError as again:  # the server is gone: this connection's slot ends
+            errors.append(f"reconnect: {again}")
+
+    cpu0 = (cpu_s(), cpu_s(server_pid) if server_pid else 0.0)
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for _ in range(clients):
+        begin(Conn(port))
+    while sel.get_map():
+        ready = sel.select(timeout)
+        if not ready:
+            for key in list(sel.get_map().values()):
+                drop(key.data, TimeoutError(f"no answer within {timeout:g} s"))
+            break
+        for key, events in ready:
+            conn: Conn = key.data
+            try:
+                if events & selectors.EVENT_WRITE and conn.send_some():
+                    sel.modify(conn.sock, selectors.EVENT_READ, conn)
+                if not events & selectors.EVENT_READ:
+                    continue
+                done = conn.receive()
+                if done is None:
+                    continue
+                status, payload, closes = done
+                ms = (time.perf_counter() - conn.t0) * 1000
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
+                if json.loads(payload)["tier_path"] != expect_path:
+                    raise RuntimeError(f"unexpected tier path (wanted {expect_path})")
+                latencies.append(ms)
+                sel.unregister(conn.sock)
+                if closes:
+                    conn.close()
+                    conn = Conn(port)
+                begin(conn)
+            except Exception as exc:  # noqa: BLE001 - every failure is counted
+                fail(conn, exc)
     wall = time.perf_counter() - t0
+    cpu1 = (cpu_s(), cpu_s(server_pid) if server_pid else 0.0)
+    sel.close()
     lat = sorted(latencies)
+    n = max(1, len(lat) + len(errors))
 
     return {"clients": clients, "requests": len(lat) + len(errors), "ok": len(lat),
             "errors": len(errors), "error_samples": errors[:3], "wall_s": round(wall, 3),
             "req_per_s": round(len(lat) / wall, 2) if wall else 0.0,
-            "p50_ms": round(pct(lat, 0.50), 2), "p99_ms": round(pct(lat, 0.99), 2)}
+            "p50_ms": round(pct(lat, 0.50), 2), "p99_ms": round(pct(lat, 0.99), 2),
+            # CPU per request: the client's (this process, with the /healthz probe) and the
+            # server's; the two share the machine's cores
+            "client_cpu_ms": round((cpu1[0] - cpu0[0]) * 1000 / n, 3),
+            "server_cpu_ms": round((cpu1[1] - cpu0[1]) * 1000 / n, 3)}
 
 
 def pick_image(arg: str | None) -> Path:
@@ -230,43 +325,52 @@ def interleaved_ms(fns: dict, n: int) -> dict[str, float]:
     return {k: pct(v, 0.5) for k, v in times.items()}
 
 
-def no_http(device: str, data: bytes, threads: int, n: int, allow: bool,
-            min_crop: float) -> dict:
-    """The pipeline without HTTP, measured in this process before the server starts."""
-    from edge_demo.service import DemoService
+class Pipeline:
+    """The pipeline without HTTP, in this process: ``DemoService.classify`` on the photo's
+    bytes from ``threads`` threads (one-thread interpreters, one per thread)."""
 
-    fast = DemoService.from_paths(device, allow_unvalidated=allow, pool_size=threads,
-                                  decode_min_crop=min_crop)
-    ref = DemoService.from_paths(device, allow_unvalidated=allow, fast_decode=False)
-    fast.warm_up()
-    ref.warm_up()
-    x = fast.decode(data, {})[fast.device.image_size]
-    out = interleaved_ms({"inference_ms": lambda: fast.device.predict(x),
-                          "jpeg_to_answer_ms": lambda: fast.classify(data),
-                          "jpeg_to_answer_reference_decode_ms": lambda: ref.classify(data)}, n)
-    out["jpeg_to_answer_ratio"] = round(out["jpeg_to_answer_ms"] / out["inference_ms"], 2)
-    out["reference_decode_ratio"] = round(
-        out["jpeg_to_answer_reference_decode_ms"] / out["inference_ms"], 2)
-    lock, count = threading.Lock(), [0]
-    total = n * 4
+    def __init__(self, device: str, data: bytes, threads: int, allow: bool, min_crop: float):
+        from edge_demo.service import DemoService
 
-    def work():
-        while True:
-            with lock:
-                if count[0] >= total:
-                    return
-                count[0] += 1
-            fast.classify(data)
+        self.data, self.threads = data, threads
+        self.fast = DemoService.from_paths(device, allow_unvalidated=allow, pool_size=threads,
+                                           decode_min_crop=min_crop)
+        self.ref = DemoService.from_paths(device, allow_unvalidated=allow, fast_decode=False)
+        self.fast.warm_up()
+        self.ref.warm_up()
 
-    t0 = time.perf_counter()
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    out["pipeline_images_per_s"] = round(total / (time.perf_counter() - t0), 1)
-    out["pipeline_threads"] = threads
-    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+    def single(self, n: int) -> dict:
+        """One thread, interleaved: inference alone vs JPEG -> answer (server's and reference
+        decode)."""
+        x = self.fast.decode(self.data, {})[self.fast.device.image_size]
+        out = interleaved_ms({
+            "inference_ms": lambda: self.fast.device.predict(x),
+            "jpeg_to_answer_ms": lambda: self.fast.classify(self.data),
+            "jpeg_to_answer_reference_decode_ms": lambda: self.ref.classify(self.data)}, n)
+        out["jpeg_to_answer_ratio"] = out["jpeg_to_answer_ms"] / out["inference_ms"]
+        out["reference_decode_ratio"] = (out["jpeg_to_answer_reference_decode_ms"]
+                                         / out["inference_ms"])
+        return {k: round(v, 2) for k, v in out.items()}
+
+    def rate(self, total: int) -> tuple[float, float]:
+        """(images/s, CPU ms per image) over ``total`` images."""
+        lock, count = threading.Lock(), [0]
+
+        def work():
+            while True:
+                with lock:
+                    if count[0] >= total:
+                        return
+                    count[0] += 1
+                self.fast.classify(self.data)
+
+        cpu0, t0 = cpu_s(), time.perf_counter()
+        workers = [threading.Thread(target=work) for _ in range(self.threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return total / (time.perf_counter() - t0), (cpu_s() - cpu0) * 1000 / total
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -281,19 +385,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, default=300, help="max requests per level")
     ap.add_argument("--seconds", type=float, default=20.0, help="max seconds per level")
-    ap.add_argument("--threads", type=int, default=4, help="waitress threads")
-    ap.add_argument("--pipeline-threads", type=int, default=2,
-                    help="threads of the no-HTTP pipeline figure")
+    ap.add_argument("--threads", type=int,
+                    help="the server's --threads (default: its own default, the usable CPUs)")
+    ap.add_argument("--pipeline-threads", type=int,
+                    help="threads of the no-HTTP pipeline figure (default: the server's)")
     ap.add_argument("--calls", type=int, default=100, help="calls per single-thread timing")
-    ap.add_argument("--decode-min-crop", type=float, default=2.0,
-                    help="the server's --decode-min-crop (reduced-scale JPEG decoding)")
+    ap.add_argument("--decode-min-crop", type=float,
+                    help="the server's --decode-min-crop (default: its own default)")
     ap.add_argument("--allow-unvalidated", action="store_true",
                     help="serve a bundle whose export validation failed (timing only)")
     ap.add_argument("--out", type=Path, help="JSON output (default: benchmarks/results/)")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
+    from edge_demo.cli import default_threads
     from edge_demo.policy import Policy
+
+    if args.threads is None:
+        args.threads = default_threads()
+    if args.pipeline_threads is None:
+        args.pipeline_threads = args.threads
+    if args.decode_min_crop is None:
+        from edge_demo.service import DEFAULT_DECODE_MIN_CROP
+
+        args.decode_min_crop = DEFAULT_DECODE_MIN_CROP
 
     device, cloud = args.device, args.cloud
     image = pick_image(args.image)
@@ -313,8 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     body, ctype = multipart(data, image.name)
     levels = [int(c) for c in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="load_demo_"))
-    pipe = no_http(device, data, args.pipeline_threads, args.calls, args.allow_unvalidated,
-                   args.decode_min_crop)
+    pipeline = Pipeline(device, data, args.pipeline_threads, args.allow_unvalidated,
+                        args.decode_min_crop)
+    pipe = pipeline.single(args.calls)
+    rate, cpu = pipeline.rate(args.calls * 4)
+    pipe.update(pipeline_images_per_s=round(rate, 1), pipeline_cpu_ms=round(cpu, 3),
+                pipeline_threads=args.pipeline_threads)
     extra = ["--decode-min-crop", str(args.decode_min_crop)]
     if args.allow_unvalidated:
         extra.append("--allow-unvalidated")
@@ -330,14 +449,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_level(server.port, body, ctype, 1, 5, 10, expect)
             rss0 = rss_mb(server.proc.pid)
             for c in levels:
+                # the pipeline figure just before and after the level (the server idles
+                # meanwhile), so that a machine whose speed drifts compares like with like
+                before = pipeline.rate(args.calls * 2)
                 with HealthProbe(server.port) as probe:
                     r = run_level(server.port, body, ctype, c, args.requests, args.seconds,
-                                  expect)
+                                  expect, server.proc.pid)
+                after = pipeline.rate(args.calls * 2)
+                pipe_rate = (before[0] + after[0]) / 2
                 r.update(path=path_name, rss_mb=round(rss_mb(server.proc.pid), 1),
+                         pipeline_images_per_s=round(pipe_rate, 1),
+                         pipeline_before_after=[round(before[0], 1), round(after[0], 1)],
+                         pipeline_cpu_ms=round((before[1] + after[1]) / 2, 3),
                          healthz_p50_ms=round(pct(probe.ms, 0.5), 2),
                          healthz_p99_ms=round(pct(probe.ms, 0.99), 2),
                          healthz_probes=len(probe.ms), healthz_errors=probe.errors,
-                         vs_pipeline=round(r["req_per_s"] / pipe["pipeline_images_per_s"], 2),
+                         vs_pipeline=round(r["req_per_s"] / pipe_rate, 2),
                          p99_over_p50=round(r["p99_ms"] / r["p50_ms"], 2))
                 rows.append(r)
             rss1 = rss_mb(server.proc.pid)
@@ -356,15 +483,20 @@ def main(argv: Sequence[str] | None = None) -> int:
           f" with the reference decode {pipe['jpeg_to_answer_reference_decode_ms']:.2f} ms"
           f" ({pipe['reference_decode_ratio']:.2f}x) | no-HTTP pipeline"
           f" ({pipe['pipeline_threads']} threads) {pipe['pipeline_images_per_s']:.1f} images/s")
-    head = (f"{'path':<12}{'clients':>8}{'reqs':>6}{'err':>5}{'req/s':>8}{'x pipe':>8}"
-            f"{'p50 ms':>8}{'p99 ms':>8}{'p99/p50':>8}{'hz p99':>8}{'RSS MB':>8}")
+    print("pipe: the no-HTTP pipeline's images/s just before and after each level; x pipe:"
+          " req/s over it; CPU ms per image (pipe) and per request (server, client)")
+    head = (f"{'path':<12}{'clients':>8}{'reqs':>6}{'err':>5}{'req/s':>8}{'pipe':>8}"
+            f"{'x pipe':>8}{'p50 ms':>8}{'p99 ms':>8}{'p99/p50':>8}{'hz p99':>8}{'RSS MB':>8}"
+            f"{'pipe cpu':>9}{'srv cpu':>8}{'cli cpu':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['path']:<12}{r['clients']:>8}{r['requests']:>6}{r['errors']:>5}"
-              f"{r['req_per_s']:>8.1f}{r['vs_pipeline']:>8.2f}{r['p50_ms']:>8.1f}"
+              f"{r['req_per_s']:>8.1f}{r['pipeline_images_per_s']:>8.1f}"
+              f"{r['vs_pipeline']:>8.2f}{r['p50_ms']:>8.1f}"
               f"{r['p99_ms']:>8.1f}{r['p99_over_p50']:>8.2f}{r['healthz_p99_ms']:>8.1f}"
-              f"{r['rss_mb']:>8.1f}")
+              f"{r['rss_mb']:>8.1f}{r['pipeline_cpu_ms']:>9.2f}{r['server_cpu_ms']:>8.2f}"
+              f"{r['client_cpu_ms']:>8.2f}")
     doc = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
            "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},

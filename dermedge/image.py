@@ -42,9 +42,27 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def upright_rgb8(im: Image.Image) -> Image.Image:
-    """The decoded photo as the contract sees it before cropping: EXIF-upright 8-bit RGB."""
-    return to_rgb8(ImageOps.exif_transpose(im))
+# EXIF orientation -> the transposition that makes the photo upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def orientation(im: Image.Image) -> int:
+    """The photo's EXIF orientation, 1-8 (1 when absent or not a valid value)."""
+    value = im.getexif().get(0x0112, 1)
+    return value if isinstance(value, int) and value in _TRANSPOSE else 1
+
+
+def upright_rgb8(im: Image.Image, *, copy: bool = True) -> Image.Image:
+    """The decoded photo as the contract sees it before cropping: EXIF-upright 8-bit RGB.
+
+    ``copy=False`` returns ``im`` itself when it is upright RGB already, saving a full-size
+    copy per photo: only for an image the caller owns and does not close afterwards."""
+    if copy or orientation(im) != 1:
+        return to_rgb8(ImageOps.exif_transpose(im))
+    return to_rgb8(im)
 
 
 def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -54,13 +72,33 @@ def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + s, top + s
 
 
-def center_crop_resize(im: Image.Image, size: int) -> np.ndarray:
-    """An upright image -> ``(size, size, 3)`` uint8: centred square crop, bilinear resize."""
+def center_crop_resize(im: Image.Image, size: int, *, scale: int = 1,
+                       full_size: tuple[int, int] | None = None,
+                       flipped: tuple[bool, bool] = (False, False)) -> np.ndarray:
+    """An upright image -> ``(size, size, 3)`` uint8: centred square crop, bilinear resize.
+
+    ``scale`` > 1: ``im`` is a photo of upright ``full_size`` decoded at 1/scale (JPEG DCT
+    scaling, see :func:`draft_scale`). The reference crop box is then mapped onto it in
+    fractional pixels (``flipped``: which upright axes EXIF reversed, from :func:`flips`), so
+    the geometry is the reference's and only the pixels' filtering differs."""
     if int(size) <= 0:
         raise ValueError(f"size must be a positive number of pixels; received {size!r}.")
     im = to_rgb8(im)
-    im = im.crop(crop_box(*im.size))
-    im = im.resize((int(size), int(size)), Image.BILINEAR, reducing_gap=None)
+    if scale == 1:
+        im = im.crop(crop_box(*im.size))
+        im = im.resize((int(size), int(size)), Image.BILINEAR, reducing_gap=None)
+        return np.asarray(im, dtype=np.uint8).copy()
+    if full_size is None:
+        raise ValueError("full_size (the photo's upright full-resolution size) is needed with"
+                         " scale > 1.")
+    left, top, right, bottom = crop_box(*full_size)
+    # a reversed axis starts with the partial decoded pixel that held the far edge
+    pad_x = im.width * scale - int(full_size[0]) if flipped[0] else 0
+    pad_y = im.height * scale - int(full_size[1]) if flipped[1] else 0
+    box = ((left + pad_x) / scale, (top + pad_y) / scale,
+           min((right + pad_x) / scale, im.width), min((bottom + pad_y) / scale, im.height))
+    im = im.resize((int(size), int(size)), Image.BILINEAR, box=box,
+                   reducing_gap=None)
     return np.asarray(im, dtype=np.uint8).copy()
 
 
@@ -71,7 +109,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            return center_crop_resize(upright_rgb8(im), size)
+            return center_crop_resize(upright_rgb8(im, copy=False), size)
     except FileNotFoundError as exc:
         raise ImageError(f"Image file not found: {path}.") from exc
     except Exception as exc:  # noqa: BLE001 - any decode failure is a bad file
@@ -90,12 +128,15 @@ DRAFT_SCALES = (8, 4, 2, 1)
 
 
 def draft_scale(width: int, height: int, size: int, min_crop: float = 2.0) -> int:
-    """The largest JPEG DCT scale (8, 4, 2 or 1) whose centred crop keeps a side of at least
-    ``min_crop * size`` pixels, so the final resize never enlarges below that."""
+    """The JPEG DCT scale (8, 4, 2 or 1) to decode at for a model of ``size`` pixels: the
+    largest whose centred crop keeps a side of at least ``min_crop * size``; a photo too small
+    for that at any reduced scale is decoded at the largest that keeps at least ``size`` (the
+    resize then never enlarges) rather than in full: a 600 x 450 photo at 1/2 for 224 px."""
     side = min(int(width), int(height))
-    for scale in DRAFT_SCALES:
-        if side // scale >= min_crop * int(size):
-            return scale
+    for want in (min_crop * int(size), int(size)):
+        for scale in DRAFT_SCALES[:-1]:
+            if side // scale >= want:
+                return scale
     return 1
 
 
@@ -110,6 +151,21 @@ def draft_for_size(im: Image.Image, size: int, min_crop: float = 2.0) -> int:
     if scale > 1:
         im.draft("RGB", (w // scale, h // scale))
     return scale
+
+
+# Which upright axes (x, y) run backwards through the stored image, per EXIF orientation.
+_FLIPS = {1: (False, False), 2: (True, False), 3: (True, True), 4: (False, True),
+          5: (False, False), 6: (True, False), 7: (True, True), 8: (False, True)}
+
+
+def flips(orient: int) -> tuple[bool, bool]:
+    """For :func:`center_crop_resize`'s ``flipped``: the upright axes EXIF ``orient`` reversed."""
+    return _FLIPS.get(orient, (False, False))
+
+
+def upright_size(size: tuple[int, int], orient: int) -> tuple[int, int]:
+    """A stored ``(width, height)`` as it is once EXIF ``orient`` is applied (5-8 swap)."""
+    return (size[1], size[0]) if orient in (5, 6, 7, 8) else (size[0], size[1])
 
 
 def first_frame(im: Image.Image) -> Image.Image:

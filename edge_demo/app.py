@@ -12,8 +12,8 @@ Config keys (defaults < ``EDGE_DEMO_<KEY>`` environment variables < the ``config
                       16 MP; PNG/WebP are decoded at full size -> 413 above it)
 ``DECODE_BUDGET``     pixels being decoded at once across threads (default 16 MP; bounds memory)
 ``FAST_DECODE``       decode JPEGs at reduced DCT scale for the model size (default on)
-``DECODE_MIN_CROP``   the crop reduced-scale decoding must keep, in model sides (default 2;
-                      1 is faster on small photos and further from the reference)
+``DECODE_MIN_CROP``   the crop reduced-scale decoding keeps where it can, in model sides
+                      (default 2; a photo too small for it keeps >= 1, not a full decode)
 ``ALLOW_UNVALIDATED`` serve bundles whose card says the export validation failed (default off)
 ``SAVE_UPLOADS_DIR``  default None: nothing uploaded is written to disk. Setting a folder is an
                       explicit opt-in that stores every upload under a server-made name

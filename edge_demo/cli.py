@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from dermedge.cli import HelpFormatter
 from dermedge.errors import DermedgeError
 
 from .server import CONNECTION_LIMIT, IDLE_TIMEOUT_S, REQUEST_TIMEOUT_S
+from .service import DEFAULT_DECODE_MIN_CROP
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +35,15 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"--port must be between 1 and 65535 (0 picks a free port); received {port}.")
     return port
+
+
+def default_threads() -> int:
+    """The usable CPU cores (at least 2): the workers' work is all computation."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        n = os.cpu_count() or 2
+    return max(2, n)
 
 
 def _positive_int(text: str) -> int:
@@ -75,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on: 127.0.0.1 is"
                    " this machine only, 0.0.0.0 every interface (phones on the same LAN)")
     s.add_argument("--port", type=_port, default=8080, help="TCP port (1-65535; 0 = any free)")
-    s.add_argument("--threads", type=_positive_int, default=4,
-                   help="waitress worker threads (one LiteRT interpreter each)")
+    s.add_argument("--threads", type=_positive_int, default=default_threads(),
+                   help="worker threads, one LiteRT interpreter each; this machine's usable"
+                        " CPUs (at least 2) unless set: a worker only computes (waitress reads"
+                        " and writes in its I/O thread), so more threads than cores contend")
     s.add_argument("--max-mb", type=_positive_float, default=10.0,
                    help="request body limit in MB, enforced by the server before reading")
     s.add_argument("--request-timeout", type=_positive_float, default=REQUEST_TIMEOUT_S,
@@ -86,10 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an idle keep-alive connection stays open")
     s.add_argument("--connection-limit", type=_positive_int, default=CONNECTION_LIMIT,
                    help="open connections accepted at once (more wait in the listen queue)")
-    s.add_argument("--decode-min-crop", type=_positive_float, default=2.0,
-                   help="JPEGs are decoded at 1/2, 1/4 or 1/8 scale while the centred crop"
-                        " stays at least this many times the model side (1 is faster on small"
-                        " photos, and further from the reference resize; docs/SERVING.md)")
+    s.add_argument("--decode-min-crop", type=_positive_float, default=DEFAULT_DECODE_MIN_CROP,
+                   help="JPEGs are decoded at 1/2, 1/4 or 1/8 scale keeping the centred crop at"
+                        " least this many times the model side where a reduced scale allows"
+                        " it, else at least 1x: less work per photo, within a stated tolerance"
+                        " of the reference resize (docs/SERVING.md)")
+    s.add_argument("--reference-decode", dest="fast_decode", action="store_false",
+                   help="decode every photo in full, exactly as training and export do"
+                        " (slower; for comparisons)")
     s.add_argument("--allow-unvalidated", action="store_true",
                    help="serve a bundle whose card says it failed its export validation"
                         " (for comparison only)")
@@ -149,7 +166,7 @@ def serve(args: argparse.Namespace) -> int:
               "POLICY_FILE": args.policy, "INTERPRETERS": args.threads,
               "MAX_CONTENT_LENGTH": int(args.max_mb * 1024 * 1024),
               "ALLOW_UNVALIDATED": args.allow_unvalidated,
-              "DECODE_MIN_CROP": args.decode_min_crop,
+              "DECODE_MIN_CROP": args.decode_min_crop, "FAST_DECODE": args.fast_decode,
               "SAVE_UPLOADS_DIR": args.save_uploads_dir, "EXPLAIN_RUN": args.explain,
               "BROWSER_INFERENCE": args.browser_inference}
     holder: dict = {}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -15,14 +17,18 @@ from dermedge.image import (
     center_crop_resize,
     draft_for_size,
     first_frame,
+    flips,
+    orientation,
     to_rgb8,
     upright_rgb8,
+    upright_size,
 )
 
 from .errors import RequestError
 
-__all__ = ["ALLOWED_FORMATS", "RESIZE_MODES", "DecodeBudget", "center_crop_resize",
-           "decode_upload", "load_path", "to_rgb8"]
+__all__ = ["ALLOWED_FORMATS", "RESIZE_MODES", "DecodeBudget", "Photo", "Upload",
+           "center_crop_resize", "decode_upload", "load_path", "open_upload",
+           "reuse_image_memory", "to_rgb8"]
 
 # MPO is the multi-picture JPEG many phone cameras write; its first image is the photo.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP")
@@ -34,8 +40,25 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_DECODED_PIXELS = 16_000_000
 
 
+# Pillow frees each image's memory at once by default, so every upload pays for fresh pages
+# (a large part of a small photo's decode, benchmarks/serving.md). Keeping a few freed 1 MB
+# blocks for reuse bounds what is held to blocks x size = 32 MB.
+IMAGE_BLOCK_SIZE = 1 << 20
+IMAGE_BLOCKS_KEPT = 32
+
+
+def reuse_image_memory(environ=None) -> None:
+    """Let Pillow reuse freed image blocks (process-wide); ``PILLOW_BLOCK_SIZE`` and
+    ``PILLOW_BLOCKS_MAX`` in the environment, Pillow's own settings, win."""
+    environ = os.environ if environ is None else environ
+    if "PILLOW_BLOCK_SIZE" not in environ:
+        Image.core.set_block_size(IMAGE_BLOCK_SIZE)
+    if "PILLOW_BLOCKS_MAX" not in environ:
+        Image.core.set_blocks_max(IMAGE_BLOCKS_KEPT)
+
+
 class DecodeBudget:
-    """Bounds the pixels being decoded at once across threads (memory is ~3 bytes a pixel,
+    """Bounds the pixels being decoded at once across threads (memory is 4 bytes a pixel,
     a few copies at most); a decode waits for room, or gets 503 after ``timeout`` s.
     One decode larger than the whole budget runs alone."""
 
@@ -66,6 +89,50 @@ class DecodeBudget:
                 self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class Photo:
+    """A decoded upload: upright 8-bit RGB, at 1/``scale`` of its full resolution."""
+
+    image: Image.Image
+    scale: int = 1
+    full_size: tuple[int, int] | None = None  # upright, full resolution
+    flipped: tuple[bool, bool] = (False, False)  # upright axes EXIF reversed
+
+    def model_input(self, size: int) -> np.ndarray:
+        """The ``(size, size, 3)`` uint8 model input: the contract's crop and resize, with the
+        crop box mapped onto a reduced-scale decode (dermedge.image.center_crop_resize)."""
+        return center_crop_resize(self.image, size, scale=self.scale,
+                                  full_size=self.full_size, flipped=self.flipped)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An identified and checked upload whose pixels are not decoded yet (:func:`open_upload`)."""
+
+    image: Image.Image  # opened; a JPEG is set to decode at 1/scale
+    scale: int
+    full_size: tuple[int, int]  # as stored (before EXIF orientation), full resolution
+    what: str = "uploaded file"
+
+    @property
+    def decoded_pixels(self) -> int:
+        return self.image.size[0] * self.image.size[1]
+
+    def load(self) -> Photo:
+        """Decode the pixels: upright 8-bit RGB, or a ``RequestError`` (400) when corrupt."""
+        im = self.image
+        try:
+            im.load()
+            orient = orientation(im)
+            image = upright_rgb8(im, copy=False)
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
+            raise RequestError(
+                f"The {self.what} ({im.format}) could not be decoded ({type(exc).__name__}:"
+                f" {exc}); it is truncated or corrupt. Upload the complete file again.",
+                status=400, code="corrupt_image") from exc
+        return Photo(image, self.scale, upright_size(self.full_size, orient), flips(orient))
+
+
 def decode_upload(data: bytes, *, max_pixels: int, size: int | None = None,
                   max_decoded_pixels: int | None = None, budget: DecodeBudget | None = None,
                   min_crop: float = 2.0) -> Image.Image:
@@ -77,17 +144,17 @@ def decode_upload(data: bytes, *, max_pixels: int, size: int | None = None,
     ``max_decoded_pixels`` bounds what is decoded after that; ``budget`` bounds concurrent
     decodes (the caller may hold the budget around later steps by passing none here).
     """
-    im = open_upload(data, max_pixels=max_pixels, size=size,
-                     max_decoded_pixels=max_decoded_pixels, min_crop=min_crop)
+    upload = open_upload(data, max_pixels=max_pixels, size=size,
+                         max_decoded_pixels=max_decoded_pixels, min_crop=min_crop)
     if budget is None:
-        return load_upload(im)
-    with budget.hold(im.size[0] * im.size[1]):
-        return load_upload(im)
+        return upload.load().image
+    with budget.hold(upload.decoded_pixels):
+        return upload.load().image
 
 
 def open_upload(data: bytes, *, max_pixels: int, size: int | None = None,
                 max_decoded_pixels: int | None = None, min_crop: float = 2.0,
-                what: str = "uploaded file") -> Image.Image:
+                what: str = "uploaded file") -> Upload:
     """Identify and check an upload without decoding its pixels (see :func:`decode_upload`)."""
     if not data:
         raise RequestError(
@@ -117,8 +184,7 @@ def open_upload(data: bytes, *, max_pixels: int, size: int | None = None,
                            code="bad_image")
     if w * h > max_pixels:
         raise _too_many_pixels((w, h), max_pixels)
-    if size is not None:
-        draft_for_size(im, size, min_crop)
+    scale = draft_for_size(im, size, min_crop) if size is not None else 1
     if max_decoded_pixels is not None and im.size[0] * im.size[1] > max_decoded_pixels:
         dw, dh = im.size
         raise RequestError(
@@ -126,19 +192,7 @@ def open_upload(data: bytes, *, max_pixels: int, size: int | None = None,
             f" have to decode at full size; the limit is {max_decoded_pixels:,} pixels (JPEG"
             " photos are decoded at reduced scale, PNG and WebP are not). Send the photo as"
             " JPEG, or resize it.", status=413, code="too_many_pixels")
-    return im
-
-
-def load_upload(im: Image.Image, what: str = "uploaded file") -> Image.Image:
-    """Decode the pixels of an image from :func:`open_upload`: upright 8-bit RGB."""
-    try:
-        im.load()
-        return upright_rgb8(im)
-    except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
-        raise RequestError(
-            f"The {what} ({im.format}) could not be decoded ({type(exc).__name__}:"
-            f" {exc}); it is truncated or corrupt. Upload the complete file again.",
-            status=400, code="corrupt_image") from exc
+    return Upload(im, scale, (w, h), what)
 
 
 def _too_many_pixels(size: tuple[int, int] | None, max_pixels: int) -> RequestError:

@@ -49,7 +49,10 @@ class RuleCheck:
     text: str
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        threshold = list(self.threshold) if isinstance(self.threshold, tuple | list) \
+            else self.threshold
+        return {"id": self.id, "fired": self.fired, "value": self.value,
+                "threshold": threshold, "op": self.op, "text": self.text}
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ def rules() -> dict[str, Any]:
     return json.loads(RULES_FILE.read_text(encoding="utf-8"))
 
 
+@functools.lru_cache(maxsize=4096)  # thresholds repeat on every request
 def _f(x: float, digits: int = 2) -> str:
     """``digits`` decimals, halves rounded up, as JavaScript's ``toFixed`` does."""
     return str(Decimal(float(x)).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
@@ -236,6 +240,10 @@ class Policy:
                                    provenance=dict(doc.get("provenance") or {}))
 
     def thresholds(self) -> dict[str, Any]:
+        return dict(self._thresholds)
+
+    @functools.cached_property
+    def _thresholds(self) -> dict[str, Any]:  # the policy is frozen: built once per request path
         d = dataclasses.asdict(self)
         for k in ("source", "coverage", "provenance"):
             d.pop(k)

@@ -228,6 +228,40 @@ def test_exif_rotated_jpeg_matches_upright(client):
         assert abs(r1["diagnosis"][k] - r2["diagnosis"][k]) <= 2 / 256
 
 
+@pytest.mark.parametrize("orient", [1, 3, 6])
+def test_upright_without_a_copy_has_the_same_pixels(orient):
+    """The server's decode skips exif_transpose's full-size copy for upright photos; the pixels
+    are the reference's either way."""
+    from dermedge.image import upright_rgb8
+
+    exif = Image.Exif()
+    exif[0x0112] = orient
+    data = encode(asym_image(64, 48), "JPEG", exif=exif)
+    ref = upright_rgb8(Image.open(io.BytesIO(data)))
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    fast = upright_rgb8(im, copy=False)
+    assert (fast is im) == (orient == 1)
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(ref))
+
+
+def test_reuse_image_memory_leaves_pillow_env_settings_alone():
+    from edge_demo.imaging import IMAGE_BLOCK_SIZE, IMAGE_BLOCKS_KEPT, reuse_image_memory
+
+    before = Image.core.get_block_size(), Image.core.get_blocks_max()
+    try:
+        Image.core.set_block_size(4 << 20)
+        Image.core.set_blocks_max(0)
+        reuse_image_memory({"PILLOW_BLOCKS_MAX": "0"})
+        assert (Image.core.get_block_size(), Image.core.get_blocks_max()) == (IMAGE_BLOCK_SIZE, 0)
+        reuse_image_memory({})
+        assert Image.core.get_blocks_max() == IMAGE_BLOCKS_KEPT
+        assert IMAGE_BLOCK_SIZE * IMAGE_BLOCKS_KEPT <= 32 << 20  # what may stay held
+    finally:
+        Image.core.set_block_size(before[0])
+        Image.core.set_blocks_max(before[1])
+
+
 @pytest.mark.parametrize("case", ["L", "RGBA", "P", "CMYK", "I;16", "WEBP"])
 def test_odd_modes_are_accepted(client, case):
     im = asym_image()

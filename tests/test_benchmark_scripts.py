@@ -1,0 +1,112 @@
+"""The serving benchmarks still run end to end (on the tiny bundles, a few requests): the
+figures in benchmarks/serving.md come from these scripts, so they must not rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from demo_fixtures import tiny_bundles
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bundles():
+    return tiny_bundles()
+
+
+def test_load_demo_reports_every_level_with_cpu_per_request(bundles, tmp_path, capsys):
+    out = tmp_path / "load.json"
+    rc = _script("load_demo").main(["--device", str(bundles["int8"]), "--requests", "12",
+                                    "--seconds", "5", "--calls", "3", "--concurrency", "1,3",
+                                    "--out", str(out)])
+    assert rc == 0, capsys.readouterr()
+    doc = json.loads(out.read_text())
+    assert [r["clients"] for r in doc["rows"]] == [1, 3]
+    for r in doc["rows"]:
+        assert r["errors"] == 0 and r["ok"] == 12 and r["healthz_errors"] == 0
+        assert r["server_cpu_ms"] >= 0 and r["client_cpu_ms"] >= 0  # 10 ms clock ticks
+        assert r["p99_ms"] >= r["p50_ms"] > 0
+    assert sum(r["server_cpu_ms"] for r in doc["rows"]) > 0
+    assert doc["no_http"]["pipeline_cpu_ms"] > 0
+    assert doc["no_http"]["jpeg_to_answer_ms"] > doc["no_http"]["inference_ms"] > 0
+    assert "srv cpu" in capsys.readouterr().out
+
+
+def test_load_client_frames_responses_split_anywhere():
+    """The load client's HTTP framing: two keep-alive responses arriving in arbitrary pieces,
+    header names in any case, and a response that closes the connection."""
+    conn = _script("load_demo").Conn.__new__(_script("load_demo").Conn)
+    stream = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+              b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\nConnection: close\r\n\r\nno")
+    for cut in range(1, len(stream)):
+        conn.buf, got = b"", []
+        for piece in (stream[:cut], stream[cut:]):
+            conn.buf += piece
+            while (done := conn.parse()) is not None:
+                got.append(done)
+        assert got == [(200, b"hello", False), (404, b"no", True)], cut
+        assert conn.buf == b""
+
+
+def test_load_level_counts_errors_and_keeps_going(bundles):
+    """A level against a server that answers 500 counts every request as an error (no hang,
+    no crash) and reports the CPU split."""
+    mod = _script("load_demo")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    port = srv.getsockname()[1]
+    reply = b"HTTP/1.1 500 Oops\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        r = mod.run_level(port, b"x", "text/plain", 2, 6, 10, "device", timeout=5)
+    finally:
+        srv.close()
+    assert r["requests"] == r["errors"] == 6 and r["ok"] == 0
+    assert "HTTP 500" in r["error_samples"][0]
+
+
+@pytest.mark.shared
+def test_decode_fidelity_compares_against_the_reference_and_the_yardsticks(bundles, tmp_path,
+                                                                           shared_dir, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    src = sorted((shared_dir / "data" / "ham10000_raw_600x450" / "images").glob("*.jpg"))[:4]
+    for p in src:
+        (photos / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "fid.json"
+    rc = _script("decode_fidelity").main(["--device", str(bundles["int8"]), "--float",
+                                          str(bundles["int8_reference"]), "--photos",
+                                          str(photos), "--out", str(out)])
+    assert rc == 0
+    rows = {r["compare"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["decode-min-crop 2 vs reference"]["pixel_max_abs_diff"] >= 0
+    one = rows["decode-min-crop 1 vs reference"]
+    assert one["dct_scales"] == [8] and 0 < one["pixel_mean_abs_diff"] < 3  # 32-px model
+    assert "re-saved at JPEG quality 90 vs reference" in rows
+    assert 0 <= rows["float32 bundle vs int8 bundle, reference input"]["top1_agreement"] <= 1
