@@ -11,7 +11,8 @@ Config keys (defaults < ``EDGE_DEMO_<KEY>`` environment variables < the ``config
 ``MAX_DECODED_PIXELS`` pixels decoded into memory after reduced-scale JPEG decoding (default
                       16 MP; PNG/WebP are decoded at full size -> 413 above it)
 ``DECODE_BUDGET``     pixels being decoded at once across threads (default 16 MP; bounds memory)
-``FAST_DECODE``       decode JPEGs at reduced DCT scale for the model size (default on)
+``FAST_DECODE``       decode JPEGs at reduced DCT scale for the model size (default on; off:
+                      `edge-demo serve --reference-decode`, the full decode training uses)
 ``DECODE_MIN_CROP``   the crop reduced-scale decoding keeps where it can, in model sides
                       (default 2; a photo too small for it keeps >= 1, not a full decode)
 ``ALLOW_UNVALIDATED`` serve bundles whose card says the export validation failed (default off)
