@@ -232,8 +232,10 @@ def run_level(port: int, body: bytes, ctype: str, clients: int, max_requests: in
 
     def drop(conn: Conn, exc: Exception) -> None:
         errors.append(f"{type(exc).__name__}: {exc}")
-        if conn.sock.fileno() >= 0 and conn.sock in {k.fileobj for k in sel.get_map().values()}:
+        try:
             sel.unregister(conn.sock)
+        except (KeyError, ValueError):  # not registered, or already closed
+            pass
         conn.close()
 
     def fail(conn: Conn, exc: Exception) -> None:

@@ -125,9 +125,11 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
 # on real photos), so only the demo server uses it; training and export keep load_image.
 DRAFT_FORMATS = ("JPEG", "MPO")
 DRAFT_SCALES = (8, 4, 2, 1)
+# The crop side a reduced-scale decode keeps where it can, in model sides (see draft_scale).
+DRAFT_MIN_CROP = 2.0
 
 
-def draft_scale(width: int, height: int, size: int, min_crop: float = 2.0) -> int:
+def draft_scale(width: int, height: int, size: int, min_crop: float = DRAFT_MIN_CROP) -> int:
     """The JPEG DCT scale (8, 4, 2 or 1) to decode at for a model of ``size`` pixels: the
     largest whose centred crop keeps a side of at least ``min_crop * size``; a photo too small
     for that at any reduced scale is decoded at the largest that keeps at least ``size`` (the
@@ -140,7 +142,7 @@ def draft_scale(width: int, height: int, size: int, min_crop: float = 2.0) -> in
     return 1
 
 
-def draft_for_size(im: Image.Image, size: int, min_crop: float = 2.0) -> int:
+def draft_for_size(im: Image.Image, size: int, min_crop: float = DRAFT_MIN_CROP) -> int:
     """Ask an opened (not yet loaded) JPEG/MPO to decode at a reduced scale for a model of
     ``size`` pixels (EXIF rotation does not matter: the crop side is min(w, h) either way).
     Returns the scale applied; other formats are left alone (1)."""

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dermedge.image import (
+    DRAFT_MIN_CROP,
     RESIZE,
     center_crop_resize,
     draft_for_size,
@@ -135,7 +136,7 @@ class Upload:
 
 def decode_upload(data: bytes, *, max_pixels: int, size: int | None = None,
                   max_decoded_pixels: int | None = None, budget: DecodeBudget | None = None,
-                  min_crop: float = 2.0) -> Image.Image:
+                  min_crop: float = DRAFT_MIN_CROP) -> Image.Image:
     """Bytes of an upload -> an upright 8-bit RGB image, or a ``RequestError`` (4xx).
 
     The pixel count is checked from the header, before the pixels are decoded. With ``size``
@@ -153,7 +154,7 @@ def decode_upload(data: bytes, *, max_pixels: int, size: int | None = None,
 
 
 def open_upload(data: bytes, *, max_pixels: int, size: int | None = None,
-                max_decoded_pixels: int | None = None, min_crop: float = 2.0,
+                max_decoded_pixels: int | None = None, min_crop: float = DRAFT_MIN_CROP,
                 what: str = "uploaded file") -> Upload:
     """Identify and check an upload without decoding its pixels (see :func:`decode_upload`)."""
     if not data:

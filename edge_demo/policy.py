@@ -243,7 +243,7 @@ class Policy:
         return dict(self._thresholds)
 
     @functools.cached_property
-    def _thresholds(self) -> dict[str, Any]:  # the policy is frozen: built once per request path
+    def _thresholds(self) -> dict[str, Any]:  # the policy is frozen: built once, copied per call
         d = dataclasses.asdict(self)
         for k in ("source", "coverage", "provenance"):
             d.pop(k)

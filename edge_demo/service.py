@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dermedge.image import DRAFT_MIN_CROP
+
 from .errors import EdgeDemoError
 from .imaging import (
     DEFAULT_MAX_DECODED_PIXELS,
@@ -30,7 +32,7 @@ DEFAULT_DECODE_BUDGET = 16_000_000
 # it (a 12 MP photo at 1/4 for 224 px), else >= 1x (a 600 x 450 photo at 1/2, not in full):
 # the inputs stay within the tolerances in tests/test_server_hardening.py, and the edge model's
 # answers move about as much as with a JPEG re-save at quality 90 (benchmarks/serving.md).
-DEFAULT_DECODE_MIN_CROP = 2.0
+DEFAULT_DECODE_MIN_CROP = DRAFT_MIN_CROP
 
 
 def _ms(t0: float) -> float:

@@ -48,7 +48,8 @@ def test_load_demo_reports_every_level_with_cpu_per_request(bundles, tmp_path, c
 def test_load_client_frames_responses_split_anywhere():
     """The load client's HTTP framing: two keep-alive responses arriving in arbitrary pieces,
     header names in any case, and a response that closes the connection."""
-    conn = _script("load_demo").Conn.__new__(_script("load_demo").Conn)
+    mod = _script("load_demo")
+    conn = mod.Conn.__new__(mod.Conn)
     stream = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
               b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\nConnection: close\r\n\r\nno")
     for cut in range(1, len(stream)):
