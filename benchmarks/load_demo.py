@@ -10,8 +10,9 @@ Side by side in one run, on the same cores (ratios are what to compare between m
 * ``no-HTTP pipeline``: ``--pipeline-threads`` threads (default: as many as the server's)
   calling ``classify`` (one-thread interpreters), images/s, measured just before and just after
   each server level (the ratio uses their mean, so a drifting machine compares like with like);
-* the server (a subprocess) at 1, 8 and 32 keep-alive clients: req/s, p50/p99, errors (must
-  be 0), RSS, and ``/healthz`` p50/p99 probed during each level.
+* the server (a subprocess) at 1, 8 and 32 keep-alive clients, with the photo as the whole
+  body (what the page sends) and in a multipart field (``curl -F``): req/s, p50/p99, errors
+  (must be 0), RSS, and ``/healthz`` p50/p99 probed during each level.
 
 Bounded: ``--requests`` and ``--seconds`` per level.
 
@@ -391,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the server's --threads (default: its own default, the usable CPUs)")
     ap.add_argument("--pipeline-threads", type=int,
                     help="threads of the no-HTTP pipeline figure (default: the server's)")
+    ap.add_argument("--upload", choices=("body", "multipart", "both"), default="both",
+                    help="how the photo is sent: as the whole body (what the page sends) or in"
+                         " a multipart field 'image' (curl -F)")
     ap.add_argument("--calls", type=int, default=100, help="calls per single-thread timing")
     ap.add_argument("--decode-min-crop", type=float,
                     help="the server's --decode-min-crop (default: its own default)")
@@ -427,7 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         big.save(buf, "JPEG", quality=90)
         data = buf.getvalue()
         print(f"enlarged {image.name} to {big.width} x {big.height} ({len(data)} bytes)")
-    body, ctype = multipart(data, image.name)
+    uploads = {"body": (data, "image/jpeg"), "multipart": multipart(data, image.name)}
+    forms = list(uploads) if args.upload == "both" else [args.upload]
     levels = [int(c) for c in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="load_demo_"))
     pipeline = Pipeline(device, data, args.pipeline_threads, args.allow_unvalidated,
@@ -448,18 +453,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = Server(device, cloud, policy, args.threads, work / f"{path_name}.log", extra)
         try:
             # one request first so lazily-allocated buffers count in the start figure
-            run_level(server.port, body, ctype, 1, 5, 10, expect)
+            for form in forms:
+                run_level(server.port, *uploads[form], 1, 5, 10, expect)
             rss0 = rss_mb(server.proc.pid)
-            for c in levels:
+            for form, c in ((f, c) for f in forms for c in levels):
                 # the pipeline figure just before and after the level (the server idles
                 # meanwhile), so that a machine whose speed drifts compares like with like
                 before = pipeline.rate(args.calls * 2)
                 with HealthProbe(server.port) as probe:
-                    r = run_level(server.port, body, ctype, c, args.requests, args.seconds,
+                    r = run_level(server.port, *uploads[form], c, args.requests, args.seconds,
                                   expect, server.proc.pid)
                 after = pipeline.rate(args.calls * 2)
                 pipe_rate = (before[0] + after[0]) / 2
-                r.update(path=path_name, rss_mb=round(rss_mb(server.proc.pid), 1),
+                r.update(path=path_name, upload=form, rss_mb=round(rss_mb(server.proc.pid), 1),
                          pipeline_images_per_s=round(pipe_rate, 1),
                          pipeline_before_after=[round(before[0], 1), round(after[0], 1)],
                          pipeline_cpu_ms=round((before[1] + after[1]) / 2, 3),
@@ -487,13 +493,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f" ({pipe['pipeline_threads']} threads) {pipe['pipeline_images_per_s']:.1f} images/s")
     print("pipe: the no-HTTP pipeline's images/s just before and after each level; x pipe:"
           " req/s over it; CPU ms per image (pipe) and per request (server, client)")
-    head = (f"{'path':<12}{'clients':>8}{'reqs':>6}{'err':>5}{'req/s':>8}{'pipe':>8}"
+    head = (f"{'path':<12}{'upload':<10}{'clients':>8}{'reqs':>6}{'err':>5}{'req/s':>8}{'pipe':>8}"
             f"{'x pipe':>8}{'p50 ms':>8}{'p99 ms':>8}{'p99/p50':>8}{'hz p99':>8}{'RSS MB':>8}"
             f"{'pipe cpu':>9}{'srv cpu':>8}{'cli cpu':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['path']:<12}{r['clients']:>8}{r['requests']:>6}{r['errors']:>5}"
+        print(f"{r['path']:<12}{r['upload']:<10}{r['clients']:>8}{r['requests']:>6}{r['errors']:>5}"
               f"{r['req_per_s']:>8.1f}{r['pipeline_images_per_s']:>8.1f}"
               f"{r['vs_pipeline']:>8.2f}{r['p50_ms']:>8.1f}"
               f"{r['p99_ms']:>8.1f}{r['p99_over_p50']:>8.2f}{r['healthz_p99_ms']:>8.1f}"

@@ -49,6 +49,7 @@ from . import browser
 from .errors import EdgeDemoError, RequestError
 from .explain import NOT_ENABLED, explain_head
 from .imaging import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_PIXELS
+from .metadata import FIELDS as METADATA_FIELDS
 from .metadata import choices as site_choices
 from .metadata import parse as parse_metadata
 from .server import too_large_message
@@ -231,8 +232,8 @@ def _demo_error(exc: EdgeDemoError):
 
 _HTTP_MESSAGES = {
     404: "No such endpoint. See GET /api/v1/models, POST /api/v1/classify, GET /healthz.",
-    405: "Method not allowed for this endpoint (classify endpoints take POST with a"
-         " multipart field 'image').",
+    405: "Method not allowed for this endpoint (classify endpoints take POST with the photo as"
+         " the body or in the multipart field 'image').",
 }
 
 
@@ -281,21 +282,54 @@ def readyz():
                     "cloud": svc.cloud.name if svc.cloud else None})
 
 
+def _is_raw(mimetype: str) -> bool:
+    """The photo is the whole body: what ``fetch(url, {body: file})``, OkHttp's
+    ``RequestBody`` and ``curl --data-binary`` send (the server sniffs the bytes either way)."""
+    return mimetype.startswith("image/") or mimetype == "application/octet-stream"
+
+
+_UPLOAD_FORMS = ("the photo as the body (Content-Type image/jpeg, image/png, image/webp or"
+                 " application/octet-stream) or multipart/form-data with the photo in the"
+                 " field 'image'")
+
+
+def _metadata() -> dict[str, Any] | None:
+    """Patient fields from the query string, or from multipart form fields; a field given in
+    both is a 400 (which one would be meant?)."""
+    args = request.args
+    if request.mimetype != "multipart/form-data":
+        return parse_metadata(args)
+    form = request.form
+    both = [k for k in METADATA_FIELDS if str(args.get(k, "")).strip()
+            and str(form.get(k, "")).strip()]
+    if both:
+        raise RequestError(f"The field {both[0]!r} is both in the query string and in the form;"
+                           " send it once.", code="bad_metadata")
+    return parse_metadata({k: form.get(k) or args.get(k) for k in METADATA_FIELDS})
+
+
 def _upload_bytes() -> bytes:
     ctype = request.mimetype or ""
+    if _is_raw(ctype):
+        data = request.get_data(cache=False)  # MAX_CONTENT_LENGTH applies (413)
+        if not data:
+            raise RequestError(f"The request body is empty. Send {_UPLOAD_FORMS}.", status=400,
+                               code="empty_body")
+        _maybe_save(data)
+        return data
     if ctype != "multipart/form-data":
         if not request.content_length and not ctype:
-            raise RequestError("The request body is empty. POST multipart/form-data with the"
-                               " photo in the field 'image'.", status=400, code="empty_body")
-        raise RequestError(f"Expected multipart/form-data with a field 'image'; received"
-                           f" Content-Type {ctype or 'none'!r}.", status=415,
+            raise RequestError(f"The request body is empty. Send {_UPLOAD_FORMS}.",
+                               status=400, code="empty_body")
+        raise RequestError(f"Expected {_UPLOAD_FORMS}; received Content-Type"
+                           f" {ctype or 'none'!r}.", status=415,
                            code="unsupported_media_type")
     f = request.files.get("image")
     if f is None:
         fields = sorted(set(request.files) | set(request.form))
         raise RequestError(f"No file in the multipart field 'image' (received fields {fields})."
-                           " Send the photo as image=@photo.jpg.", status=400,
-                           code="missing_image")
+                           " Send the photo as image=@photo.jpg, or as the whole body.",
+                           status=400, code="missing_image")
     data = f.read()
     _maybe_save(data)
     return data
@@ -342,7 +376,7 @@ def _add_explanation(body: dict[str, Any], data: bytes, head: str, answer: dict)
 @api.post("/classify")
 def classify():
     head = _explain_head()
-    meta = parse_metadata(request.form)  # checked before the upload is read (or saved)
+    meta = _metadata()  # checked before the upload is read (or saved)
     data = _upload_bytes()
     body = _service().classify(data, meta)
     if head is not None:
@@ -359,7 +393,7 @@ def cloud_classify():
         raise RequestError("No cloud tier is loaded on this server (start it with --cloud).",
                            status=404, code="no_cloud_tier")
     head = _explain_head()
-    meta = parse_metadata(request.form)
+    meta = _metadata()
     data = _upload_bytes()
     body = svc.classify_cloud(data, meta)
     if head is not None:
@@ -425,7 +459,7 @@ def runtime(name: str):
 def decide():
     """The page's device answer (+ the photo only on fallback) -> the classify body."""
     svc = _service()
-    meta = parse_metadata(request.form)
+    meta = _metadata()
     device = browser.parse_device_answer(request.form.get("device_answer"), svc.device.labels)
     f = request.files.get("image")
     data = f.read() if f is not None else None

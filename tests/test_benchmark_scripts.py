@@ -34,7 +34,8 @@ def test_load_demo_reports_every_level_with_cpu_per_request(bundles, tmp_path, c
                                     "--out", str(out)])
     assert rc == 0, capsys.readouterr()
     doc = json.loads(out.read_text())
-    assert [r["clients"] for r in doc["rows"]] == [1, 3]
+    assert [(r["upload"], r["clients"]) for r in doc["rows"]] == [
+        ("body", 1), ("body", 3), ("multipart", 1), ("multipart", 3)]
     for r in doc["rows"]:
         assert r["errors"] == 0 and r["ok"] == 12 and r["healthz_errors"] == 0
         assert r["server_cpu_ms"] >= 0 and r["client_cpu_ms"] >= 0  # 10 ms clock ticks
@@ -43,6 +44,23 @@ def test_load_demo_reports_every_level_with_cpu_per_request(bundles, tmp_path, c
     assert doc["no_http"]["pipeline_cpu_ms"] > 0
     assert doc["no_http"]["jpeg_to_answer_ms"] > doc["no_http"]["inference_ms"] > 0
     assert "srv cpu" in capsys.readouterr().out
+
+
+def test_server_overhead_splits_cpu_by_layer_for_both_upload_forms(bundles, tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    rc = _script("server_overhead").main(["--device", str(bundles["int8"]), "--rounds", "1",
+                                          "--clients", "2", "--requests", "30", "--seconds",
+                                          "5", "--log-json", "--out", str(out)])
+    assert rc == 0, capsys.readouterr()
+    doc = json.loads(out.read_text())
+    assert [r["upload"] for r in doc["rows"]] == ["body", "multipart"]
+    for r in doc["rows"]:
+        assert r["errors"] == 0 and r["requests"] == 30
+        assert r["cpu_ms"]["service"] > 0 and r["cpu_ms"]["flask"] > 0
+        assert r["http_cpu_ms"] == pytest.approx(r["cpu_ms"]["waitress"] + r["cpu_ms"]["flask"],
+                                                 abs=2e-3)
+    assert set(doc["median_cpu_ms"]) == {"body", "multipart"}
+    assert "waitress" in capsys.readouterr().out
 
 
 def test_load_client_frames_responses_split_anywhere():

@@ -301,6 +301,44 @@ def test_server_tier_when_the_browser_cannot_run_the_model(browser, tmp_path):
             "/api/v1/classify"]
 
 
+def test_server_tier_sends_the_photo_as_the_body_and_the_details_in_the_url(browser,
+                                                                           tmp_path):
+    """The page posts the file itself (no multipart) with age/site in the query string; the
+    server gets the very bytes and applies the card's tables to them."""
+    from demo_fixtures import with_metadata_tables
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    device = with_metadata_tables(browser_bundles()["int8"], tmp_path / "int8")
+    photo = _photo(tmp_path)
+    saved = tmp_path / "received"
+    watch = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        window.__posts = [];
+        const fetch0 = window.fetch;
+        window.fetch = (url, init) => {
+          if (init && init.method === "POST") window.__posts.push({url: String(url),
+            type: init.headers && init.headers["Content-Type"],
+            file: init.body instanceof Blob, form: init.body instanceof FormData});
+          return fetch0(url, init);
+        };"""})
+    try:
+        with demo_server(["--device", str(device), "--no-browser-inference", "--threads", "1",
+                          "--save-uploads-dir", str(saved)], tmp_path / "s.log") as url:
+            _start(browser, url, state="server")
+            browser.find_element(By.CSS_SELECTOR, "#patient summary").click()
+            browser.find_element(By.ID, "age-input").send_keys("74")
+            Select(browser.find_element(By.ID, "site-input")).select_by_value("face")
+            last = _upload(browser, photo)
+            posts = browser.execute_script("return window.__posts;")
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", watch)
+    assert posts == [{"url": "api/v1/classify?age=74&site=face", "type": "image/jpeg",
+                      "file": True, "form": False}]
+    assert last["body"]["metadata"]["received"] == {"age": 74.0, "site": "face"}
+    assert last["body"]["device"]["metadata_used"] == ["age", "site"]
+    assert [p.read_bytes() for p in saved.iterdir()] == [photo.read_bytes()]
+
+
 def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path):
     """The browser's photo-only answer is confident; the card's tables (applied by the
     server) move it into the second-opinion rule, so the page sends the photo after all."""

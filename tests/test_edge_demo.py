@@ -154,6 +154,42 @@ def test_empty_body_and_missing_field(client):
     _error(resp, 415, "unsupported_media_type", "multipart/form-data", "application/json")
 
 
+def post_raw(client, data: bytes, ctype="image/jpeg", url="/api/v1/classify", query=""):
+    return client.post(url + query, data=data, content_type=ctype)
+
+
+def _answer(body):
+    return {t: body.get(t) and {k: body[t][k] for k in ("diagnosis", "melanoma", "top")}
+            for t in ("device", "cloud")}
+
+
+@pytest.mark.parametrize("ctype", ["image/jpeg", "application/octet-stream", "image/png"])
+def test_photo_as_the_whole_body_answers_like_multipart(client, ctype):
+    """The photo as the body (fetch(url, {body: file}), curl --data-binary): same answer as
+    the multipart field; the declared type picks the form, the bytes are sniffed."""
+    photo = jpeg_bytes()
+    want = _answer(post_image(client, photo).get_json())
+    for url in ("/api/v1/classify", "/api/v1/cloud/classify"):
+        resp = post_raw(client, photo, ctype, url)
+        assert resp.status_code == 200, resp.get_json()
+        got = _answer(resp.get_json())
+        if url == "/api/v1/classify":
+            assert got == want
+        else:
+            assert got["cloud"] == want["cloud"]
+
+
+def test_photo_as_the_body_errors_name_both_forms(client):
+    _error(post_raw(client, b""), 400, "empty_body", "empty", "image/jpeg", "'image'")
+    _error(post_raw(client, b"hello, not an image" * 10, "application/octet-stream"), 400,
+           "not_an_image", "not an image")
+    _error(post_raw(client, encode(asym_image(), "GIF"), "image/gif"), 415, "unsupported_format",
+           "GIF")
+    err = _error(client.post("/api/v1/classify", data="x", content_type="text/plain"), 415,
+                 "unsupported_media_type", "text/plain", "multipart/form-data", "image/jpeg")
+    assert "body" in err["message"]
+
+
 def test_non_image_and_truncated(client):
     _error(post_image(client, b"hello, this is not an image" * 10), 400, "not_an_image",
            "not an image")
@@ -174,6 +210,7 @@ def test_upload_too_large_is_json_413(bundles):
         np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)), "PNG")
     assert len(big) > 20_000
     _error(post_image(small, big, "big.png"), 413, "request_entity_too_large", "20,000 bytes")
+    _error(post_raw(small, big, "image/png"), 413, "request_entity_too_large", "20,000 bytes")
 
 
 def test_decompression_bomb_and_pixel_limit(client, bundles):

@@ -88,6 +88,29 @@ def test_partial_unknown_or_absent_tables_keep_the_photo_answer(meta_bundles):
     assert "metadata_used" not in b["device"]
 
 
+def test_metadata_in_the_query_string_with_the_photo_as_the_body(meta_bundles):
+    client = _client(meta_bundles["int8"], meta_bundles["float32"])
+    want = _post(client, age="77", sex="female", site="face").get_json()
+    raw = client.post("/api/v1/classify?age=77&sex=female&site=face", data=jpeg_bytes(),
+                      content_type="image/jpeg").get_json()
+    assert raw["metadata"] == want["metadata"]
+    assert raw["device"]["diagnosis"] == want["device"]["diagnosis"]
+    # multipart takes query fields too, but one field in both places is ambiguous
+    mixed = client.post("/api/v1/classify?site=face",
+                        data={"image": (io.BytesIO(jpeg_bytes()), "p.jpg"), "age": "77"},
+                        content_type="multipart/form-data").get_json()
+    assert mixed["metadata"]["received"] == {"age": 77.0, "site": "face"}
+    both = client.post("/api/v1/classify?age=60",
+                       data={"image": (io.BytesIO(jpeg_bytes()), "p.jpg"), "age": "77"},
+                       content_type="multipart/form-data")
+    assert both.status_code == 400
+    err = both.get_json()["error"]
+    assert err["code"] == "bad_metadata" and "'age'" in err["message"]
+    bad = client.post("/api/v1/classify?age=old", data=jpeg_bytes(), content_type="image/jpeg")
+    assert bad.status_code == 400 and "'age' must be a number" in bad.get_json()["error"][
+        "message"]
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"age": "old"}, "'age' must be a number of years from 0 to 120"),
     ({"age": "-4"}, "'age' must be a number of years"),

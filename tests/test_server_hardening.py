@@ -126,10 +126,11 @@ def encode(im: Image.Image, fmt: str, **kw) -> bytes:
 
 # --- 1. nothing of an upload touches the disk; the body limit is the server's ------------
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
-def test_a_5mb_upload_creates_no_file(live):
+@pytest.mark.parametrize("form", ["multipart", "body"])
+def test_a_5mb_upload_creates_no_file(live, form):
     photo = noisy_png(5 * 1024 * 1024)
     assert len(photo) > 5 * 1024 * 1024
-    body, ctype = multipart(photo)
+    body, ctype = multipart(photo) if form == "multipart" else (photo, "image/png")
     before = open_files()
     with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
         s.sendall(f"POST /api/v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"

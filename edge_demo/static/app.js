@@ -107,8 +107,10 @@
     $("where").dataset.photoLeft = String(left);
   }
 
-  async function post(url, data) {
-    const resp = await fetch(url, { method: "POST", body: data });
+  async function post(url, data, type) {
+    const init = { method: "POST", body: data };
+    if (type) init.headers = { "Content-Type": type };
+    const resp = await fetch(url, init);
     const body = await resp.json().catch(() => null);
     if (!resp.ok) {
       throw new Error(body && body.error ? body.error.message : "HTTP " + resp.status);
@@ -116,13 +118,19 @@
     return body;
   }
 
+  function patientFields() {
+    const out = [];
+    ["age", "sex", "site"].forEach((k) => {
+      const v = $(k + "-input").value.trim();
+      if (v) out.push([k, v]);
+    });
+    return out;
+  }
+
   function formData(withPhoto, file) {
     const data = new FormData();
     if (withPhoto) data.append("image", file);
-    ["age", "sex", "site"].forEach((k) => {
-      const v = $(k + "-input").value.trim();
-      if (v) data.append(k, v);
-    });
+    patientFields().forEach(([k, v]) => data.append(k, v));
     return data;
   }
 
@@ -158,9 +166,12 @@
     return body;
   }
 
+  /** The photo is the request body (no multipart to build or parse); fields ride in the URL. */
   async function classifyOnServer(file, explain) {
-    const body = await post("api/v1/classify" + (explain ? "?explain=1" : ""),
-      formData(true, file));
+    const query = new URLSearchParams(patientFields());
+    if (explain) query.append("explain", "1");
+    const url = "api/v1/classify" + (query.toString() ? "?" + query : "");
+    const body = await post(url, file, file.type || "application/octet-stream");
     window.dermedgeLast = { answer: null, fallback: null, sentPhoto: true, body: body };
     return body;
   }
