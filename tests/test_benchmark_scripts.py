@@ -63,6 +63,24 @@ def test_server_overhead_splits_cpu_by_layer_for_both_upload_forms(bundles, tmp_
     assert "waitress" in capsys.readouterr().out
 
 
+def test_serving_before_after_alternates_two_trees(bundles, tmp_path, capsys):
+    out = tmp_path / "ab.json"
+    rc = _script("serving_before_after").main([
+        "--before", str(REPO), "--device", str(bundles["int8"]), "--rounds", "2",
+        "--clients", "2", "--upload", "both", "--requests", "10", "--seconds", "5",
+        "--out", str(out)])
+    assert rc == 0, capsys.readouterr()
+    doc = json.loads(out.read_text())
+    assert [(r["round"], r["server"], r["upload"]) for r in doc["rows"]] == [
+        (1, "before", "body"), (1, "before", "multipart"), (1, "after", "body"),
+        (1, "after", "multipart"), (2, "after", "body"), (2, "after", "multipart"),
+        (2, "before", "body"), (2, "before", "multipart")]
+    assert all(r["errors"] == 0 and r["server_cpu_ms"] >= 0 for r in doc["rows"])
+    assert {(m["upload"], m["clients"]) for m in doc["medians"]} == {("body", 2),
+                                                                     ("multipart", 2)}
+    assert "median, body, 2 clients" in capsys.readouterr().out
+
+
 def test_load_client_frames_responses_split_anywhere():
     """The load client's HTTP framing: two keep-alive responses arriving in arbitrary pieces,
     header names in any case, and a response that closes the connection."""
