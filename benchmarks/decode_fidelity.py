@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -30,8 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_demo import write_result  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 SHARED = Path(os.environ.get("DERMEDGE_SHARED", REPO.parent / "shared"))
 PHOTOS = SHARED / "data" / "ham10000_raw_600x450" / "images"
 
@@ -150,12 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "device": args.device, "float": args.float_bundle, "image_size": size,
            "upscale": args.upscale, "photos": len(photos), "variants": len(moves),
            "cases": len(datas), "rows": rows}
-    out = args.out or RESULTS / f"decode_fidelity_{dt.datetime.now():%Y%m%d_%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_result(res, args.out, "decode_fidelity")
     return 0
 
 

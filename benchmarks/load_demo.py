@@ -50,6 +50,18 @@ DEVICE_ONLY = {"min_confidence": 0.0, "mel_band_low": None, "mel_band_high": Non
 FALLBACK = {**DEVICE_ONLY, "min_confidence": 1.0}
 
 
+def write_result(doc: dict, out: Path | None, stem: str) -> Path:
+    """Write ``doc`` as JSON to ``out`` (default ``results/<stem>_<time>.json``) atomically
+    (temp file, then rename) and say where."""
+    out = out or RESULTS / f"{stem}_{dt.datetime.now():%Y%m%d_%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -514,12 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "load_average_at_end": list(os.getloadavg()),
            "bounds": {"requests_per_level": args.requests, "seconds_per_level": args.seconds},
            "no_http": pipe, "rows": rows}
-    out = args.out or RESULTS / f"load_demo_{dt.datetime.now():%Y%m%d_%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_result(doc, args.out, "load_demo")
     total_errors = sum(r["errors"] + r["healthz_errors"] for r in rows)
     if total_errors:
         print(f"FAILED: {total_errors} errors", file=sys.stderr)

@@ -187,12 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "device": args.device, "image": str(image), "threads": threads,
            "clients": args.clients, "log_json": args.log_json, "rows": rows,
            "median_cpu_ms": summary}
-    dest = args.out or load_demo.RESULTS / f"server_overhead_{dt.datetime.now():%Y%m%d_%H%M%S}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, dest)
-    print(f"wrote {dest}")
+    load_demo.write_result(doc, args.out, "server_overhead")
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 import subprocess
@@ -123,15 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"median, {form}, {c} clients: req/s {pair['before']['req_per_s']:.1f} ->"
               f" {pair['after']['req_per_s']:.1f} ({ratio:.3f}x), server CPU ms per request"
               f" {pair['before']['server_cpu_ms']:.2f} -> {pair['after']['server_cpu_ms']:.2f}")
-    out = args.out or L.RESULTS / f"serving_before_after_{dt.datetime.now():%Y%m%d_%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                               "before": str(args.before), "device": args.device,
-                               "image": str(image), "threads": threads, "rows": rows,
-                               "medians": medians}, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    L.write_result({"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    "before": str(args.before), "device": args.device, "image": str(image),
+                    "threads": threads, "rows": rows, "medians": medians},
+                   args.out, "serving_before_after")
     return 1 if any(r["errors"] for r in rows) else 0
 
 
