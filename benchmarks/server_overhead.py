@@ -36,6 +36,7 @@ import load_demo  # noqa: E402  (the load client and helpers)
 
 REPO = load_demo.REPO
 LAYERS = ("waitress", "flask", "service")
+WARM_UP = 20  # requests per round before the measured ones (their CPU is counted too)
 
 
 class TimedService:
@@ -63,7 +64,7 @@ def client_main(port: int, form: str, clients: int, requests: int, seconds: floa
     data = Path(image).read_bytes()
     body, ctype = ((data, "image/jpeg") if form == "body"
                    else load_demo.multipart(data, Path(image).name))
-    load_demo.run_level(port, body, ctype, clients, 20, 10, "device")  # warm connections
+    load_demo.run_level(port, body, ctype, clients, WARM_UP, 10, "device")
     r = load_demo.run_level(port, body, ctype, clients, requests, seconds, "device")
     print(json.dumps(r))
     return 0 if r["errors"] == 0 else 1
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if proc.returncode != 0:
                     raise SystemExit(f"load client failed: {proc.stderr.strip()[-500:]}")
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                n = r["ok"] + 20  # the warm-up requests are counted in the CPU too
+                n = r["ok"] + WARM_UP
                 with lock:
                     app_s, svc_s = counter["app"], counter["service"]
                 ms = {"waitress": (cpu - app_s) * 1000 / n, "flask": (app_s - svc_s) * 1000 / n,

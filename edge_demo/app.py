@@ -300,8 +300,7 @@ def _metadata() -> dict[str, Any] | None:
     if request.mimetype != "multipart/form-data":
         return parse_metadata(args)
     form = request.form
-    both = [k for k in METADATA_FIELDS if str(args.get(k, "")).strip()
-            and str(form.get(k, "")).strip()]
+    both = [k for k in METADATA_FIELDS if args.get(k, "").strip() and form.get(k, "").strip()]
     if both:
         raise RequestError(f"The field {both[0]!r} is both in the query string and in the form;"
                            " send it once.", code="bad_metadata")
