@@ -11,6 +11,11 @@ Stage 2 (on the final answer: the cloud's when it was asked, else the device's):
 ``melanoma_risk``       P(melanoma) >= ``refer_threshold`` (unset: the tier card's threshold);
 ``malignant_top``       the top diagnosis is in ``malignant_classes`` at >= ``malignant_min_prob``.
 Otherwise the advice is ``no_action`` (rule ``no_referral_rule``).
+
+A policy file (version 2) holds the thresholds above and two optional sections a site fits on
+its own cases: ``gate`` (overrides of the input gate's thresholds, which otherwise come from
+the device bundle's card) and ``temperature`` (per tier and head, applied to the tier's
+probabilities before the rules). Version 1 files read as version 2 with neither section.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -28,7 +35,10 @@ from typing import Any
 
 from .errors import PolicyError
 
-POLICY_VERSION = 1
+POLICY_VERSION = 2
+READABLE_POLICY_VERSIONS: tuple[int, ...] = (1, 2)
+TIERS: tuple[str, ...] = ("device", "cloud")
+TEMPERATURE_HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
 NO_ACTION, REFER = "no_action", "refer"
 DISCLAIMER = ("Research tool, not a diagnosis. The model can be wrong; anyone worried about a"
               " skin lesion should see a doctor.")
@@ -81,12 +91,41 @@ class Decision:
 
 
 RULES_FILE = Path(__file__).with_name("static") / "policy_rules.json"
+# The optional sections of a version-2 policy file (see the module docstring).
+SECTIONS: tuple[str, ...] = ("gate", "temperature")
 
 
 @functools.cache
 def rules() -> dict[str, Any]:
     """The rule definitions (``static/policy_rules.json``), shared with the page's policy.js."""
     return json.loads(RULES_FILE.read_text(encoding="utf-8"))
+
+
+def rule_tables() -> dict[str, Any]:
+    """Every rule table the policy's identity covers, by name."""
+    return {"policy_rules": rules()}
+
+
+def _gate_overrides(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            and math.isfinite(v) for k, v in value.items()):
+        raise PolicyError("Policy.gate must map gate threshold names to numbers, e.g."
+                          f' {{"blur_min": 40}}; received {value!r}.')
+    return {k: float(v) for k, v in value.items()}
+
+
+def _temperatures(value: Any) -> dict[str, dict[str, float]]:
+    ok = isinstance(value, dict) and all(
+        t in TIERS and isinstance(h, dict) and all(
+            k in TEMPERATURE_HEADS and isinstance(v, int | float) and not isinstance(v, bool)
+            and math.isfinite(v) and v > 0 for k, v in h.items())
+        for t, h in value.items())
+    if not ok:
+        raise PolicyError("Policy.temperature must map a tier (device, cloud) to a temperature"
+                          ' > 0 per head (melanoma, diagnosis), e.g. {"device": {"melanoma":'
+                          f' 1.3, "diagnosis": 1.1}}}}; received {value!r}.')
+    return {t: {k: float(v) for k, v in h.items()} for t, h in value.items()}
 
 
 @functools.lru_cache(maxsize=4096)  # thresholds repeat on every request
@@ -160,6 +199,10 @@ class Policy:
     refer_threshold: float | None = None
     malignant_classes: tuple[str, ...] = ("mel", "bcc", "akiec")
     malignant_min_prob: float = 0.5
+    # Input-gate threshold overrides ({threshold name: value}); empty: the card's thresholds.
+    gate: dict[str, float] = field(default_factory=dict, hash=False)
+    # {"device"|"cloud": {"melanoma"|"diagnosis": T}}; empty or 1.0: probabilities as is.
+    temperature: dict[str, dict[str, float]] = field(default_factory=dict, hash=False)
     source: str = "defaults"
     coverage: tuple[dict[str, Any], ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -191,6 +234,8 @@ class Policy:
                               f" {self.second_opinion!r}.")
         object.__setattr__(self, "malignant_classes", tuple(mc))
         object.__setattr__(self, "coverage", tuple(self.coverage))
+        object.__setattr__(self, "gate", _gate_overrides(self.gate))
+        object.__setattr__(self, "temperature", _temperatures(self.temperature))
 
     # --- named constructors -----------------------------------------------------------
     @classmethod
@@ -206,7 +251,8 @@ class Policy:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
-        known = {f.name for f in dataclasses.fields(cls)} - {"source", "coverage", "provenance"}
+        known = {f.name for f in dataclasses.fields(cls)} - {
+            "source", "coverage", "provenance", *SECTIONS}
         unknown = [k for k in d if k not in known]
         if unknown:
             k = unknown[0]
@@ -229,15 +275,24 @@ class Policy:
         if not isinstance(doc, dict) or "policy" not in doc:
             raise PolicyError(f"{p} is not a policy file: expected a JSON object with keys"
                               " 'version' and 'policy'.")
-        if doc.get("version") != POLICY_VERSION:
-            raise PolicyError(f"{p} has policy version {doc.get('version')!r}; this demo reads"
-                              f" version {POLICY_VERSION}. Re-run `edge-demo calibrate`.")
+        version = doc.get("version")
+        if version not in READABLE_POLICY_VERSIONS or isinstance(version, bool):
+            raise PolicyError(f"{p} has policy version {version!r}; this demo reads versions"
+                              f" {', '.join(map(str, READABLE_POLICY_VERSIONS))}. Re-run"
+                              " `edge-demo calibrate`.")
         if not isinstance(doc["policy"], dict):
             raise PolicyError(f"{p}: 'policy' must be an object of thresholds.")
+        sections = {k: doc.get(k) or {} for k in SECTIONS}  # version 1: neither section
+        for k, v in sections.items():
+            if not isinstance(v, dict):
+                raise PolicyError(f"{p}: {k!r} must be an object; received {v!r}.")
         base = cls.from_dict(doc["policy"])
-        return dataclasses.replace(base, source=f"file:{p.name}",
-                                   coverage=tuple(doc.get("coverage") or ()),
-                                   provenance=dict(doc.get("provenance") or {}))
+        try:
+            return dataclasses.replace(base, **sections, source=f"file:{p.name}",
+                                       coverage=tuple(doc.get("coverage") or ()),
+                                       provenance=dict(doc.get("provenance") or {}))
+        except PolicyError as exc:
+            raise PolicyError(f"{p}: {exc}") from None
 
     def thresholds(self) -> dict[str, Any]:
         return dict(self._thresholds)
@@ -245,14 +300,31 @@ class Policy:
     @functools.cached_property
     def _thresholds(self) -> dict[str, Any]:  # the policy is frozen: built once, copied per call
         d = dataclasses.asdict(self)
-        for k in ("source", "coverage", "provenance"):
+        for k in ("source", "coverage", "provenance", *SECTIONS):
             d.pop(k)
         d["malignant_classes"] = list(self.malignant_classes)
         return d
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": POLICY_VERSION, "source": self.source, "policy": self.thresholds(),
+                "gate": dict(self.gate),
+                "temperature": {t: dict(h) for t, h in self.temperature.items()},
                 "coverage": list(self.coverage), "provenance": self.provenance}
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The policy's identity: what decides an answer (thresholds, gate overrides,
+        temperatures and the rule tables), not where the file lives or how it was fitted.
+        The page, the case log and the offline queue record it beside the model's sha256."""
+        doc = {"version": POLICY_VERSION, "policy": self.thresholds(), "gate": dict(self.gate),
+               "temperature": {t: dict(h) for t, h in self.temperature.items()},
+               "rules": rule_tables()}
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def temperature_of(self, tier: str, head: str) -> float:
+        """The temperature for one tier's head (1.0: the probabilities as the model gives)."""
+        return float(self.temperature.get(tier, {}).get(head, 1.0))
 
     def save(self, path: str | Path) -> Path:
         """Write the policy atomically (temp file then rename)."""

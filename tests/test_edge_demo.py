@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -480,7 +481,23 @@ def test_policy_file_roundtrip_and_errors(tmp_path):
                             source="file:p.json")
     assert loaded.provenance == {"by": "test"}
     doc = json.loads((tmp_path / "p.json").read_text())
-    assert doc["version"] == 1 and doc["policy"]["min_confidence"] == 0.42
+    assert doc["version"] == 2 and doc["policy"]["min_confidence"] == 0.42
+    assert doc["gate"] == {} and doc["temperature"] == {}
+    v1 = {"version": 1, "policy": doc["policy"]}  # a version-1 file reads with neither section
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    assert Policy.load(tmp_path / "v1.json") == dataclasses.replace(
+        loaded, source="file:v1.json", coverage=())
+    sections = Policy(gate={"blur_min": 40}, temperature={"device": {"melanoma": 1.25}})
+    again = Policy.load(sections.save(tmp_path / "s.json"))
+    assert again.gate == {"blur_min": 40.0} and again.temperature_of("device", "melanoma") == 1.25
+    assert again.temperature_of("cloud", "diagnosis") == 1.0
+    assert again.sha256 == sections.sha256 != loaded.sha256
+    assert Policy(min_confidence=0.42).sha256 == loaded.sha256  # source/coverage: not identity
+    for bad in ({"version": 3, "policy": {}}, {"version": 2, "policy": {}, "gate": [1]},
+                {"version": 2, "policy": {}, "temperature": {"device": {"melanoma": 0}}}):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(PolicyError, match="version|gate|temperature"):
+            Policy.load(tmp_path / "bad.json")
     doc["policy"]["min_confidense"] = doc["policy"].pop("min_confidence")
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(PolicyError, match="Did you mean 'min_confidence'"):

@@ -102,5 +102,6 @@ def test_policy_json_is_plain(labelled, bundles, tmp_path):
                  str(bundles["float32"]), "--data", str(labelled / "classes"),
                  "--target-fallback", "0.1", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert set(doc) == {"version", "source", "policy", "coverage", "provenance"}
+    assert set(doc) == {"version", "source", "policy", "gate", "temperature", "coverage",
+                         "provenance"}
     assert doc["source"] == "calibrated" and doc["provenance"]["device"]["mode"] == "int8"
