@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from ci import need
 
 from trainer.calibration import (
     _balanced_nll,
@@ -52,7 +53,7 @@ def test_fit_recovers_a_known_per_class_drift():
 
 
 def test_fit_matches_a_general_optimiser_with_passes_and_a_temperature():
-    optimize = pytest.importorskip("scipy.optimize")
+    optimize = need("scipy.optimize", "scikit-learn (the dev extra) installs scipy")
     rng = np.random.default_rng(3)
     z = rng.normal(size=(4, 300, 7)) * 1.5  # 4 passes averaged, as in an ensemble
     y = np.concatenate([np.arange(7), rng.integers(0, 7, 293)])
@@ -87,7 +88,7 @@ def test_calibrate_folds_the_offsets_into_the_head_exactly():
     from trainer.model import build_model
     from trainer.pipeline import predict_arrays
 
-    keras = pytest.importorskip("keras")
+    keras = need("keras", "the train extra installs it")
     keras.utils.set_random_seed(0)
     model = build_model("tiny_cnn", input_size=32, weights=None)
     head = model.get_layer("diagnosis")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from ci import unavailable
 from test_cli import _assert_one_paragraph_error, _no_run_dirs
 from test_fit import toy_data_fixture  # noqa: F401 - session fixture
 
@@ -98,7 +99,7 @@ def _run(commands: list[list[str]], cwd: Path, env: dict[str, str]) -> None:
     proc = subprocess.run([sys.executable, "-c", RUNNER, *map(json.dumps, commands)], env=env,
                           cwd=cwd, capture_output=True, text=True, timeout=300)
     if proc.returncode == MISSING_BACKEND:
-        pytest.skip(f"KERAS_BACKEND={env['KERAS_BACKEND']} unavailable: "
+        unavailable(f"KERAS_BACKEND={env['KERAS_BACKEND']} unavailable: "
                     f"{proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 

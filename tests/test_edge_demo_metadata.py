@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from ci import need
 
-pytest.importorskip("flask")
-pytest.importorskip("ai_edge_litert")
+need("flask", "the demo extra installs it")
+need("ai_edge_litert", "the core install has it")
 
 from demo_fixtures import (  # noqa: E402
     META_THRESHOLD,

@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from ci import need
 from PIL import Image
 
-keras = pytest.importorskip("keras")
+keras = need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
 from test_fit import tiny_config, toy_data_fixture, trained_run_fixture  # noqa: E402,F401
 

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from ci import need
 
-pytest.importorskip("keras")
+need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
-from test_fit import toy_data_fixture, trained_run_fixture  # noqa: F401 - session fixtures
+from test_fit import toy_data_fixture, trained_run_fixture  # noqa: E402,F401 - session fixtures
 
 from trainer.errors import DataError, RunDirError  # noqa: E402
 from trainer.evaluate import evaluate  # noqa: E402

@@ -18,9 +18,10 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from ci import need
 from PIL import Image
 
-keras = pytest.importorskip("keras")
+keras = need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
 from demo_fixtures import jpeg_bytes, tiny_bundles  # noqa: E402
 from export_fixtures import card_for, train_quickly  # noqa: E402
@@ -367,7 +368,7 @@ def test_gradcam_under_another_backend_says_how_to_fix(tmp_path):
             "from trainer.labels import DIAGNOSIS_LABELS\n"
             "m = build_model('tiny_cnn', input_size=32, weights=None)\n"
             "try:\n    GradCAM(m, DIAGNOSIS_LABELS)\nexcept ValueError as e:\n    print(e)\n")
-    pytest.importorskip("jax")
+    need("jax", "the dev extra installs it")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert "needs the TensorFlow backend" in out.stdout and "'jax'" in out.stdout, out.stderr

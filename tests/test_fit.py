@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from ci import need
 
-keras = pytest.importorskip("keras")
+keras = need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
 from trainer.config import RunConfig  # noqa: E402
 from trainer.data import class_weights, resample_indices  # noqa: E402

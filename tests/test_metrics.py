@@ -8,11 +8,12 @@ import warnings
 
 import numpy as np
 import pytest
+from ci import need
 
 from trainer import metrics as M
 from trainer.labels import DIAGNOSIS_LABELS
 
-skm = pytest.importorskip("sklearn.metrics", reason="scikit-learn (dev extra) not installed")
+skm = need("sklearn.metrics", "the dev extra installs scikit-learn")
 
 
 def _sk_balanced(y, pred):
