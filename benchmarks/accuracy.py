@@ -104,7 +104,7 @@ def _int8_bal(q: dict | None) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    from trainer.labels import DIAGNOSIS_LABELS
+    from dermedge.labels import DIAGNOSIS_LABELS
 
     lines = [
         "| run | backbone | input | params | float32 MB | int8 MB | bal. acc "

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dermedge.labels import HEADS
+
 from .errors import BundleError, EdgeDemoError, RequestError
 from .imaging import center_crop_resize
 
@@ -95,7 +97,7 @@ class Explainer:
         from PIL import Image
 
         blank = Image.new("RGB", (self.image_size, self.image_size))
-        for head in ("diagnosis", "melanoma"):
+        for head in HEADS:
             self.explain(blank, head)
 
     def summary(self) -> dict[str, Any]:

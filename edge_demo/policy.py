@@ -33,12 +33,14 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
+from dermedge.labels import HEADS
+
 from .errors import PolicyError
 
 POLICY_VERSION = 2
 READABLE_POLICY_VERSIONS: tuple[int, ...] = (1, 2)
 TIERS: tuple[str, ...] = ("device", "cloud")
-TEMPERATURE_HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
+TEMPERATURE_HEADS: tuple[str, ...] = HEADS
 NO_ACTION, REFER = "no_action", "refer"
 DISCLAIMER = ("Research tool, not a diagnosis. The model can be wrong; anyone worried about a"
               " skin lesion should see a doctor.")

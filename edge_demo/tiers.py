@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from dermedge.card import read_card
+from dermedge.labels import HEADS, INPUT_NAME, SIGNATURE
 
 from .errors import BundleError
 from .imaging import RESIZE_MODES, center_crop_resize
@@ -27,8 +28,6 @@ from .imaging import RESIZE_MODES, center_crop_resize
 MODEL_FILE = "model.tflite"
 CARD_FILE = "model_card.json"
 LABELS_FILE = "labels_diagnosis.txt"
-INPUT_NAME = "image"
-HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,7 @@ class Tier:
         self.size_bytes = len(model_bytes)
         self._model_bytes = model_bytes
         self._num_threads = int(num_threads)
-        self.signature = str(card.get("export", {}).get("signature", "serving_default"))
+        self.signature = str(card.get("export", {}).get("signature", SIGNATURE))
         shape = _card_get(card, "input.shape", bundle)
         if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == shape[1]):
             raise BundleError(

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from dermedge.card import with_export
+from dermedge.labels import INPUT_NAME
 
 BUNDLE_FILES: tuple[str, ...] = ("model.tflite", "labels_diagnosis.txt", "labels_melanoma.txt",
                                  "model_card.json", "validation.json", "validation.md", "USAGE.md")
@@ -60,7 +61,7 @@ def usage_md(card: dict) -> str:
     """USAGE.md: the input contract, then MediaPipe Tasks (Kotlin, Swift, Python, web), plain
     LiteRT and Android Studio ML Model Binding snippets, from the card's tensor details."""
     ex = card["export"]
-    img = ex["inputs"]["image"]
+    img = ex["inputs"][INPUT_NAME]
     s = card["input"]["shape"][0]
     k = len(card["heads"]["diagnosis"]["labels"])
     thr = threshold_text(card["heads"]["melanoma"]["threshold"])

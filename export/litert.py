@@ -8,11 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge.labels import HEADS, INPUT_NAME, SIGNATURE
 from export.errors import BundleError
-
-SIGNATURE = "serving_default"
-INPUT_NAME = "image"
-OUTPUT_NAMES: tuple[str, ...] = ("melanoma", "diagnosis")
 
 
 def make_interpreter(model: bytes | str | Path, threads: int | None = None):
@@ -49,7 +46,7 @@ def signature_io(interpreter) -> dict:
 
 def check_signature(io: dict) -> None:
     """Input ``image`` and outputs ``melanoma``/``diagnosis``, by name."""
-    if set(io["inputs"]) != {INPUT_NAME} or set(io["outputs"]) != set(OUTPUT_NAMES):
+    if set(io["inputs"]) != {INPUT_NAME} or set(io["outputs"]) != set(HEADS):
         raise BundleError(f"The {SIGNATURE} signature has inputs {sorted(io['inputs'])} and "
                           "outputs "
                           f"{sorted(io['outputs'])}; the contract needs input 'image' and outputs "
@@ -101,11 +98,11 @@ class LiteModel:
             raise ValueError(f"The model takes images of shape {size}; received "
                              f"{list(images.shape[1:])}. Resize with the card's input.resize.")
         runner = self.interpreter.get_signature_runner(SIGNATURE)
-        out = {k: [] for k in OUTPUT_NAMES}
+        out = {k: [] for k in HEADS}
         for i in range(0, len(images), batch_size):
             x = quantize_input(images[i:i + batch_size], self.io["inputs"][INPUT_NAME])
             res = runner(**{INPUT_NAME: x})
-            for k in OUTPUT_NAMES:
+            for k in HEADS:
                 out[k].append(dequantize(res[k], self.io["outputs"][k]))
         return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for k, v in out.items()}
 

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge.labels import HEADS, INPUT_NAME, SIGNATURE
+
 NEEDS = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "keras", "pandas", "PIL")
-HEADS = ("melanoma", "diagnosis")
 CALIBRATION_BATCH = 16
 BASE_LAYER_KWARGS = frozenset({"name", "trainable", "dtype"})
 
@@ -374,13 +375,13 @@ def convert(tf, qmodel, job: dict, representative: np.ndarray, work: Path) -> by
     size = int(job["input_size"])
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32,
-                                                name="image")])
+                                                name=INPUT_NAME)])
     def serve(image):
         out = qmodel(image, training=False)
         return {k: out[k] for k in HEADS}
 
     sm = work / "saved_model"
-    tf.saved_model.save(qmodel, str(sm), signatures={"serving_default": serve})
+    tf.saved_model.save(qmodel, str(sm), signatures={SIGNATURE: serve})
     config = QuantizationConfig.int8(len(representative), io_dtype=job["io_dtype"],
                                      output_dtype=job.get("output_dtype"))
     try:

@@ -10,9 +10,8 @@ import numpy as np
 
 from dermedge.card import card_from_dict, read_card
 from dermedge.image import load_image
+from dermedge.labels import HEADS, INPUT_NAME
 from export.errors import ExportError, RunDirError
-
-HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
 
 
 @dataclass(frozen=True)
@@ -104,9 +103,9 @@ def _check_model(model, run: Run, path: Path) -> None:
     outputs = model.output
     problems = []
     if len(model.inputs) != 1:
-        problems.append(f"it has {len(model.inputs)} inputs, expected one named 'image'")
-    elif not str(names[0]).startswith("image"):
-        problems.append(f"its input is named {names[0]!r}, expected 'image'")
+        problems.append(f"it has {len(model.inputs)} inputs, expected one named {INPUT_NAME!r}")
+    elif not str(names[0]).startswith(INPUT_NAME):
+        problems.append(f"its input is named {names[0]!r}, expected {INPUT_NAME!r}")
     else:
         shape = tuple(model.inputs[0].shape[1:])
         if shape != (run.input_size, run.input_size, 3):

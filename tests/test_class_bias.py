@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from ci import need
 
+from dermedge.labels import DIAGNOSIS_LABELS
 from trainer.calibration import (
     _balanced_nll,
     apply_softmax,
@@ -17,7 +18,6 @@ from trainer.calibration import (
     class_bias_section,
     fit_class_bias,
 )
-from trainer.labels import DIAGNOSIS_LABELS
 
 
 def _balanced_posteriors(n=30000, k=7, seed=0):

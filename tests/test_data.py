@@ -11,9 +11,9 @@ import pytest
 from ci import need
 from PIL import Image
 
+from dermedge.labels import DIAGNOSIS_LABELS, ISIC_COLUMNS
 from trainer import data as D
 from trainer.errors import DataError
-from trainer.labels import DIAGNOSIS_LABELS, ISIC_COLUMNS
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -20,10 +20,10 @@ from demo_fixtures import (  # noqa: E402
     with_metadata_tables,
 )
 
+from dermedge.labels import DIAGNOSIS_LABELS  # noqa: E402
 from edge_demo.app import create_app  # noqa: E402
 from edge_demo.cli import main as demo_main  # noqa: E402
 from edge_demo.metadata import adjust, parse  # noqa: E402
-from trainer.labels import DIAGNOSIS_LABELS  # noqa: E402
 from trainer.metadata import apply_prior  # noqa: E402
 
 

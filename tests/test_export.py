@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from export_fixtures import make_run_dir, set_constant_heads
 
+from dermedge.labels import DIAGNOSIS_LABELS
 from export.api import QuantizationConfig, Tolerances, export_run, load_bundle, run_tflite
 from export.cli import main
 from export.errors import DermedgeError, QuantizationCheckError
 from export.litert import LiteModel
-from trainer.labels import DIAGNOSIS_LABELS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:tensorflow.lite.*")
 

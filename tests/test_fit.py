@@ -14,10 +14,10 @@ from ci import need
 
 keras = need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
+from dermedge.labels import DIAGNOSIS_LABELS  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
 from trainer.data import class_weights, resample_indices  # noqa: E402
 from trainer.fit import fit, lr_at  # noqa: E402
-from trainer.labels import DIAGNOSIS_LABELS  # noqa: E402
 from trainer.run import RUN_FILES, partial_dir  # noqa: E402
 
 TOTAL_EPOCHS = 4  # 1 head + 3 fine-tune

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from ci import need
 
+from dermedge.labels import DIAGNOSIS_LABELS
 from trainer import metrics as M
-from trainer.labels import DIAGNOSIS_LABELS
 
 skm = need("sklearn.metrics", "the dev extra installs scikit-learn")
 

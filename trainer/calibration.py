@@ -38,10 +38,10 @@ import numpy as np
 
 from dermedge import numerics
 from dermedge.card import card_from_dict, recalibrated
+from dermedge.labels import DIAGNOSIS_LABELS
 from trainer.data import cache_images, read_splits
 from trainer.errors import RunDirError
 from trainer.evaluate import write_outputs
-from trainer.labels import DIAGNOSIS_LABELS
 from trainer.metadata import score_on_val
 from trainer.metrics import card_metrics, choose_threshold, score
 from trainer.metrics import expected_calibration_error as ece
@@ -55,7 +55,6 @@ SOFTMAX_EPS, SIGMOID_EPS = 1e-300, 1e-12
 T_MIN, T_MAX = 0.05, 20.0
 # Melanoma logit shifts searched (log-odds): class weights of up to ~e^6 : 1 are undone.
 SHIFT_MIN, SHIFT_MAX = -6.0, 6.0
-HEAD_LAYERS = {"diagnosis": "diagnosis", "melanoma": "melanoma"}
 
 
 def log_probs(probs: np.ndarray) -> np.ndarray:
@@ -235,7 +234,7 @@ def fold_temperatures(heads_of, temperatures: dict[str, float],
     shifts = shifts or {}
     for model in models:
         for head, t in temperatures.items():
-            layer = model.get_layer(HEAD_LAYERS[head])
+            layer = model.get_layer(head)  # the head layers carry the head names
             kernel, bias = layer.get_weights()
             layer.set_weights([kernel / t, bias / t + shifts.get(head, 0.0)])
 
@@ -245,7 +244,7 @@ def fold_class_bias(heads_of, bias: np.ndarray) -> None:
     or in every model of a list (ensemble members)."""
     models = heads_of if isinstance(heads_of, list | tuple) else [heads_of]
     for model in models:
-        layer = model.get_layer(HEAD_LAYERS["diagnosis"])
+        layer = model.get_layer("diagnosis")
         kernel, b = layer.get_weights()
         layer.set_weights([kernel, (b + np.asarray(bias, np.float64)).astype(b.dtype)])
 

@@ -17,10 +17,10 @@ import keras
 import numpy as np
 import pandas as pd
 
+from dermedge.labels import DIAGNOSIS_LABELS
 from trainer import distribute as dist
 from trainer.config import MAXIMISED_MONITORS, RunConfig
 from trainer.fit import lr_at, phase_of, val_loss
-from trainer.labels import DIAGNOSIS_LABELS
 from trainer.metrics import balanced_accuracy, roc_auc
 from trainer.pipeline import MEL_INDEX, predict_arrays
 from trainer.run import write_json_atomic

@@ -25,8 +25,8 @@ import pandas as pd
 
 from dermedge import image as image_contract
 from dermedge.errors import ImageError
+from dermedge.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, ISIC_COLUMNS, ISIC_TO_DX, MELANOMA_DX
 from trainer.errors import DataError
-from trainer.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, ISIC_COLUMNS, ISIC_TO_DX, MELANOMA_DX
 
 RECORD_COLUMNS: tuple[str, ...] = (
     "image_id", "path", "dx", "melanoma", "lesion_id", "age", "sex", "site",

@@ -38,8 +38,8 @@ TARGETS_VERSION = 1
 
 def check_teacher(teacher: str | Path) -> dict[str, Any]:
     """The teacher's model card; a clear error if it is not a finished run with both heads."""
+    from dermedge.labels import DIAGNOSIS_LABELS
     from trainer.errors import RunDirError
-    from trainer.labels import DIAGNOSIS_LABELS
     from trainer.run import read_card
 
     try:

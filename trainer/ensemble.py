@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 
 from dermedge.card import build_card
+from dermedge.labels import DIAGNOSIS_LABELS, INPUT_NAME, MELANOMA_LABELS
 from trainer.calibration import calibrate as fit_and_fold
 from trainer.calibration import strip_class_bias
 from trainer.data import cache_images, read_splits
 from trainer.errors import DermedgeError, RunDirError
 from trainer.evaluate import write_outputs
-from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
 from trainer.metadata import for_run as metadata_for_run
 from trainer.metrics import card_metrics, choose_threshold, score
 from trainer.run import (
@@ -66,7 +66,7 @@ def build_ensemble(members: Sequence[Any], size: int, *, tta: bool = True,
 
     if not members:
         raise DermedgeError("An ensemble needs at least one member run.")
-    image = keras.Input((size, size, 3), name="image", dtype="float32")
+    image = keras.Input((size, size, 3), name=INPUT_NAME, dtype="float32")
     views = {"identity": image}
     if tta:
         views["hflip"] = flip(image, "h", size, "hflip")

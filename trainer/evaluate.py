@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 from trainer.data import cache_images, load_records, read_splits, write_isic_predictions
 from trainer.errors import DataError, DermedgeError
-from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 from trainer.metadata import apply_prior, has_metadata
 from trainer.metrics import card_metrics, choose_threshold, roc_curve, score
 from trainer.run import load_run, write_json_atomic, write_text_atomic

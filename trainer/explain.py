@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from dermedge.labels import HEADS
 from trainer.errors import DataError, DermedgeError, RunDirError
 
 if TYPE_CHECKING:
     import keras
     import pandas as pd
 
-HEADS = ("diagnosis", "melanoma")
 INDEX_FILE = "index.csv"
 INDEX_COLUMNS = ("image", "png", "head", "class", "probability", "predicted",
                  "predicted_probability", "layer", "crop_left", "crop_top", "crop_side")
@@ -73,7 +73,7 @@ class GradCAM:
                  layer: str | None = None):
         import keras
 
-        from trainer.model import BACKBONE_NAME, HEAD_NAMES, backbone_submodel
+        from trainer.model import BACKBONE_NAME, backbone_submodel
 
         if keras.backend.backend() != "tensorflow":  # before TF is imported
             raise DermedgeError(
@@ -92,14 +92,14 @@ class GradCAM:
         image = keras.Input(tuple(model.inputs[0].shape[1:]), name="image", dtype="float32")
         x, fmap = image, None
         for lyr in model.layers:
-            if isinstance(lyr, keras.layers.InputLayer) or lyr.name in HEAD_NAMES:
+            if isinstance(lyr, keras.layers.InputLayer) or lyr.name in HEADS:
                 continue
             if lyr.name == BACKBONE_NAME:
                 fmap, x = features(x)
             else:
                 x = lyr(x)
         self._forward = keras.Model(image, [fmap, x], name="gradcam")
-        self._heads = {name: model.get_layer(name) for name in HEAD_NAMES}
+        self._heads = {name: model.get_layer(name) for name in HEADS}
         import tensorflow as tf
 
         # Traced once per head: ~5x faster than eager on a CPU.

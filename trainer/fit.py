@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from dermedge.card import build_card
+from dermedge.labels import DIAGNOSIS_LABELS, HEADS, MELANOMA_LABELS
 from trainer import distribute as dist
 from trainer.backbones import get_backbone
 from trainer.calibration import calibrate
@@ -45,7 +46,6 @@ from trainer.data import (
 from trainer.distill import agreement, check_no_leak, check_teacher, soft_targets, teacher_answers
 from trainer.errors import DataError, DermedgeError, RunDirError
 from trainer.evaluate import write_outputs
-from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
 from trainer.losses import head_losses, log_prior
 from trainer.metadata import for_run as metadata_for_run
 from trainer.metrics import card_metrics, choose_threshold, score
@@ -225,7 +225,7 @@ def val_loss(head_losses: dict, mel_true, p_mel, y_true, probs, *,
              "diagnosis": np.asarray(probs, np.float32)}
     per_sample = {k: getattr(fn, "call", fn) for k, fn in head_losses.items()}
     return float(sum(loss_weights[k] * np.mean(np.asarray(per_sample[k](targets[k], preds[k])))
-                     for k in ("melanoma", "diagnosis")))
+                     for k in HEADS))
 
 
 def _restore_final(model, ckpt: Path, state: dict, mode: str) -> None:

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from dermedge.card import card_from_dict, with_section
+from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 from trainer.data import cache_images, read_splits
 from trainer.errors import DermedgeError, RunDirError
-from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 from trainer.metrics import card_metrics, choose_threshold, score
 from trainer.run import load_run, now_iso, read_card, write_json_atomic
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dermedge import numerics
+from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 from trainer.config import melanoma_threshold_spec
-from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 
 if TYPE_CHECKING:
     import pandas as pd

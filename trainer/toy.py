@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from dermedge.labels import DIAGNOSIS_LABELS
 from trainer.errors import DataError
-from trainer.labels import DIAGNOSIS_LABELS
 
 # HAM10000 class shares (of 10,015 images).
 HAM_SHARES: dict[str, float] = {

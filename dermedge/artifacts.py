@@ -1,0 +1,121 @@
+"""The two artifacts between the stages, each read and checked in one place (docs/ARTIFACTS.md).
+
+* A **run directory** (``trainer fit --out``): ``model.keras`` + ``model_card.json`` + the rest;
+  ``trainer`` reads its own runs and ``export`` reads them with :func:`read_run`.
+* An **export bundle** (``python -m export tflite --out``): ``model.tflite`` + ``model_card.json``
+  + label files; the demo and ``export bench`` read it with :func:`read_bundle`.
+
+Both return the validated, typed card (:class:`dermedge.card.ModelCard`). No TensorFlow: loading
+the model itself is the caller's (Keras in ``trainer``/``export``, LiteRT in ``dermedge.litert``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dermedge.card import CARD_FILE, ModelCard, read_card
+from dermedge.errors import BundleError, RunDirError
+
+KERAS_FILE = "model.keras"
+SPLITS_FILE = "splits.csv"
+TFLITE_FILE = "model.tflite"
+LABELS_FILE = "labels_diagnosis.txt"
+PARTIAL_SUFFIX = ".partial"
+RUN_HINT = "Pass the --out folder of a finished `trainer fit` (it holds model.keras and " \
+           "model_card.json)."
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where an in-progress (or interrupted) ``trainer fit --out OUT`` lives: ``OUT.partial``."""
+    out = Path(out).expanduser().resolve()
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory whose card validated and whose model file is present."""
+
+    path: Path
+    card: ModelCard
+
+    @property
+    def name(self) -> str:
+        return str(self.card.name or self.path.name)
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / KERAS_FILE
+
+    @property
+    def splits_path(self) -> Path:
+        return self.path / SPLITS_FILE
+
+
+def read_run(path: str | Path, *, error: type[RunDirError] = RunDirError) -> RunDir:
+    """Check that ``path`` is a run directory with a usable card and a model file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        hint = ""
+        if partial_dir(path).is_dir():
+            hint = (f" An interrupted run exists at {partial_dir(path)}; finish it with "
+                    f"`trainer fit --out {path} --resume`.")
+        raise error(f"Run directory not found: {path} (it does not exist).{hint} {RUN_HINT}")
+    if not path.is_dir():
+        raise error(f"{path} is a file, not a run directory. {RUN_HINT}")
+    if not (path / CARD_FILE).is_file():
+        raise error(f"The run directory {path} has no {CARD_FILE}, so the input size, labels "
+                    f"and melanoma threshold are unknown: it is not a complete run directory. "
+                    f"Re-run `trainer fit`, or point at the right folder. {RUN_HINT}")
+    card = read_card(path, error=error)
+    if not (path / KERAS_FILE).is_file():
+        raise error(f"The run directory {path} has no {KERAS_FILE}: it is not a complete run "
+                    "directory. Training may not have finished; re-run `trainer fit` (or "
+                    "`--resume`).")
+    return RunDir(path.resolve(), card)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """An export bundle whose card validated and whose model file is present."""
+
+    path: Path
+    card: ModelCard
+
+    @property
+    def name(self) -> str:
+        return str(self.card.name or self.path.name)
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / TFLITE_FILE
+
+    @property
+    def mode(self) -> str | None:
+        return (self.card.export or {}).get("mode")
+
+
+def read_bundle(path: str | Path, *, error: type[BundleError] = BundleError) -> Bundle:
+    """Check that ``path`` is an export bundle: a folder with ``model.tflite``, a card with its
+    ``export`` section and, when present, a ``labels_diagnosis.txt`` that matches the card."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        hint = " (it is a file; pass the folder that holds it)" if path.is_file() else ""
+        raise error(f"Bundle folder not found: {path}{hint} (it does not exist or is not a "
+                    "folder). Pass the folder written by `python -m export tflite`, e.g. "
+                    "--device exports/mnv2-int8.")
+    if not (path / CARD_FILE).is_file():
+        raise error(f"The bundle {path} has no {CARD_FILE}. Point to a folder written by "
+                    "`python -m export tflite` (it holds model.tflite, model_card.json and "
+                    "labels).")
+    card = read_card(path, error=error, need_export=True)
+    if not (path / TFLITE_FILE).is_file():
+        raise error(f"The bundle {path} has no {TFLITE_FILE}; re-export it.")
+    labels_txt = path / LABELS_FILE
+    if labels_txt.is_file():
+        listed = tuple(x.strip() for x in labels_txt.read_text().splitlines() if x.strip())
+        if listed != card.diagnosis_labels:
+            raise error(f"{labels_txt} lists {list(listed)} but the card's "
+                        f"heads.diagnosis.labels are {list(card.diagnosis_labels)}; re-export "
+                        "the bundle.")
+    return Bundle(path.resolve(), card)
