@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -44,6 +43,8 @@ from typing import Any
 
 from flask import Blueprint, Flask, Request, current_app, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
+
+from dermedge.files import write_bytes
 
 from . import browser
 from .errors import EdgeDemoError, RequestError
@@ -346,10 +347,7 @@ def _maybe_save(data: bytes) -> None:
         fmt = None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest = Path(folder) / f"{stamp}-{uuid.uuid4().hex}.{_EXT.get(fmt, 'bin')}"
-    fd, tmp = tempfile.mkstemp(prefix=".upload.", dir=folder)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(tmp, dest)
+    write_bytes(dest, data)
     g.saved_upload = dest.name
 
 

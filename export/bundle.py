@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from dermedge.card import with_export
+from dermedge.files import replace_dir
 from dermedge.labels import INPUT_NAME
 
 BUNDLE_FILES: tuple[str, ...] = ("model.tflite", "labels_diagnosis.txt", "labels_melanoma.txt",
@@ -284,23 +285,15 @@ def write_bundle(out: Path, files: dict[str, bytes | str], *, overwrite: bool = 
             raise ExportError(f"--out {out} already exists; remove it or pass another folder.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
     try:
         for name, content in files.items():
             data = content.encode("utf-8") if isinstance(content, str) else content
             (tmp / name).write_bytes(data)
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
+        replace_dir(tmp, out, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():
-            os.replace(old, out)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 from dermedge.cli import HelpFormatter, error_text, quiet_tensorflow
+from dermedge.files import write_json
 from export.config import (
     BIAS_CORRECTION,
     DEFAULT_QAT_EPOCHS,
@@ -360,10 +361,7 @@ def cmd_bench(args) -> int:
                for m in args.model]
     print(bench_table(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        write_json(args.json, results, allow_nan=True)
     return EXIT_OK
 
 

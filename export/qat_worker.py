@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge.files import write_bytes, write_json
 from dermedge.labels import HEADS, INPUT_NAME, SIGNATURE
 
 NEEDS = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "keras", "pandas", "PIL")
@@ -43,9 +44,7 @@ def say(msg: str) -> None:
 
 
 def _write(work: Path, result: dict) -> None:
-    tmp = work / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    tmp.replace(work / "result.json")
+    write_json(work / "result.json", result, default=float, allow_nan=True)
 
 
 # ----------------------------------------------------------------------------- rebuild
@@ -439,8 +438,7 @@ def run(work: Path) -> dict:
     fq_after = max_head_diff(qmodel(x_probe, training=False), probe)
     t_conv = time.perf_counter()
     tflite = convert(tf, qmodel, job, representative, work)
-    (work / "model.tflite.tmp").write_bytes(tflite)
-    (work / "model.tflite.tmp").replace(work / "model.tflite")
+    write_bytes(work / "model.tflite", tflite)
     say(f"converted to int8 ({len(tflite):,} bytes) in {time.perf_counter() - t_conv:.0f} s")
     return {"ok": True, "versions": versions, "rebuild_max_abs_diff": diff,
             "dropped_config_keys": dropped, "frozen_layers": len(frozen),

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dermedge.files import replace_dir
+
 
 @dataclass(frozen=True)
 class PinnedVenv:
@@ -90,9 +92,7 @@ class PinnedVenv:
             (tmp / ".installed").write_text("\n".join(self.requirements) + "\n")
             if self.cached_python() is not None and not force:  # another process built it
                 return py
-            if venv.exists():
-                shutil.rmtree(venv)
-            tmp.rename(venv)
+            replace_dir(tmp, venv, overwrite=True)
         except subprocess.TimeoutExpired as exc:
             raise self.error(f"Building the {self.label} environment timed out "
                              f"({exc.timeout:.0f} s for {' '.join(map(str, exc.cmd[:4]))} ...); "

@@ -38,6 +38,7 @@ import numpy as np
 
 from dermedge import numerics
 from dermedge.card import card_from_dict, recalibrated
+from dermedge.files import write_json
 from dermedge.labels import DIAGNOSIS_LABELS
 from trainer.data import cache_images, read_splits
 from trainer.errors import RunDirError
@@ -45,7 +46,7 @@ from trainer.evaluate import write_outputs
 from trainer.metadata import score_on_val
 from trainer.metrics import card_metrics, choose_threshold, score
 from trainer.metrics import expected_calibration_error as ece
-from trainer.run import load_run, move_into_place, partial_dir, write_json_atomic
+from trainer.run import load_run, move_into_place, partial_dir
 
 # Clips before the logs (float64): softmax outputs may underflow to 0; a sigmoid's 1 - p needs
 # a margin from 1.
@@ -522,7 +523,7 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
     try:
         model.save(str(work / "model.keras"))
         write_outputs(work, val, p_mel, probs, metrics, predictions=False, report=False)
-        write_json_atomic(work / "model_card.json", card)
+        write_json(work / "model_card.json", card)
         move_into_place(work, run, overwrite=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -25,6 +25,7 @@ import pandas as pd
 
 from dermedge import image as image_contract
 from dermedge.errors import ImageError
+from dermedge.files import atomic_path
 from dermedge.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, ISIC_COLUMNS, ISIC_TO_DX, MELANOMA_DX
 from trainer.errors import DataError
 
@@ -665,13 +666,8 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | Path | None =
                 return arr
         except (OSError, ValueError):
             pass  # a corrupt cache file is rebuilt below
-    tmp = cache_dir / f".{final.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy"
-    try:
+    with atomic_path(final, suffix=".npy") as tmp:
         _build_cache(tmp, abs_paths, size, workers, progress)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return np.load(final, mmap_mode="r")
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dermedge.files import atomic_path
 from trainer.errors import ConfigError
 
 TARGETS_VERSION = 1
@@ -117,12 +118,8 @@ def teacher_answers(teacher: str | Path, paths: list[str], *, cache_dir: str | P
             done = min(start + chunk, n)
             print(f"distill: teacher {teacher.name} answered {done}/{n} training images "
                   f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-    tmp = final.with_name(f".{final.stem}.{time.time_ns()}.tmp.npz")
-    try:
+    with atomic_path(final, suffix=".npz") as tmp:
         np.savez(tmp, p_mel=p_mel, probs=probs)
-        tmp.replace(final)
-    finally:
-        tmp.unlink(missing_ok=True)
     return p_mel, probs, {**info, "cached": False, "seconds": round(time.time() - t0, 1)}
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from dermedge.card import build_card
+from dermedge.files import write_json, write_text
 from dermedge.labels import DIAGNOSIS_LABELS, INPUT_NAME, MELANOMA_LABELS
 from trainer.calibration import calibrate as fit_and_fold
 from trainer.calibration import strip_class_bias
@@ -37,9 +38,8 @@ from trainer.run import (
     move_into_place,
     now_iso,
     partial_dir,
+    save_model,
     versions,
-    write_json_atomic,
-    write_text_atomic,
 )
 
 FLIPS = ("identity", "hflip", "vflip", "hvflip")
@@ -184,18 +184,16 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
         shutil.rmtree(work)
     work.mkdir(parents=True)
     try:
-        tmp = work / "model.tmp.keras"
-        model.save(str(tmp))
-        tmp.replace(work / "model.keras")
+        save_model(model, work)
         shutil.copyfile(runs[0] / "splits.csv", work / "splits.csv")
-        write_text_atomic(work / "labels.txt", "\n".join(DIAGNOSIS_LABELS) + "\n")
+        write_text(work / "labels.txt", "\n".join(DIAGNOSIS_LABELS) + "\n")
         import yaml
 
         spec = {"ensemble": {"members": [str(r) for r in runs], "tta": bool(tta),
                              "calibrate": bool(calibrate),
                              "class_bias": bool(calibrate and class_bias)}}
-        write_text_atomic(work / "config.yaml", yaml.safe_dump(spec, sort_keys=False))
-        write_text_atomic(work / "history.csv", "epoch,phase\n")
+        write_text(work / "config.yaml", yaml.safe_dump(spec, sort_keys=False))
+        write_text(work / "history.csv", "epoch,phase\n")
         write_outputs(work, val, p_mel, probs, metrics, predictions=False, report=False)
         first = loaded[0][1]
         data = dict(first.get("data") or {})
@@ -229,7 +227,7 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
             # age/sex/site evidence (trainer.metadata), or None
             metadata_prior=metadata_for_run(records, p_mel, probs, threshold, "youden"),
         ).to_dict()
-        write_json_atomic(work / "model_card.json", card)
+        write_json(work / "model_card.json", card)
         move_into_place(work, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from dermedge.card import build_card
+from dermedge.files import write_json, write_text
 from dermedge.labels import DIAGNOSIS_LABELS, HEADS, MELANOMA_LABELS
 from trainer import distribute as dist
 from trainer.backbones import get_backbone
@@ -63,9 +64,8 @@ from trainer.run import (
     now_iso,
     partial_dir,
     read_json,
+    save_model,
     versions,
-    write_json_atomic,
-    write_text_atomic,
 )
 from trainer.toy import is_synthetic
 
@@ -376,8 +376,8 @@ def fit(config: RunConfig | None, out: str | Path, *, overwrite: bool = False,
     try:
         if not resume:
             write_splits(records, work / "splits.csv")
-            write_text_atomic(work / "config.yaml", config.to_yaml())
-            write_text_atomic(work / "labels.txt", "\n".join(DIAGNOSIS_LABELS) + "\n")
+            write_text(work / "config.yaml", config.to_yaml())
+            write_text(work / "labels.txt", "\n".join(DIAGNOSIS_LABELS) + "\n")
         result = _train_and_write(config, out, work, spec, size, records, layout, state,
                                   plan=plan, overwrite=overwrite, callbacks=callbacks,
                                   verbose=verbose, progress=progress, t_start=t_start)
@@ -599,9 +599,7 @@ def _save_model(config: RunConfig, size: int, model, work: Path, *, mixed: bool)
                             dropout=config.model.dropout)
         clean.set_weights(model.get_weights())
         model = clean
-    tmp = work / "model.tmp.keras"
-    model.save(str(tmp))
-    tmp.replace(work / "model.keras")
+    save_model(model, work)
 
 
 def _write_run(config, out, work, spec, size, records, layout, state, final: _Final, *, plan,
@@ -615,7 +613,7 @@ def _write_run(config, out, work, spec, size, records, layout, state, final: _Fi
                              t.melanoma_threshold)
     card = _card(config, spec, size, records, layout, state, final.metrics, final.threshold,
                  wall, mixed, plan=plan, prior=prior).to_dict()
-    write_json_atomic(work / "model_card.json", card)
+    write_json(work / "model_card.json", card)
     if not t.keep_checkpoints:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
     dist.finish(plan, work, out, overwrite=overwrite)  # only the chief writes <out>

@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 
 from dermedge.card import card_from_dict, with_section
+from dermedge.files import write_json
 from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 from trainer.data import cache_images, read_splits
 from trainer.errors import DermedgeError, RunDirError
 from trainer.metrics import card_metrics, choose_threshold, score
-from trainer.run import load_run, now_iso, read_card, write_json_atomic
+from trainer.run import load_run, now_iso, read_card
 
 FIELDS: tuple[str, ...] = ("age", "sex", "site")
 AGE_BIN_YEARS = 10
@@ -235,7 +236,7 @@ def fit_run(run_dir, *, weight: float = DEFAULT_WEIGHT, smoothing: float = DEFAU
     section.update(scored)
     card = with_section(card_from_dict(card, where=str(run / "model_card.json")),
                         "metadata_prior", section)
-    write_json_atomic(run / "model_card.json", card.to_dict())
+    write_json(run / "model_card.json", card.to_dict())
     return section
 
 
@@ -282,5 +283,5 @@ def remove_from_run(run_dir) -> bool:
     if "metadata_prior" not in card:
         return False
     del card["metadata_prior"]
-    write_json_atomic(run / "model_card.json", card)
+    write_json(run / "model_card.json", card)
     return True

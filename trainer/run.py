@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from dermedge.card import CARD_SCHEMA_VERSION
 from dermedge.card import read_card as read_model_card
+from dermedge.files import atomic_path, replace_dir
 from trainer.errors import RunDirError
 
 __all__ = ["CARD_SCHEMA_VERSION", "RUN_FILES", "is_complete_run", "load_run", "move_into_place",
-           "now_iso", "partial_dir", "read_card", "read_json", "versions", "write_json_atomic",
-           "write_text_atomic"]
+           "now_iso", "partial_dir", "read_card", "read_json", "versions"]
 # What makes a directory a complete run (written last: model_card.json).
 RUN_FILES = ("model.keras", "model_card.json", "config.yaml", "labels.txt", "splits.csv",
              "history.csv", "metrics.json")
@@ -36,22 +33,6 @@ def is_complete_run(path: str | Path) -> bool:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
@@ -136,14 +117,13 @@ def versions() -> dict[str, str]:
     return out
 
 
+def save_model(model, work: str | Path) -> None:
+    """``work/model.keras`` (the inference model), written atomically."""
+    with atomic_path(Path(work) / "model.keras", suffix=".keras") as tmp:
+        model.save(str(tmp))
+
+
 def move_into_place(work: Path, out: Path, *, overwrite: bool) -> None:
     """Rename ``work`` to ``out``; an existing ``out`` is replaced only with ``overwrite``."""
-    if out.exists():
-        if not overwrite:
-            raise RunDirError(f"{out} already exists; pass --overwrite to replace it.")
-        trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        out.rename(trash)
-        work.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        work.rename(out)
+    replace_dir(work, out, overwrite=overwrite, exists_error=RunDirError,
+                exists_message=f"{out} already exists; pass --overwrite to replace it.")

