@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                       "refused": float(np.mean(v > GATE))}
         records.append(rec)
     if args.int8 is not None:
-        from export.litert import LiteModel
+        from dermedge.litert import LiteModel
 
         pl = LiteModel.load(args.int8 / "model.tflite").predict(images, batch_size=16)
         g = drops(pf, np.asarray(pl["diagnosis"], np.float64), y, offsets, repeats=10)

@@ -5,12 +5,14 @@
 * An **export bundle** (``python -m export tflite --out``): ``model.tflite`` + ``model_card.json``
   + label files; the demo and ``export bench`` read it with :func:`read_bundle`.
 
-Both return the validated, typed card (:class:`dermedge.card.ModelCard`). No TensorFlow: loading
-the model itself is the caller's (Keras in ``trainer``/``export``, LiteRT in ``dermedge.litert``).
+Both return the validated, typed card (:class:`dermedge.card.ModelCard`). Reading them needs no
+TensorFlow: :meth:`RunDir.load_keras` imports Keras only when called, and a bundle's model runs
+on LiteRT (``dermedge.litert``).
 """
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,22 @@ class RunDir:
     @property
     def splits_path(self) -> Path:
         return self.path / SPLITS_FILE
+
+    def load_keras(self, *, error: type[RunDirError] = RunDirError):
+        """The float Keras model in ``model.keras`` (needs Keras; imported here, on demand)."""
+        import keras
+
+        path = self.model_path
+        if path.is_file() and not zipfile.is_zipfile(path):  # Keras would say "File not found"
+            raise error(f"Cannot load {path}: it exists ({path.stat().st_size:,} bytes) but is "
+                        "not a complete .keras file (not a readable zip archive: truncated or "
+                        "corrupt). Restore it or re-run `trainer fit`.")
+        try:
+            return keras.saving.load_model(path, compile=False)
+        except Exception as exc:  # noqa: BLE001 - any load failure means a bad file
+            raise error(f"Cannot load {path} ({type(exc).__name__}: {str(exc)[:300]}). The file "
+                        "is corrupt or was not written by `trainer fit`; re-run training or "
+                        "restore the file.") from exc
 
 
 def read_run(path: str | Path, *, error: type[RunDirError] = RunDirError) -> RunDir:

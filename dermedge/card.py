@@ -198,6 +198,15 @@ def with_section(card: ModelCard, key: str, value: Any) -> ModelCard:
     return card_from_dict(_ordered(d), where="the card being written")
 
 
+def without_section(card: ModelCard, key: str) -> ModelCard:
+    """``card`` without the optional top-level section ``key``."""
+    if key not in OPTIONAL_KEYS:
+        raise ValueError(f"{key!r} is not an optional card section ({', '.join(OPTIONAL_KEYS)}).")
+    d = card.to_dict()
+    d.pop(key, None)
+    return card_from_dict(d, where="the card being written")
+
+
 def _ordered(d: dict) -> dict:
     known = {k: d[k] for k in KEY_ORDER if k in d}
     return {**known, **{k: v for k, v in d.items() if k not in known}}

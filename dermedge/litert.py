@@ -18,16 +18,24 @@ from dermedge.errors import BundleError
 from dermedge.labels import HEADS, INPUT_NAME, SIGNATURE
 
 
-def make_interpreter(model: bytes | str | Path, threads: int | None = None):
+def make_interpreter(model: bytes | str | Path, threads: int | None = None, *,
+                     name: str | None = None, allocate: bool = False):
+    """A LiteRT interpreter on a .tflite file or its bytes (``name`` says which in errors);
+    ``allocate`` sizes its tensors now, so a broken model fails here, not on first use."""
     from ai_edge_litert.interpreter import Interpreter
 
     kwargs = {"num_threads": int(threads)} if threads else {}
     try:
         if isinstance(model, (bytes, bytearray)):
-            return Interpreter(model_content=bytes(model), **kwargs)
-        return Interpreter(model_path=str(model), **kwargs)
+            interp = Interpreter(model_content=bytes(model), **kwargs)
+        else:
+            interp = Interpreter(model_path=str(model), **kwargs)
+        if allocate:
+            interp.allocate_tensors()
+        return interp
     except (ValueError, RuntimeError) as exc:
-        where = "the converted model" if isinstance(model, (bytes, bytearray)) else str(model)
+        where = name or ("the converted model" if isinstance(model, (bytes, bytearray))
+                         else str(model))
         raise BundleError(f"LiteRT cannot load {where} ({exc}). The file is not a valid .tflite "
                           "model; re-export it.") from None
 
@@ -94,8 +102,10 @@ class LiteModel:
     runner: object = None  # the signature runner, made once (it is reused for every call)
 
     @classmethod
-    def load(cls, model: bytes | str | Path, threads: int | None = None) -> LiteModel:
-        interp = make_interpreter(model, threads)
+    def load(cls, model: bytes | str | Path, threads: int | None = None, *,
+             name: str | None = None) -> LiteModel:
+        """Load and check the signature (input ``image``, outputs by head name)."""
+        interp = make_interpreter(model, threads, name=name, allocate=True)
         io = signature_io(interp)
         check_signature(io)
         return cls(interp, io, interp.get_signature_runner(SIGNATURE))

@@ -14,16 +14,18 @@ from typing import Any
 
 import numpy as np
 
-from export.bundle import BUNDLE_FILES, dumps, export_card, sha256_bytes, usage_md, write_bundle
+from dermedge.card import ModelCard, with_export
+from dermedge.labels import SIGNATURE
+from dermedge.litert import LiteModel
+from export.bundle import BUNDLE_FILES, dumps, sha256_bytes, usage_md, write_bundle
 from export.config import QuantizationConfig, Tolerances
-from export.litert import SIGNATURE, Bundle, LiteModel, load_bundle, run_tflite
 from export.refused import REFUSED_NOTICE, refused_notice
 from export.rundir import Run, load_images, open_run, representative_records, validation_records
 from export.tflite_metadata import mediapipe_python, with_metadata
 from export.validate import to_markdown
 
-__all__ = ["BundleResult", "export_run", "load_bundle", "run_tflite", "default_out",
-           "keras_predict", "QuantizationConfig", "Tolerances", "Bundle", "LiteModel"]
+__all__ = ["BundleResult", "export_run", "default_out", "keras_predict", "QuantizationConfig",
+           "Tolerances"]
 
 VALIDATION_BATCH = 16
 COMPACT_CHECK_IMAGES = 8  # calibration images the compacted file must reproduce bit for bit
@@ -36,7 +38,7 @@ class BundleResult:
     path: Path
     mode: str
     passed: bool | None
-    card: dict
+    card: ModelCard
     report: dict
     tflite_bytes: int
     seconds: float
@@ -109,12 +111,12 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                        data=data, split=split, validate=validate, say=say)
     section = _card_section(config, shipped, ptq, qat_info, report, where, validate=validate,
                             passed=passed)
-    card = export_card(run.card, section)
+    card = with_export(run.card, section)  # validated by dermedge.card
     files = {
         "model.tflite": shipped.conv.tflite,
         "labels_diagnosis.txt": "\n".join(run.diagnosis_labels) + "\n",
         "labels_melanoma.txt": "\n".join(run.melanoma_labels) + "\n",
-        "model_card.json": dumps(card),
+        "model_card.json": dumps(card.to_dict()),
         "validation.json": dumps(report),
         "validation.md": (to_markdown(report, f"{run.name} → {label}") + _qat_md(report)
                           if validate else f"# Validation: {run.name} → {label}\n\n"
@@ -181,8 +183,8 @@ def _convert(run: Run, model, config: QuantizationConfig, rep, *, debug: bool, q
     if config.qat is not None:
         from export.qat import check_qat_support, graph_spec
 
-        check_qat_support(graph_spec(model), run.card.get("backbone"))
-    say(f"converting {run.name} ({run.card.get('backbone')}) to {config.mode}")
+        check_qat_support(graph_spec(model), run.card.backbone)
+    say(f"converting {run.name} ({run.card.backbone}) to {config.mode}")
     conv, bias = (convert_model(model, config, rep, debug=debug)
                   if config.bias_correction not in ("on", "kernel") else None), None
     if config.bias_correction != "off":  # on a second copy: validation compares with float

@@ -10,7 +10,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dermedge.card import with_export
 from dermedge.files import replace_dir
 from dermedge.labels import INPUT_NAME
 
@@ -20,11 +19,6 @@ BUNDLE_FILES: tuple[str, ...] = ("model.tflite", "labels_diagnosis.txt", "labels
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def export_card(run_card: dict, export_section: dict) -> dict:
-    """The bundle's card: the run's card plus ``export`` (validated by dermedge.card)."""
-    return with_export(run_card, export_section).to_dict()
 
 
 def _patient_md(prior: dict | None) -> str:

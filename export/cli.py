@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="N", help="int8 calibration images from the train split (default "
                    f"{DEFAULT_REPRESENTATIVE_IMAGES})")
     t.add_argument("--data", type=Path, default=None,
-                   help="validate on this labelled set instead of the run's split")
+                   help="validate on this labelled set instead of the run's split: another "
+                   "splits.csv (its --split rows) or a folder with one sub-folder per diagnosis")
     t.add_argument("--split", default="val", help="split of splits.csv to validate on")
     t.add_argument("--tolerance", nargs="+", default=[], metavar="NAME=VALUE",
                    help="override a gate, e.g. diagnosis_agreement=0.97 (or NAME=none)")
@@ -259,8 +260,9 @@ def _precheck_tflite(args, config) -> None:
 
     run = open_run(args.run)  # no TensorFlow: the card, model file and splits are checked
     if args.data is not None and not args.data.exists():
-        raise DermedgeError(f"--data {args.data} not found. Pass a labelled dataset (folder or "
-                            "CSV), or drop --data to validate on the run's own split.")
+        raise DermedgeError(f"--data {args.data} not found. Pass a splits.csv or a folder with "
+                            "one sub-folder per diagnosis, or drop --data to validate on the "
+                            "run's own split.")
     label = "int8-qat" if config.qat is not None else config.mode
     check_out(Path(args.out) if args.out is not None else default_out(run, label))
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from dermedge.labels import SIGNATURE
+from dermedge.litert import check_signature, make_interpreter, signature_io
 from export.config import QuantizationConfig
 from export.errors import ExportError, QuantizationCheckError
-from export.litert import check_signature, make_interpreter, signature_io
 
 DEBUG_TOP = 10
 DEBUG_SAMPLES = 32

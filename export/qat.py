@@ -275,7 +275,7 @@ def run_qat(run, model, config: QuantizationConfig, representative: np.ndarray, 
                        "(QuantizationConfig.int8_qat).")
     exe = find_qat_python(python)
     spec = graph_spec(model)
-    check_qat_support(spec, run.card.get("backbone"))
+    check_qat_support(spec, run.card.backbone)
     settings = _training_settings(run)
     splits = run.splits()
     train = splits[splits["split"] == "train"].reset_index(drop=True)
@@ -305,7 +305,7 @@ def run_qat(run, model, config: QuantizationConfig, representative: np.ndarray, 
                "epochs": config.qat.epochs,
                "steps_per_epoch": config.qat.steps_per_epoch, "lr": config.qat.lr,
                "target": config.qat.target,
-               "rebuild_tolerance": REBUILD_TOLERANCE, "backbone": run.card.get("backbone")}
+               "rebuild_tolerance": REBUILD_TOLERANCE, "backbone": run.card.backbone}
         (tmp / "job.json").write_text(json.dumps(job, indent=2))
         say(f"QAT: {config.qat.epochs} epoch(s) on {len(train)} train images in {exe}")
         result = _run_worker(exe, tmp, src, say)

@@ -116,7 +116,8 @@ def run_worker(mode: str, spec: dict, workdir: Path, *, python: Path | None = No
 # ----------------------------------------------------------------------------- the file
 def output_order(tflite: bytes) -> list[str]:
     """The signature's output names in the subgraph's output order (what metadata follows)."""
-    from export.litert import SIGNATURE, make_interpreter
+    from dermedge.labels import SIGNATURE
+    from dermedge.litert import make_interpreter
 
     interp = make_interpreter(tflite)
     by_index = {d["index"]: name for name, d in

@@ -26,10 +26,11 @@ from ci import unavailable
 from test_cli import _assert_one_paragraph_error, _no_run_dirs
 from test_fit import toy_data_fixture  # noqa: F401 - session fixture
 
+from dermedge.artifacts import partial_dir
+from dermedge.errors import RunDirError
 from trainer import distribute as dist
 from trainer.config import ConfigError, RunConfig
-from trainer.errors import RunDirError
-from trainer.run import RUN_FILES, partial_dir
+from trainer.run import RUN_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING_BACKEND = 3

@@ -13,8 +13,9 @@ need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
 from test_fit import toy_data_fixture, trained_run_fixture  # noqa: E402,F401 - session fixtures
 
+from dermedge.errors import RunDirError  # noqa: E402
 from dermedge.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, ISIC_COLUMNS  # noqa: E402
-from trainer.errors import DataError, RunDirError  # noqa: E402
+from trainer.errors import DataError  # noqa: E402
 from trainer.evaluate import evaluate  # noqa: E402
 
 ISIC_HEADER = ["image", *ISIC_COLUMNS]

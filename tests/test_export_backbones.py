@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 from export_fixtures import make_run_dir
 
-from export.api import QuantizationConfig, export_run, run_tflite
+from dermedge.litert import run_tflite
+from export.api import QuantizationConfig, export_run
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore::UserWarning:tensorflow.lite.*")]

@@ -18,7 +18,8 @@ import pytest
 from ci import unavailable
 from export_fixtures import make_run_dir
 
-from export.api import QuantizationConfig, export_run, run_tflite
+from dermedge.litert import run_tflite
+from export.api import QuantizationConfig, export_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:tensorflow.lite.*")
 

@@ -22,10 +22,10 @@ import pytest
 from ci import unavailable
 from export_fixtures import make_run_dir
 
+from dermedge.litert import LiteModel
 from export.api import QuantizationConfig, export_run
 from export.cli import main
 from export.errors import ExportError
-from export.litert import LiteModel
 from export.qat import (
     ENV_VAR,
     QAT_REQUIREMENTS,

@@ -37,16 +37,17 @@ from typing import Any
 import numpy as np
 
 from dermedge import numerics
-from dermedge.card import card_from_dict, recalibrated
+from dermedge.artifacts import partial_dir
+from dermedge.card import recalibrated
+from dermedge.errors import RunDirError
 from dermedge.files import write_json
 from dermedge.labels import DIAGNOSIS_LABELS
 from trainer.data import cache_images, read_splits
-from trainer.errors import RunDirError
 from trainer.evaluate import write_outputs
 from trainer.metadata import score_on_val
 from trainer.metrics import card_metrics, choose_threshold, score
 from trainer.metrics import expected_calibration_error as ece
-from trainer.run import load_run, move_into_place, partial_dir
+from trainer.run import load_run, move_into_place, save_model
 
 # Clips before the logs (float64): softmax outputs may underflow to 0; a sigmoid's 1 - p needs
 # a margin from 1.
@@ -472,13 +473,12 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
                           "twice would fit on predictions that already use them."
                           + ("" if class_bias else " (--class-bias adds only the per-class "
                              "offsets to a calibrated run.)"))
-    if card.get("backbone") == "ensemble":
+    if card.backbone == "ensemble":
         raise RunDirError(f"{run} is an ensemble: rebuild it with `trainer ensemble` (which "
                           "calibrates; --class-bias for the offsets) instead.")
     records = read_splits(run / "splits.csv")
     val = records[records["split"] == "val"].reset_index(drop=True)
-    size = int(card["input"]["shape"][0])
-    images = cache_images(val["path"].tolist(), size, None, progress=progress)
+    images = cache_images(val["path"].tolist(), card.input_size, None, progress=progress)
     y = labels_from_dx(val["dx"])
     p_mel, probs = predict_arrays(model, images, batch_size=batch_size)
     seed = int(card.get("config", {}).get("seed", 0) or 0)
@@ -512,18 +512,17 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
     if card.get("metadata_prior"):  # same tables; its val scores used the old answers
 
         scores = score_on_val(card["metadata_prior"], val, p_mel, probs, threshold, spec)
-    card = recalibrated(card_from_dict(card, where=str(run / "model_card.json")),
-                        calibration=section, melanoma_threshold=threshold,
-                        metrics_val=card_metrics(metrics), metadata_scores=scores).to_dict()
+    card = recalibrated(card, calibration=section, melanoma_threshold=threshold,
+                        metrics_val=card_metrics(metrics), metadata_scores=scores)
     # Rewrite a copy and swap it in: an interruption leaves the run as it was.
     work = partial_dir(run)
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(run, work)
     try:
-        model.save(str(work / "model.keras"))
+        save_model(model, work)
         write_outputs(work, val, p_mel, probs, metrics, predictions=False, report=False)
-        write_json(work / "model_card.json", card)
+        write_json(work / "model_card.json", card.to_dict())
         move_into_place(work, run, overwrite=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -416,7 +416,7 @@ def precheck(args: argparse.Namespace) -> None:
             _need_run(args.distill_from, option="--distill-from (train.distill_from)")
         _need_new_out(args.out, overwrite=args.overwrite, resume=args.resume)
         if args.resume:
-            from trainer.run import partial_dir
+            from dermedge.artifacts import partial_dir
 
             if not partial_dir(args.out).is_dir():
                 raise DermedgeError(f"Nothing to resume for --out {args.out}: no interrupted "

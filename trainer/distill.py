@@ -39,15 +39,15 @@ TARGETS_VERSION = 1
 
 def check_teacher(teacher: str | Path) -> dict[str, Any]:
     """The teacher's model card; a clear error if it is not a finished run with both heads."""
+    from dermedge.errors import RunDirError
     from dermedge.labels import DIAGNOSIS_LABELS
-    from trainer.errors import RunDirError
     from trainer.run import read_card
 
     try:
         card = read_card(teacher)
     except RunDirError as e:
         raise ConfigError(f"train.distill_from: {e}") from None
-    labels = card.get("heads", {}).get("diagnosis", {}).get("labels")
+    labels = list(card.diagnosis_labels)
     if labels != list(DIAGNOSIS_LABELS):
         raise ConfigError(f"train.distill_from: {teacher}'s diagnosis head has labels {labels}; "
                           f"a teacher needs the HAM10000 order {list(DIAGNOSIS_LABELS)}.")
@@ -86,14 +86,14 @@ def teacher_answers(teacher: str | Path, paths: list[str], *, cache_dir: str | P
 
     teacher = Path(teacher)
     card = check_teacher(teacher)
-    size = int(card["input"]["shape"][0])
+    size = card.input_size
     sha = hashlib.sha256((teacher / "model.keras").read_bytes()).hexdigest()  # as trainer ensemble
     key, _ = cache_key(paths, size)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"teacher_v{TARGETS_VERSION}_{sha[:16]}_{size}px_n{len(paths)}_{key}.npz"
-    info = {"teacher": str(teacher), "teacher_name": card.get("name"),
-            "teacher_backbone": card.get("backbone"), "teacher_sha256": sha,
+    info = {"teacher": str(teacher), "teacher_name": card.name,
+            "teacher_backbone": card.backbone, "teacher_sha256": sha,
             "teacher_input_size": size,
             "teacher_val": {k: card.get("metrics", {}).get("val", {}).get(k)
                             for k in ("balanced_accuracy", "melanoma_auc")},

@@ -153,8 +153,8 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, layout: str
 
     run = Path(run_dir).expanduser().resolve()
     model, card = load_run(run)
-    size = int(card["input"]["shape"][0])
-    threshold = float(card["heads"]["melanoma"]["threshold"])
+    size = card.input_size
+    threshold = card.melanoma_threshold
     if data is not None:
         records = load_records(data, layout=layout, images=images)
         source, split_name = str(Path(data).expanduser().resolve()), "all"

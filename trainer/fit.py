@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermedge.card import build_card
-from dermedge.files import write_json, write_text
+from dermedge.artifacts import partial_dir
+from dermedge.card import ModelCard, build_card
+from dermedge.errors import RunDirError
 from dermedge.labels import DIAGNOSIS_LABELS, HEADS, MELANOMA_LABELS
 from trainer import distribute as dist
 from trainer.backbones import get_backbone
@@ -42,10 +43,9 @@ from trainer.data import (
     load_records,
     read_splits,
     split_records,
-    write_splits,
 )
 from trainer.distill import agreement, check_no_leak, check_teacher, soft_targets, teacher_answers
-from trainer.errors import DataError, DermedgeError, RunDirError
+from trainer.errors import DataError, DermedgeError
 from trainer.evaluate import write_outputs
 from trainer.losses import head_losses, log_prior
 from trainer.metadata import for_run as metadata_for_run
@@ -62,9 +62,10 @@ from trainer.model import (
 from trainer.run import (
     is_complete_run,
     now_iso,
-    partial_dir,
+    publish_run,
     read_json,
     save_model,
+    start_run,
     versions,
 )
 from trainer.toy import is_synthetic
@@ -78,7 +79,7 @@ STATE_VERSION = 1
 class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
-    card: dict[str, Any]
+    card: ModelCard
     history: pd.DataFrame
     best_epoch: int
     epochs_run: int
@@ -375,9 +376,7 @@ def fit(config: RunConfig | None, out: str | Path, *, overwrite: bool = False,
         (work / "checkpoints").mkdir(parents=True)
     try:
         if not resume:
-            write_splits(records, work / "splits.csv")
-            write_text(work / "config.yaml", config.to_yaml())
-            write_text(work / "labels.txt", "\n".join(DIAGNOSIS_LABELS) + "\n")
+            start_run(work, records, config.to_yaml())
         result = _train_and_write(config, out, work, spec, size, records, layout, state,
                                   plan=plan, overwrite=overwrite, callbacks=callbacks,
                                   verbose=verbose, progress=progress, t_start=t_start)
@@ -612,11 +611,13 @@ def _write_run(config, out, work, spec, size, records, layout, state, final: _Fi
     prior = metadata_for_run(records, final.p_mel, final.probs, final.threshold,
                              t.melanoma_threshold)
     card = _card(config, spec, size, records, layout, state, final.metrics, final.threshold,
-                 wall, mixed, plan=plan, prior=prior).to_dict()
-    write_json(work / "model_card.json", card)
+                 wall, mixed, plan=plan, prior=prior)
     if not t.keep_checkpoints:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    dist.finish(plan, work, out, overwrite=overwrite)  # only the chief writes <out>
+    if plan.is_chief:  # only the chief writes <out>
+        publish_run(work, out, card, overwrite=overwrite)
+    else:
+        dist.finish(plan, work, out, overwrite=overwrite)
     return RunResult(run_dir=out, metrics=final.metrics, card=card, history=final.history,
                      best_epoch=state["best_epoch"], epochs_run=len(final.history),
                      wall_time_s=wall, is_chief=plan.is_chief)
