@@ -41,8 +41,8 @@ GATE = Tolerances().balanced_accuracy_drop  # the export's default
 def drops(pf: np.ndarray, pl: np.ndarray, y: np.ndarray, offsets: np.ndarray,
           repeats: int = 5) -> dict:
     """The three drops (float minus copy) of one copy ``pl`` of ``pf``."""
-    from dermedge.numerics import balanced_accuracy
-    from trainer.calibration import crossfit_pair, log_probs
+    from dermedge.metrics import crossfit_pair
+    from dermedge.numerics import balanced_accuracy, log_probs
 
     def bacc(scores):
         return balanced_accuracy(y, scores.argmax(axis=-1))

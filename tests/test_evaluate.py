@@ -88,8 +88,8 @@ def test_operating_threshold_sits_between_scores_not_on_one():
     import numpy as np
     import pandas as pd
 
+    from dermedge.metrics import sens_spec_at, threshold_youden
     from trainer.evaluate import choose_threshold
-    from trainer.metrics import sens_spec_at, threshold_youden
 
     rng = np.random.default_rng(0)
     dx = np.where(rng.random(200) < 0.2, "mel", "nv")

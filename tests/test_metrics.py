@@ -1,4 +1,4 @@
-"""trainer.metrics against scikit-learn (a dev dependency) and against hand-worked cases."""
+"""dermedge.metrics against scikit-learn (a dev dependency) and against hand-worked cases."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from ci import need
 
+from dermedge import metrics as M
 from dermedge.labels import DIAGNOSIS_LABELS
-from trainer import metrics as M
 
 skm = need("sklearn.metrics", "the dev extra installs scikit-learn")
 

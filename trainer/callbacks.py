@@ -19,10 +19,10 @@ import pandas as pd
 
 from dermedge.files import atomic_path, write_json
 from dermedge.labels import DIAGNOSIS_LABELS
+from dermedge.metrics import balanced_accuracy, roc_auc
 from trainer import distribute as dist
 from trainer.config import MAXIMISED_MONITORS, RunConfig
 from trainer.fit import lr_at, phase_of, val_loss
-from trainer.metrics import balanced_accuracy, roc_auc
 from trainer.pipeline import MEL_INDEX, predict_arrays
 
 

@@ -10,10 +10,11 @@ import pandas as pd
 
 from dermedge.files import write_json, write_text
 from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_DX
+from dermedge.metrics import roc_curve
 from trainer.data import cache_images, load_records, read_splits, write_isic_predictions
 from trainer.errors import DataError, DermedgeError
 from trainer.metadata import apply_prior, has_metadata
-from trainer.metrics import card_metrics, choose_threshold, roc_curve, score
+from trainer.metrics import card_metrics, choose_threshold, score
 from trainer.run import load_run
 
 __all__ = ["card_metrics", "choose_threshold", "evaluate", "score", "summary_table",
