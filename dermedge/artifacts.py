@@ -73,24 +73,22 @@ class RunDir:
 def read_run(path: str | Path, *, error: type[RunDirError] = RunDirError) -> RunDir:
     """Check that ``path`` is a run directory with a usable card and a model file."""
     path = Path(path).expanduser()
+    hint = ""
+    if partial_dir(path).is_dir():
+        hint = (f" An interrupted run exists at {partial_dir(path)}; finish it with "
+                f"`trainer fit --out {path} --resume`.")
     if not path.exists():
-        hint = ""
-        if partial_dir(path).is_dir():
-            hint = (f" An interrupted run exists at {partial_dir(path)}; finish it with "
-                    f"`trainer fit --out {path} --resume`.")
         raise error(f"Run directory not found: {path} (it does not exist).{hint} {RUN_HINT}")
     if not path.is_dir():
         raise error(f"{path} is a file, not a run directory. {RUN_HINT}")
-    if not (path / CARD_FILE).is_file():
-        raise error(f"The run directory {path} has no {CARD_FILE}, so the input size, labels "
-                    f"and melanoma threshold are unknown: it is not a complete run directory. "
-                    f"Re-run `trainer fit`, or point at the right folder. {RUN_HINT}")
-    card = read_card(path, error=error)
-    if not (path / KERAS_FILE).is_file():
-        raise error(f"The run directory {path} has no {KERAS_FILE}: it is not a complete run "
-                    "directory. Training may not have finished; re-run `trainer fit` (or "
-                    "`--resume`).")
-    return RunDir(path.resolve(), card)
+    missing = [f for f in (KERAS_FILE, CARD_FILE) if not (path / f).is_file()]
+    if missing:
+        why = ("without its card the input size, labels and melanoma threshold are unknown"
+               if CARD_FILE in missing else "training may not have finished")
+        raise error(f"The run directory {path} is not a complete run: it has no "
+                    f"{' and no '.join(missing)} ({why}).{hint} Re-run `trainer fit` or point at "
+                    f"the right folder. {RUN_HINT}")
+    return RunDir(path.resolve(), read_card(path, error=error))
 
 
 @dataclass(frozen=True)

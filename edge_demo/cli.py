@@ -10,19 +10,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dermedge.cli import HelpFormatter
+from dermedge.cli import Parser, print_error
 from dermedge.errors import DermedgeError
 
 from .server import CONNECTION_LIMIT, IDLE_TIMEOUT_S, REQUEST_TIMEOUT_S
 from .service import DEFAULT_DECODE_MIN_CROP
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors name the program once: ``edge-demo: error: ...``."""
-
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"edge-demo: error: {message}\n")
 
 
 def _port(text: str) -> int:
@@ -67,13 +59,13 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="edge-demo", formatter_class=HelpFormatter, description=(
+    p = Parser(prog="edge-demo", description=(
         "The dermedge phone-to-cloud demo: an on-device LiteRT tier, a cloud tier and an"
         " explicit fallback policy. Research tool, not a diagnosis."))
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser(
-        "serve", formatter_class=HelpFormatter,
+        "serve",
         help="serve the page and the JSON API with waitress",
         description="Serve the demo page and the JSON API (docs/SERVING.md: limits, timeouts,"
                     " what touches the disk). Uploads stay in memory; nothing is stored unless"
@@ -120,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    " from this `trainer fit` run directory's model.keras (needs TensorFlow)")
 
     r = sub.add_parser(
-        "predict", formatter_class=HelpFormatter, help="classify image files and print JSON",
+        "predict", help="classify image files and print JSON",
         description="Classify each image with the same pipeline as the server and print one"
                     " JSON object per image. An unreadable image is reported on stderr and the"
                     " rest still run; the exit status is 1 when any image failed.")
@@ -135,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP)")
 
     c = sub.add_parser(
-        "calibrate", formatter_class=HelpFormatter,
+        "calibrate",
         help="choose policy thresholds on a labelled set",
         description="Run both tiers on a labelled validation set and choose the fallback and"
                     " referral thresholds for a target fallback rate and melanoma sensitivity;"
@@ -266,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except DermedgeError as exc:
-        print(f"edge-demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print_error("edge-demo", exc)
         return 2
     except OSError as exc:  # a file or socket the operator named cannot be used
         where = f" {exc.filename}" if exc.filename else ""

@@ -16,7 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from dermedge.cli import HelpFormatter, error_text, quiet_tensorflow
+from dermedge.cli import Parser, error_text, quiet_tensorflow
 from dermedge.files import write_json
 from export.config import (
     BIAS_CORRECTION,
@@ -35,27 +35,13 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 2, 3
 PROG = "python -m export"
 
 
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):  # one paragraph, exit 2 (argparse's default is also 2)
-        sub = self.prog.split()[1:]
-        raise _UsageError(f"{message}. See `{PROG} {' '.join(sub + ['--help'])}`.")
-
-
-class _UsageError(Exception):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true",
                         help="show TensorFlow's start-up and C++ log lines")
-    p = _Parser(prog=PROG, parents=[common],
-                description="Export a trained run to validated TFLite bundles (docs/EXPORT.md).")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog=PROG, parents=[common],
+               description="Export a trained run to validated TFLite bundles (docs/EXPORT.md).")
+    sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("tflite", help="convert a run directory to a validated TFLite bundle",
                        parents=[common],
                        description="Convert a run directory to a TFLite bundle and validate it "
@@ -381,11 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``export`` / ``python -m export``; returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help
+    except SystemExit as exc:  # --help (0), or a usage error the parser printed (2)
         return int(exc.code or 0)
-    except _UsageError as exc:
-        print(error_text(PROG, exc), file=sys.stderr)
-        return EXIT_BAD_INPUT
     try:
         commands = {"tflite": cmd_tflite, "bench": cmd_bench, "qat-setup": cmd_qat_setup,
                     "inspect": cmd_inspect, "metadata-setup": cmd_metadata_setup}

@@ -24,8 +24,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="show TensorFlow's start-up and C++ log lines")
     p = Parser(prog="trainer", parents=[common],
                description="Train and evaluate skin-lesion classifiers (docs/TRAINING.md).")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                           parser_class=Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, **kw) -> argparse.ArgumentParser:
         kw.setdefault("description", (kw.get("help") or "").capitalize() + ".")
@@ -377,15 +376,14 @@ def _need_dir(path: str | os.PathLike, what: str, fix: str) -> Path:
 
 
 def _need_run(path: str, option: str | None = None) -> None:
-    fix = "Pass a folder written by `trainer fit`."
-    p = _need_dir(path, "Run directory", f"{option} takes a folder written by `trainer fit`."
-                  if option else fix)
-    if not (p / "model.keras").is_file():
-        partial = p.with_name(p.name + ".partial")
-        hint = (f" An interrupted run is in {partial}: finish it with `trainer fit --out {p} "
-                "--resume`." if partial.is_dir() else "")
-        raise DermedgeError(f"{p} is not a finished run: it has no model.keras.{hint} Pass a "
-                            "folder written by `trainer fit` or `trainer ensemble`.")
+    """A complete run directory with a valid card (dermedge.artifacts.read_run)."""
+    from dermedge.artifacts import read_run
+    from dermedge.errors import RunDirError
+
+    try:
+        read_run(path)
+    except RunDirError as exc:
+        raise DermedgeError(f"{option}: {exc}" if option else str(exc)) from None
 
 
 def _need_new_out(out: str, *, overwrite: bool, resume: bool = False) -> None:
