@@ -16,7 +16,8 @@ from typing import Any
 def cache_dir() -> Path:
     """Where dermedge caches images, weights and its pinned venvs: ``$DERMEDGE_CACHE``, else
     ``~/.cache/dermedge``."""
-    return Path(os.environ.get("DERMEDGE_CACHE") or Path.home() / ".cache" / "dermedge")
+    root = os.environ.get("DERMEDGE_CACHE") or Path.home() / ".cache" / "dermedge"
+    return Path(root).expanduser()
 
 
 def _temp_beside(path: Path, suffix: str = "") -> Path:

@@ -228,7 +228,7 @@ def qat_support(model, backbone: str | None = None) -> str | None:
 # ----------------------------------------------------------------------------- the worker
 def _training_settings(run) -> dict:
     """The run's augmentation, class balancing and loss settings, as ``trainer fit`` used them."""
-    from trainer.config import ConfigError, RunConfig
+    from export.training import ConfigError, RunConfig
 
     try:
         cfg = RunConfig.from_dict(run.card.get("config") or {})
@@ -266,8 +266,7 @@ def run_qat(run, model, config: QuantizationConfig, representative: np.ndarray, 
     Returns ``(Converted, info)``: the verified int8 model and what the worker did.
     """
     from export.convert import Converted, verify_mode
-    from trainer.data import cache_images
-    from trainer.pipeline import labels_from_dx, predict_arrays
+    from export.training import cache_images, labels_from_dx, predict_arrays
 
     say = log or (lambda msg: None)
     if config.qat is None or config.mode != "int8":

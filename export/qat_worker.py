@@ -313,8 +313,7 @@ def train(tfk, qmodel, job: dict, teacher=None) -> tuple[list[dict], int]:
     """
     import keras
 
-    from trainer.model import build_augmenter
-    from trainer.pipeline import CachedDataset
+    from export.training import CachedDataset, build_augmenter
 
     keras.utils.set_random_seed(int(job["seed"]))
     images = np.load(job["train_images"], mmap_mode="r")
@@ -329,8 +328,7 @@ def train(tfk, qmodel, job: dict, teacher=None) -> tuple[list[dict], int]:
         loss = {"melanoma": tfk.losses.BinaryCrossentropy(),
                 "diagnosis": tfk.losses.CategoricalCrossentropy()}
     elif job["class_balance"] == "logit_adjust":  # the run's logit-adjusted losses (keras.ops)
-        from trainer.config import TrainConfig
-        from trainer.losses import head_losses
+        from export.training import TrainConfig, head_losses
 
         loss = head_losses(TrainConfig(class_balance="logit_adjust",
                                   logit_adjust_tau=job["logit_adjust_tau"],

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dermedge.files import replace_dir
+from dermedge.files import cache_dir, replace_dir
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,8 @@ class PinnedVenv:
     pip_timeout: int = 1800
 
     def directory(self) -> Path:
-        from trainer.data import default_cache_dir
-
         key = hashlib.sha256("\n".join(self.requirements).encode()).hexdigest()[:10]
-        return default_cache_dir() / (f"{self.slug}-venv-py{sys.version_info[0]}"
+        return cache_dir() / (f"{self.slug}-venv-py{sys.version_info[0]}"
                                       f"{sys.version_info[1]}-{key}")
 
     def cached_python(self) -> Path | None:

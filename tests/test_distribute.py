@@ -356,7 +356,7 @@ def test_global_batch_must_split_over_the_replicas():
 
 
 def test_lr_scaling_rules():
-    from trainer.fit import lr_at
+    from trainer.schedule import lr_at
 
     base = {"train.batch_size": 128, "train.head_lr": 1e-3, "train.lr": 1e-4,
             "train.head_epochs": 1, "train.epochs": 2, "train.schedule": "constant"}

@@ -18,8 +18,9 @@ from dermedge.artifacts import partial_dir  # noqa: E402
 from dermedge.labels import DIAGNOSIS_LABELS  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
 from trainer.data import class_weights, resample_indices  # noqa: E402
-from trainer.fit import fit, lr_at  # noqa: E402
+from trainer.fit import fit  # noqa: E402
 from trainer.run import RUN_FILES  # noqa: E402
+from trainer.schedule import lr_at  # noqa: E402
 
 TOTAL_EPOCHS = 4  # 1 head + 3 fine-tune
 

@@ -22,12 +22,13 @@ from dermedge.labels import DIAGNOSIS_LABELS
 from dermedge.metrics import balanced_accuracy, roc_auc
 from trainer import distribute as dist
 from trainer.config import MAXIMISED_MONITORS, RunConfig
-from trainer.fit import lr_at, phase_of, val_loss
+from trainer.losses import val_loss
 from trainer.pipeline import MEL_INDEX, predict_arrays
+from trainer.schedule import lr_at, phase_of
 
 
 class LearningRate(keras.callbacks.Callback):
-    """Sets each epoch's learning rate from the schedule (``trainer.fit.lr_at``)."""
+    """Sets each epoch's learning rate from the schedule (``trainer.schedule.lr_at``)."""
 
     def __init__(self, config: RunConfig, train_model):
         super().__init__()

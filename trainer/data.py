@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dermedge import files
 from dermedge import image as image_contract
 from dermedge import splits as splits_file
 from dermedge.errors import ImageError
@@ -571,10 +572,6 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         raise DataError(str(exc)) from exc
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DERMEDGE_CACHE") or Path.home() / ".cache" / "dermedge")
-
-
 def cache_key(paths: Sequence[str], size: int) -> tuple[str, list[str]]:
     """``(key, absolute paths)``: the image cache's key for these files at this size."""
     abs_paths = [os.path.abspath(str(p)) for p in paths]
@@ -627,7 +624,7 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | Path | None =
     if not paths:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
     key, abs_paths = cache_key(paths, size)
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else files.cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / f"images_{size}px_n{len(paths)}_{key}.npy"
     shape = (len(paths), size, size, 3)

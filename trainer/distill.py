@@ -80,7 +80,8 @@ def teacher_answers(teacher: str | Path, paths: list[str], *, cache_dir: str | P
                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``(p_mel (N,), probs (N, 7), info)``: the teacher's answers on ``paths`` (one pass over
     the unaugmented images; an ensemble's flips are inside its model), cached on disk."""
-    from trainer.data import cache_images, cache_key, default_cache_dir
+    from dermedge.files import cache_dir as default_cache_dir
+    from trainer.data import cache_images, cache_key
     from trainer.pipeline import N_CLASSES, predict_arrays
     from trainer.run import load_run
 

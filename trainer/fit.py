@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import shutil
 import sys
 import time
@@ -31,7 +30,7 @@ import pandas as pd
 from dermedge.artifacts import partial_dir
 from dermedge.card import ModelCard, build_card
 from dermedge.errors import RunDirError
-from dermedge.labels import DIAGNOSIS_LABELS, HEADS, MELANOMA_LABELS
+from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
 from trainer import distribute as dist
 from trainer.backbones import get_backbone
 from trainer.calibration import calibrate
@@ -157,34 +156,6 @@ def prepare(config: RunConfig) -> tuple[Any, int, pd.DataFrame, str]:
     return spec, size, records, layout
 
 
-# ---------------------------------------------------------------------------- schedule
-def lr_at(config: RunConfig, epoch: int) -> float:
-    """Learning rate of global epoch ``epoch`` (0-based): head phase, then fine-tune, scaled
-    for the global batch by ``train.lr_scaling``."""
-    return _schedule(config, epoch) * dist.lr_factor(config.train)
-
-
-def _schedule(config: RunConfig, epoch: int) -> float:
-    t = config.train
-    if epoch < t.head_epochs:
-        return t.head_lr
-    e = epoch - t.head_epochs
-    if e < t.warmup_epochs:
-        return t.lr * (e + 1) / (t.warmup_epochs + 1)
-    e -= t.warmup_epochs
-    total = max(1, t.epochs - t.warmup_epochs)
-    if t.schedule == "cosine":
-        return t.lr * 0.5 * (1 + math.cos(math.pi * e / total))
-    if t.schedule == "step":
-        return t.lr * t.step_gamma ** (e // max(1, t.step_epochs))
-    return t.lr
-
-
-def phase_of(config: RunConfig, epoch: int) -> str:
-    """``head`` or ``finetune``: the phase global epoch ``epoch`` (0-based) belongs to."""
-    return "head" if epoch < config.train.head_epochs else "finetune"
-
-
 def gpu_status() -> tuple[bool, str | None]:
     """``(GPU visible, why the check failed or None)``: "no GPU" is ``(False, None)``."""
     import keras
@@ -209,24 +180,6 @@ def _gpu_visible() -> bool:
 def _mixed_precision(config: RunConfig) -> bool:
     mode = config.train.mixed_precision
     return mode == "on" or (mode == "auto" and _gpu_visible())
-
-
-def val_loss(head_losses: dict, mel_true, p_mel, y_true, probs, *,
-             loss_weights: dict[str, float]) -> float:
-    """The training loss (``head_losses``, without class weights) on validation predictions.
-
-    A Keras ``Loss`` object is evaluated through ``.call`` (per-sample values): its ``__call__``
-    divides by the replica count inside a distribution strategy's scope.
-    """
-    from trainer.pipeline import N_CLASSES
-
-    targets = {"melanoma": np.asarray(mel_true, np.float32).reshape(-1, 1),
-               "diagnosis": np.eye(N_CLASSES, dtype=np.float32)[y_true]}
-    preds = {"melanoma": np.asarray(p_mel, np.float32).reshape(-1, 1),
-             "diagnosis": np.asarray(probs, np.float32)}
-    per_sample = {k: getattr(fn, "call", fn) for k, fn in head_losses.items()}
-    return float(sum(loss_weights[k] * np.mean(np.asarray(per_sample[k](targets[k], preds[k])))
-                     for k in HEADS))
 
 
 def _restore_final(model, ckpt: Path, state: dict, mode: str) -> None:

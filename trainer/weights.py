@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge import files
 from dermedge.files import atomic_path
 from trainer.errors import DermedgeError
 
@@ -54,8 +55,8 @@ SOURCES: dict[str, WeightsSource] = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DERMEDGE_CACHE") or Path.home() / ".cache" / "dermedge"
-    return Path(root).expanduser() / "weights"
+    """Where downloaded ImageNet weights are kept: ``weights/`` in dermedge's cache."""
+    return files.cache_dir() / "weights"
 
 
 def cached_path(backbone: str) -> Path:
