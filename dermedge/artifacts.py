@@ -15,6 +15,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from dermedge.card import CARD_FILE, ModelCard, read_card
 from dermedge.errors import BundleError, RunDirError
@@ -35,9 +36,10 @@ def partial_dir(out: str | Path) -> Path:
 
 
 @dataclass(frozen=True)
-class RunDir:
-    """A run directory whose card validated and whose model file is present."""
+class Artifact:
+    """A folder whose card validated and whose model file (``MODEL_FILE``) is present."""
 
+    MODEL_FILE: ClassVar[str] = ""
     path: Path
     card: ModelCard
 
@@ -47,7 +49,13 @@ class RunDir:
 
     @property
     def model_path(self) -> Path:
-        return self.path / KERAS_FILE
+        return self.path / self.MODEL_FILE
+
+
+class RunDir(Artifact):
+    """A run directory (``trainer fit --out``)."""
+
+    MODEL_FILE = KERAS_FILE
 
     @property
     def splits_path(self) -> Path:
@@ -91,20 +99,10 @@ def read_run(path: str | Path, *, error: type[RunDirError] = RunDirError) -> Run
     return RunDir(path.resolve(), read_card(path, error=error))
 
 
-@dataclass(frozen=True)
-class Bundle:
-    """An export bundle whose card validated and whose model file is present."""
+class Bundle(Artifact):
+    """An export bundle (``python -m export tflite --out``)."""
 
-    path: Path
-    card: ModelCard
-
-    @property
-    def name(self) -> str:
-        return str(self.card.name or self.path.name)
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / TFLITE_FILE
+    MODEL_FILE = TFLITE_FILE
 
     @property
     def mode(self) -> str | None:

@@ -3,7 +3,6 @@ its Keras model checked against the card, and its splits."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from dermedge.splits import EXTRA_COLUMNS, SPLIT_COLUMNS, read_labelled, read_sp
 from export.errors import ExportError, RunDirError
 
 
-@dataclass(frozen=True)
 class Run(RunDir):
     """A validated run directory (its typed card); the model itself is loaded on demand."""
 

@@ -1,8 +1,11 @@
-"""ResNet50 and Inception-ResNet-v2 (random weights, small inputs) convert in every mode.
+"""ResNet50 and Inception-ResNet-v2 (random weights, small inputs) convert and quantize fully.
 
-Slow: 33 min on a loaded 2-core CPU with the adaptive-rounding int8 default (ResNet50 11 min,
-IRv2 21 min; ~13 min with nearest rounding, under a different load; IRv2 float32 alone
-~2.5 min, the converter handles ~200 MB of weights), so it sits behind ``--run-slow``.
+What only these two can prove is that their graphs (ResNet50's blocks, IRv2's scaled residual
+branches, ~200 MB of weights) convert to float32 and to full-integer int8 with every tensor
+quantized. float16 and dynamic are weight-only transforms of the same graph, and bias
+correction / adaptive rounding are about accuracy, not convertibility: test_export.py covers
+every mode and both on small models. Slow (IRv2's float32 conversion alone takes minutes), so it
+sits behind ``--run-slow``.
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ pytestmark = [pytest.mark.slow,
 
 
 @pytest.mark.parametrize("backbone, size", [("resnet50", 64), ("inception_resnet_v2", 75)])
-def test_big_backbones_convert_in_every_mode(tmp_path, backbone, size):
+def test_big_backbones_convert_to_float32_and_full_int8(tmp_path, backbone, size):
     import numpy as np
 
     run = make_run_dir(tmp_path, name=backbone, backbone=backbone, size=size, train=False,
                        train_per_class=2, val_per_class=1)
     imgs = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     sizes = {}
-    for cfg in (QuantizationConfig.float32(), QuantizationConfig.float16(),
-                QuantizationConfig.dynamic(), QuantizationConfig.int8(14)):
+    for cfg in (QuantizationConfig.float32(),
+                QuantizationConfig.int8(14, bias_correction="off")):
         res = export_run(run, cfg, tmp_path / cfg.mode, validate=False)
         ex = res.card["export"]
         assert ex["checks"]["verified_mode"] == cfg.mode
@@ -34,4 +37,4 @@ def test_big_backbones_convert_in_every_mode(tmp_path, backbone, size):
         out = run_tflite(res.path, imgs)
         assert out["melanoma"].shape == (2, 1) and out["diagnosis"].shape == (2, 7)
         sizes[cfg.mode] = res.tflite_bytes
-    assert sizes["int8"] < 0.3 * sizes["float32"] and sizes["float16"] < 0.6 * sizes["float32"]
+    assert sizes["int8"] < 0.3 * sizes["float32"]
