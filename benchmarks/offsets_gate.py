@@ -12,7 +12,7 @@ and scores each copy against the float model three ways:
 * **in-sample**: both with the run's offsets, on the split they were fitted on (the old gate);
 * **without offsets**: both with the offsets taken out (a model that never saw these labels);
 * **cross-fitted**: offsets refitted from the float model on one half, both scored on the other
-  (trainer.calibration.crossfit_pair, what the export's gate uses now; 5 halvings per copy).
+  (dermedge.metrics.crossfit_pair, what the export's gate uses now; 5 halvings per copy).
 
 It prints the mean ± SD of each drop over the copies and the share of copies a 0.01 gate would
 refuse, and, with `--int8 BUNDLE`, the same three figures for a real int8 file of the run.
