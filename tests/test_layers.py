@@ -10,6 +10,7 @@ so they run in a second and need no TensorFlow.
 from __future__ import annotations
 
 import ast
+import functools
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +31,12 @@ def module_name(root: Path, path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.lru_cache(maxsize=1024)
+def _import_nodes(source: str) -> tuple[ast.Import | ast.ImportFrom, ...]:
+    return tuple(node for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.Import | ast.ImportFrom))
+
+
 def import_graph(root: Path) -> dict[str, dict[str, int]]:
     """``{module: {imported module of the four packages: line}}`` for every ``*.py`` under the
     packages in ``root``, counting imports at any depth (inside functions too)."""
@@ -37,10 +44,10 @@ def import_graph(root: Path) -> dict[str, dict[str, int]]:
     graph: dict[str, dict[str, int]] = defaultdict(dict)
     for mod, path in files.items():
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _import_nodes(path.read_text()):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
+            else:
                 base = node.module or ""
                 if node.level:
                     up = package.split(".")[:len(package.split(".")) - node.level + 1]
@@ -49,8 +56,6 @@ def import_graph(root: Path) -> dict[str, dict[str, int]]:
                 # module (`from trainer.data import cache_images`) counts as its module.
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base
                            for a in node.names]
-            else:
-                continue
             for target in targets:
                 while target and target not in files:
                     target = target.rpartition(".")[0]
