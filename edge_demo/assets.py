@@ -40,6 +40,7 @@ COMPRESSIBLE = frozenset({
 # machines and the test suite
 EFFORTS = {"best": {"br": 11, "gz": 9}, "fast": {"br": 5, "gz": 6}, "off": {}}
 VERSION_CHARS = 16
+SMALL = 256 * 1024  # files up to this size are read into memory; larger ones are streamed
 
 
 @dataclass(frozen=True)
@@ -234,13 +235,16 @@ class AssetStore:
                 request.if_none_match.contains_weak(t) for t in tags)):
             return current_app.response_class(status=304, headers=headers)
         if chosen is not None:
-            path, size = copy
+            path, length = copy
             headers["Content-Encoding"] = {"br": "br", "gz": "gzip"}[chosen]
-            body, length = wrap_file(request.environ, path.open("rb")), size
-        elif asset.data is not None:
-            body, length = asset.data, asset.size
         else:
-            body, length = wrap_file(request.environ, asset.path.open("rb")), asset.size
+            path, length = asset.path, asset.size
+        if asset.data is not None and chosen is None:
+            body = asset.data
+        elif length <= SMALL:
+            body = path.read_bytes()
+        else:  # waitress sends it from the file, in its I/O thread
+            body = wrap_file(request.environ, path.open("rb"))
         resp = current_app.response_class(body, mimetype=asset.mimetype, headers=headers,
                                            direct_passthrough=not isinstance(body, bytes))
         resp.content_length = length

@@ -129,8 +129,6 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
         reason = exc.reason or str(exc)
         if "KEY_VALUES_MISMATCH" in reason.upper():
             why = "the key does not belong to the certificate"
-        elif "BAD_DECRYPT" in reason.upper() or "BAD_PASSWORD" in reason.upper():
-            why = "the key is encrypted with a passphrase; give an unencrypted key"
         else:
             why = f"OpenSSL: {reason}"
         raise EdgeDemoError(f"Cannot use the TLS certificate {cert} with the key {key} ({why})."
@@ -158,7 +156,7 @@ class LocalCA:
             raise EdgeDemoError(f"Cannot create the state folder {self.dir} ({exc.strerror})."
                                 " Pass --state-dir with a folder this user can write.") from exc
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         host = socket.gethostname() or "this machine"
         name = x509.Name([
             x509.NameAttribute(x509.oid.NameOID.COMMON_NAME,
@@ -207,7 +205,7 @@ class LocalCA:
         name and has more than 30 days left; else issued anew."""
         x509, hashes, serialization, ec = _x509()
         ca_cert, ca_key = self.ensure()
-        now = now or dt.datetime.now(dt.timezone.utc)
+        now = now or dt.datetime.now(dt.UTC)
         cert_path, key_path = self.dir / "server.crt", self.dir / "server.key"
         current = _read_cert(cert_path) if key_path.exists() else None
         if current is not None and _covers(current, ca_cert, names, now):
@@ -294,7 +292,7 @@ def load_own(cert: str | Path, key: str | Path, now: dt.datetime | None = None) 
         raise EdgeDemoError(f"--tls-cert {cert} is not a PEM certificate ({exc}). Pass the"
                             " certificate (chain) in PEM, '-----BEGIN CERTIFICATE-----'."
                             ) from exc
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     if parsed.not_valid_after_utc <= now:
         raise EdgeDemoError(f"--tls-cert {cert} expired on {parsed.not_valid_after_utc:%Y-%m-%d}"
                             ". Renew it, or leave out --tls-cert/--tls-key to use the local CA.")
@@ -302,7 +300,17 @@ def load_own(cert: str | Path, key: str | Path, now: dt.datetime | None = None) 
         raise EdgeDemoError(f"--tls-cert {cert} is not valid before"
                             f" {parsed.not_valid_before_utc:%Y-%m-%d %H:%M} UTC. Check this"
                             " machine's clock.")
-    server_context(cert, key)  # the key matches and is not encrypted
+    serialization = _x509()[2]
+    try:
+        serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except TypeError as exc:  # "Password was not given but private key is encrypted"
+        raise EdgeDemoError(f"--tls-key {key} is encrypted with a passphrase; the server starts"
+                            " unattended, so give it an unencrypted key (e.g. `openssl pkey"
+                            " -in KEY -out plain.key`) and keep that file private.") from exc
+    except ValueError as exc:
+        raise EdgeDemoError(f"--tls-key {key} is not a PEM private key ({exc}). Pass the key"
+                            " of --tls-cert in PEM, '-----BEGIN PRIVATE KEY-----'.") from exc
+    server_context(cert, key)  # the key belongs to the certificate
     return TlsFiles(cert, key, None, _san_names(parsed), parsed.not_valid_after_utc)
 
 

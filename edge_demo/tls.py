@@ -136,7 +136,7 @@ class TlsFront:
             await self.loop.connect_accepted_socket(
                 lambda: tls, sock, ssl=self.context,
                 ssl_handshake_timeout=self.handshake_timeout)
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ConnectionError) as exc:
             self.server.release(key)
             sock.close()
             self._handshake_failed(exc)
