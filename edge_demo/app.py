@@ -459,7 +459,7 @@ def device_model():
     svc = _service()
     store = delivery.assets()
     asset = store.blob(svc.device._model_bytes, svc.device.sha256, "application/octet-stream")
-    return store.respond(request, asset, request.args.get("v"),
+    return store.respond(request, asset, request.args.get("v") or request.args.get("sha256"),
                          {"X-Model-SHA256": svc.device.sha256})
 
 

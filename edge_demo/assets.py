@@ -58,6 +58,12 @@ class Asset:
         """What a versioned URL carries."""
         return self.sha256[:VERSION_CHARS]
 
+    def is_version(self, version: str | None) -> bool:
+        """Whether a URL's version names these bytes (the URL's prefix of the sha256, at
+        least the 16 characters :attr:`version` has)."""
+        return (version is not None and len(version) >= VERSION_CHARS
+                and self.sha256.startswith(version.lower()))
+
     def etag(self, enc: str | None) -> str:
         return self.sha256 if enc is None else f"{self.sha256}-{enc}"
 
@@ -226,7 +232,7 @@ class AssetStore:
                 chosen = enc
                 break
         headers = {"ETag": f'"{asset.etag(chosen)}"',
-                   "Cache-Control": IMMUTABLE if version == asset.version else REVALIDATE,
+                   "Cache-Control": IMMUTABLE if asset.is_version(version) else REVALIDATE,
                    **(extra_headers or {})}
         if asset.compressible:
             headers["Vary"] = "Accept-Encoding"

@@ -91,7 +91,7 @@ def runtime_file(config: dict[str, Any], name: str, store, request):
     mime = "application/wasm" if name.endswith(".wasm") else "text/javascript"
     asset = store.file(runtime_root(config) / name, mime)
     current = runtime_id(config, store) if versioned else None
-    return store.respond(request, asset, asset.version if version == current else None)
+    return store.respond(request, asset, asset.sha256 if version == current else None)
 
 
 def browser_config(service, config: dict[str, Any], base_url: str,

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tls-cert", metavar="PEM", help="your own certificate (chain) instead of"
                    " one from the local CA; needs --tls-key")
     t.add_argument("--tls-key", metavar="PEM", help="the unencrypted private key of --tls-cert")
-    t.add_argument("--tls-name", metavar="NAME", type=_tls_name, action="append", default=[],
+    t.add_argument("--tls-name", metavar="NAME", type=_tls_name, action="append",
                    help="another host name or address the local CA's certificate must cover"
                         " (repeatable); it always covers localhost, this machine's host name"
                         " (and <name>.local) and its LAN addresses")
@@ -230,10 +230,10 @@ def _tls_files(args, mode: str, state_dir: Path):
     if mode == "own":
         return load_own(args.tls_cert, args.tls_key), None
     ca = LocalCA(state_dir)
-    files = ca.server_files(machine_names(args.host, tuple(args.tls_name)))
+    files = ca.server_files(machine_names(args.host, tuple(args.tls_name or ())))
 
     def renew():
-        new = ca.server_files(machine_names(args.host, tuple(args.tls_name)))
+        new = ca.server_files(machine_names(args.host, tuple(args.tls_name or ())))
         if not new.issued:
             return None
         print(f"edge-demo: this machine's addresses changed; new certificate for"
