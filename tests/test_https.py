@@ -556,3 +556,23 @@ def test_etags_and_versioned_urls_follow_the_content(tmp_path):
     assert policy.get_json()["sha256"] == first["policy_sha256"]
     again = client.get("/api/v1/policy", headers={"If-None-Match": policy.headers["ETag"]})
     assert again.status_code == 304
+
+
+def test_tls_auto_is_on_for_the_lan_and_off_on_loopback(tmp_path):
+    from edge_demo.cli import _tls_mode, build_parser
+
+    def mode(*extra):
+        return _tls_mode(build_parser().parse_args(["serve", "--device", "b", *extra]))
+
+    assert mode() == "off" and mode("--host", "localhost") == "off"
+    assert mode("--host", "0.0.0.0") == "local-ca" and mode("--tls", "on") == "local-ca"
+    assert mode("--host", "0.0.0.0", "--tls", "off") == "off"
+    assert mode("--tls-cert", "c.pem", "--tls-key", "k.pem") == "own"
+    from test_edge_demo_browser_api import make_app
+
+    client = make_app(tmp_path, COMPRESS="off", STATE_DIR=str(tmp_path / "s")).test_client()
+    resp = client.get("/ca.crt")
+    assert resp.status_code == 404 and "does not serve HTTPS" in resp.get_json()["error"][
+        "message"]
+    assert "This server does not serve HTTPS" in client.get("/trust").get_data(as_text=True)
+    assert client.get("/api/v1/version").get_json()["tls"] == "off"
