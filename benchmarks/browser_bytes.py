@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows["before (HTTP)"] = measure(f"http://{NAME}:{port}/", work / "p-before", None)
     after = [*serve, "--tls", "on", "--tls-name", NAME, "--state-dir", str(state),
              "--compress", args.compress]
-    with server(REPO, after, work / "after.log", wait_for="edge-demo: compressed") as port:
+    with server(REPO, after, work / "after.log", wait_for=" compressed ") as port:
         home = _nss_home(work / "nss", state / "tls" / "ca.crt")
         rows["after, HTTPS"] = measure(f"https://{NAME}:{port}/", work / "p-https", home)
         rows["after, HTTP"] = measure(f"http://{NAME}:{port}/", work / "p-http", None)

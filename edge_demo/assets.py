@@ -140,7 +140,8 @@ class AssetStore:
         return (path, size) if size <= asset.size * WORTH else None
 
     def missing(self, asset: Asset) -> list[str]:
-        """The encodings ``asset`` has no copy of yet (a copy not worth sending counts)."""
+        """The encodings ``asset`` has no copy of yet (a copy too large to be worth sending
+        counts as made)."""
         if not asset.compressible:
             return []
         out = []
@@ -170,6 +171,8 @@ class AssetStore:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every queued asset is compressed (for start-up reports and tests)."""
+        if self._worker is None:
+            return True
         done = threading.Event()
         self._queue.put(done)
         return done.wait(timeout)

@@ -332,6 +332,9 @@ def _compress_in_background(app) -> None:
 
     store, queued = precompress(app)
     if not queued:
+        if store.levels:
+            print(f"edge-demo: static files compressed already (kept in {store.cache_dir})",
+                  file=sys.stderr, flush=True)
         return
     t0 = time.monotonic()
     print(f"edge-demo: compressing {queued} static files in the background (once; kept in"
