@@ -127,6 +127,8 @@ class AssetStore:
 
     def copy(self, asset: Asset, enc: str) -> tuple[Path, int] | None:
         """The compressed copy ``enc`` of ``asset`` when it exists and is worth sending."""
+        if enc not in self.levels:  # --compress off, or no brotli installed
+            return None
         key = (asset.sha256, enc)
         hit = self._ready.get(key)
         if hit is not None:
