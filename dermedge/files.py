@@ -42,9 +42,15 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
+def write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> None:
+    """``data`` to ``path``; with ``mode`` (e.g. 0o600 for a private key) the file has those
+    permissions from its first byte."""
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        if mode is None:
+            tmp.write_bytes(data)
+            return
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as out:
+            out.write(data)
 
 
 def write_text(path: str | Path, text: str) -> None:
