@@ -16,8 +16,38 @@
     return e;
   };
 
+  // --- i38 case hook (minimal; i35page builds the consent UI and case history on it) -------
+  // A case id is made when the tester picks a photo; every request about that photo carries it,
+  // so the server answers and logs the case once.
+  let caseId = null;
+  const caseSettings = browserConfig.cases || {};
+  const hookValue = (id) => ($(id) ? $(id).value.trim() : "");
+  const keepConsent = () => Boolean(caseSettings.keep_photos && $("consent-keep-input") &&
+    $("consent-keep-input").checked);
+  function caseFields(onPhone) {
+    const out = [["case_id", caseId]];
+    if (hookValue("tester-id-input")) out.push(["tester_id", hookValue("tester-id-input")]);
+    if (hookValue("site-id-input")) out.push(["site_id", hookValue("site-id-input")]);
+    if (caseSettings.keep_photos) out.push(["consent_keep", keepConsent() ? "1" : "0"]);
+    out.push(["client", JSON.stringify({ user_agent: navigator.userAgent.slice(0, 300),
+      runtime: onPhone ? "litert.js " + (browserConfig.version || "") : "server",
+      build: onPhone ? "single" : "server", created_at: new Date().toISOString(),
+      queued: false })]);
+    if (onPhone && browserConfig.sha256) out.push(["model_sha256", browserConfig.sha256]);
+    if (policyDoc && policyDoc.sha256) out.push(["policy_sha256", policyDoc.sha256]);
+    return out;
+  }
+  function renderCase(body) {
+    const c = body.case;
+    $("case-code").textContent = c ? "Case " + c.code + (c.logged ? " · logged" : "") +
+      (c.duplicate ? " · already answered (this is the first answer)" : "") : "";
+    $("case-code").dataset.code = c ? c.code : "";
+  }
+  // --- end of the i38 case hook ---------------------------------------------------------
+
   input.addEventListener("change", () => {
     const file = input.files && input.files[0];
+    caseId = window.dermedgeCaseId.newCaseId();
     $("result").hidden = true; $("error").hidden = true; $("status").textContent = "";
     if (!file) { preview.hidden = true; button.disabled = true; return; }
     if (preview.src) URL.revokeObjectURL(preview.src);
@@ -87,6 +117,7 @@
       $("heatmap").removeAttribute("src");
     }
     renderWhere(body);
+    renderCase(body);
     const t = body.timings_ms;
     $("timings").textContent = "Decode " + t.decode.toFixed(1) + " ms · device " +
       t.device.toFixed(1) + " ms · cloud " + t.cloud.toFixed(1) + " ms · total " +
@@ -131,6 +162,7 @@
     const data = new FormData();
     if (withPhoto) data.append("image", file);
     patientFields().forEach(([k, v]) => data.append(k, v));
+    caseFields(true).forEach(([k, v]) => data.append(k, v));
     return data;
   }
 
@@ -146,10 +178,15 @@
       }
       throw err;
     }
+    // the policy's temperature for the device tier, as the server applies it to this answer
+    const scaled = window.dermedgeTemperature.apply(answer,
+      (policyDoc.policy.temperature || {}).device);
     const local = window.dermedgePolicy.fallbackChecks(policyDoc.rules, policyDoc.policy.policy,
-      answer);
+      scaled);
     const ask = $("ask-cloud-input") && $("ask-cloud-input").checked;
-    const send = ask || (local.wanted && browserConfig.cloud);
+    // with consent to keep it, the photo goes up to be kept (the cloud still runs only on
+    // fallback)
+    const send = ask || (local.wanted && browserConfig.cloud) || keepConsent();
     window.dermedgeLast = { answer: answer, fallback: local, sentPhoto: send };
     const data = formData(send, file);
     data.append("device_answer", JSON.stringify(answer));
@@ -168,7 +205,7 @@
 
   /** The photo is the request body (no multipart to build or parse); fields ride in the URL. */
   async function classifyOnServer(file, explain) {
-    const query = new URLSearchParams(patientFields());
+    const query = new URLSearchParams(patientFields().concat(caseFields(false)));
     if (explain) query.append("explain", "1");
     const url = "api/v1/classify" + (query.toString() ? "?" + query : "");
     const body = await post(url, file, file.type || "application/octet-stream");
