@@ -72,7 +72,7 @@ def beta_cdf(x: float, a: int, b: int) -> float:
 
 def beta_ppf(q: float, a: int, b: int) -> float:
     lo, hi = 0.0, 1.0
-    for _ in range(60):
+    for _ in range(40):
         mid = (lo + hi) / 2
         if beta_cdf(mid, a, b) < q:
             lo = mid
@@ -96,9 +96,14 @@ def sensitivity_threshold(scores: Sequence[float], target: float,
     n = int(s.size)
     out: dict[str, Any] = {"n": n, "needed": melanomas_needed(target, confidence),
                            "threshold": None, "k": 0, "interval": None, "point": None}
-    best = 0
-    for k in range(n, 0, -1):  # the miss rate at the k-th lowest score: Beta(k, n + 1 - k)
-        if beta_cdf(1.0 - target, k, n + 1 - k) >= confidence:
+    # The miss rate at the k-th lowest score is Beta(k, n + 1 - k): P(miss <= 1 - target) =
+    # P(Binomial(n, 1 - target) >= k), which falls as k grows; the highest k that keeps it
+    # >= confidence is the highest threshold.
+    pmf = [math.exp(_log_pmf(n, 1.0 - target, j)) for j in range(n + 1)]
+    best, tail = 0, 0.0
+    for k in range(n, 0, -1):
+        tail += pmf[k]
+        if tail >= confidence:
             best = k
             break
     if best == 0:
@@ -288,7 +293,7 @@ class SiteCalibration:
 def _other_rules(policy: Policy, r: dict[str, Any]) -> bool:
     """Whether a referral rule other than the melanoma threshold refers this case."""
     d = policy.decide(r["device"], r.get("cloud"))
-    return any(rule != "melanoma_risk" for rule in d.advice_rules)
+    return any(c.fired and c.id != "melanoma_risk" for c in d.advice_checks)
 
 
 def calibrate_site(results: Sequence[dict[str, Any]], *, device_threshold: float,
