@@ -235,24 +235,45 @@ def _log_records(log: Path) -> list[dict]:
     return out
 
 
+def _case_rows(folder: Path) -> list[dict]:
+    """The server's case log, read as any SQLite client would."""
+    import sqlite3
+
+    db = sqlite3.connect(folder / "cases.sqlite3")
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM cases ORDER BY created_at")]
+    finally:
+        db.close()
+
+
+def _kept(folder: Path) -> list[bytes]:
+    photos = folder / "photos"
+    return [p.read_bytes() for p in sorted(photos.iterdir())] if photos.is_dir() else []
+
+
 @pytest.mark.parametrize("policy, photo_sent", [
     ({"min_confidence": 0.0, "mel_band_low": None, "mel_band_high": None,
       "second_opinion": False}, False),
     ({"min_confidence": 1.0}, True),
 ])
 def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, photo_sent):
-    """What the server received: its saved uploads (opt-in folder) and its request log."""
+    """What the server received: its case log and its request log (no consent to keep the
+    photo was given, so nothing is kept either way)."""
     b = browser_bundles()
-    saved = tmp_path / "received"
+    cases = tmp_path / "cases"
     pol = Policy(**policy).save(tmp_path / "policy.json")
     photo = _photo(tmp_path)
     log = tmp_path / "s.log"
     with demo_server(["--device", str(b["int8"]), "--cloud", str(b["float32"]),
-                      "--policy", str(pol), "--save-uploads-dir", str(saved),
+                      "--policy", str(pol), "--cases", str(cases), "--keep-photos",
                       "--threads", "1"], log) as url:
         _start(browser, url)
         last = _upload(browser, photo)
-    received = sorted(saved.iterdir()) if saved.is_dir() else []
+    received = _kept(cases)
+    rows = _case_rows(cases)
+    assert len(rows) == 1 and rows[0]["photo_received"] == int(photo_sent)
+    assert rows[0]["consent_keep"] == 0 and received == []  # no consent: nothing kept
     records = _log_records(log)
     posts = [r["path"] for r in records if r.get("method") == "POST"]
     results = [r for r in records if r.get("event") == "result"]
@@ -261,12 +282,10 @@ def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, phot
     assert results[0]["photo_received"] is photo_sent
     assert last["sentPhoto"] is photo_sent and last["body"]["photo_received"] is photo_sent
     if photo_sent:
-        assert [p.read_bytes() for p in received] == [photo.read_bytes()]
         assert last["body"]["cloud"] is not None
         assert "the photo left the phone" in last["where"] and "cloud answer: cloud" in \
             last["where"]
     else:
-        assert received == []
         assert last["body"]["cloud"] is None
         assert "the photo did not leave the phone" in last["where"]
 
@@ -311,7 +330,7 @@ def test_server_tier_sends_the_photo_as_the_body_and_the_details_in_the_url(brow
 
     device = with_metadata_tables(browser_bundles()["int8"], tmp_path / "int8")
     photo = _photo(tmp_path)
-    saved = tmp_path / "received"
+    cases = tmp_path / "cases"
     watch = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
         window.__posts = [];
         const fetch0 = window.fetch;
@@ -323,8 +342,10 @@ def test_server_tier_sends_the_photo_as_the_body_and_the_details_in_the_url(brow
         };"""})
     try:
         with demo_server(["--device", str(device), "--no-browser-inference", "--threads", "1",
-                          "--save-uploads-dir", str(saved)], tmp_path / "s.log") as url:
+                          "--cases", str(cases), "--keep-photos"], tmp_path / "s.log") as url:
             _start(browser, url, state="server")
+            browser.find_element(By.CSS_SELECTOR, "#case-hook summary").click()
+            browser.find_element(By.ID, "consent-keep-input").click()
             browser.find_element(By.CSS_SELECTOR, "#patient summary").click()
             browser.find_element(By.ID, "age-input").send_keys("74")
             Select(browser.find_element(By.ID, "site-input")).select_by_value("face")
@@ -332,11 +353,17 @@ def test_server_tier_sends_the_photo_as_the_body_and_the_details_in_the_url(brow
             posts = browser.execute_script("return window.__posts;")
     finally:
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", watch)
-    assert posts == [{"url": "api/v1/classify?age=74&site=face", "type": "image/jpeg",
-                      "file": True, "form": False}]
+    from urllib.parse import parse_qs, urlsplit
+
+    assert [{**p, "url": urlsplit(p["url"]).path} for p in posts] == [
+        {"url": "api/v1/classify", "type": "image/jpeg", "file": True, "form": False}]
+    query = parse_qs(urlsplit(posts[0]["url"]).query)
+    assert query["age"] == ["74"] and query["site"] == ["face"]
+    assert query["case_id"] == [last["body"]["case"]["id"]] and query["consent_keep"] == ["1"]
+    assert json.loads(query["client"][0])["build"] == "server"
     assert last["body"]["metadata"]["received"] == {"age": 74.0, "site": "face"}
     assert last["body"]["device"]["metadata_used"] == ["age", "site"]
-    assert [p.read_bytes() for p in saved.iterdir()] == [photo.read_bytes()]
+    assert _kept(cases) == [photo.read_bytes()]  # the very bytes, kept with consent
 
 
 def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path):
@@ -360,10 +387,9 @@ def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path)
     above = (alone["melanoma"] + updated["melanoma"]) / 2
     pol = Policy(min_confidence=0.0, mel_band_low=None, mel_band_high=None,
                  second_opinion=True, second_opinion_above=above).save(tmp_path / "p.json")
-    saved, log = tmp_path / "received", tmp_path / "s.log"
+    cases, log = tmp_path / "cases", tmp_path / "s.log"
     with demo_server(["--device", str(device), "--cloud", str(b["float32"]), "--policy",
-                      str(pol), "--save-uploads-dir", str(saved), "--threads", "1"],
-                     log) as url:
+                      str(pol), "--cases", str(cases), "--threads", "1"], log) as url:
         _start(browser, url)
         browser.find_element(By.CSS_SELECTOR, "#patient summary").click()
         browser.find_element(By.ID, "age-input").send_keys("75")
@@ -375,4 +401,8 @@ def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path)
     assert last["body"]["fallback"]["rules_fired"] == ["second_opinion"]
     results = [r for r in _log_records(log) if r.get("event") == "result"]
     assert [r["photo_received"] for r in results] == [False, True]
-    assert [p.read_bytes() for p in sorted(saved.iterdir())] == [photo.read_bytes()]
+    # one case: open while the server waited for the photo, logged once it came
+    assert len({r["case_id"] for r in results}) == 1
+    rows = _case_rows(cases)
+    assert len(rows) == 1 and rows[0]["id"] == results[0]["case_id"]
+    assert rows[0]["photo_received"] == 1 and rows[0]["fallback_used"] == 1
