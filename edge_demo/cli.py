@@ -1,4 +1,4 @@
-"""``edge-demo serve | predict | calibrate``: thin argparse over plain functions."""
+"""``edge-demo serve | predict | calibrate | cases | report``: thin argparse over functions."""
 
 from __future__ import annotations
 
@@ -331,6 +331,10 @@ def calibrate_cases(args: argparse.Namespace) -> int:
     from .sitecal import calibrate_site, results_from_cases, site_data, site_policy, verification
     from .tiers import Tier
 
+    if args.referral_budget is not None or args.limit or args.split != "val":
+        raise EdgeDemoError("--referral-budget, --limit and --split go with --data; with"
+                            " --cases the target is --target-sensitivity (and --site-id"
+                            " selects cases).")
     log = CaseLog(args.cases, create=False)
     device = Tier.from_bundle(args.device)
     cloud = load_cloud_tier(args.cloud) if args.cloud else None

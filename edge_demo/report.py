@@ -320,13 +320,13 @@ def svg_reliability(rel: dict[str, Any]) -> str:
 def svg_latency(latency: Sequence[dict[str, Any]]) -> str:
     w, row, pad = 560, 28, 90
     h = 20 + row * max(1, len(latency))
-    top = max([r["p90_ms"] for r in latency] or [1.0])
+    top = max([r["p90_ms"] for r in latency] + [1e-9])
     body = []
     for i, r in enumerate(latency):
         y = 10 + i * row
         body.append(f'<text x="5" y="{y + 13}">{html.escape(r["build"])}</text>')
-        wm = (w - pad - 80) * r["median_ms"] / top
-        w9 = (w - pad - 80) * r["p90_ms"] / top
+        wm = (w - pad - 250) * r["median_ms"] / top
+        w9 = (w - pad - 250) * r["p90_ms"] / top
         body.append(f'<rect x="{pad}" y="{y + 2}" width="{w9:.1f}" height="16" fill="#cfe0f5"/>')
         body.append(f'<rect x="{pad}" y="{y + 2}" width="{wm:.1f}" height="16" fill="#0b6bcb"/>')
         body.append(f'<text x="{pad + w9 + 5:.1f}" y="{y + 14}">median {r["median_ms"]:.0f} ms,'
