@@ -24,6 +24,7 @@ import numpy as np
 
 from .calibrate import wilson
 from .caselog import CaseLog
+from .errors import CalibrationError
 from .policy import REFER, Policy
 from .sitecal import RETAKE, site_data, verification
 
@@ -142,7 +143,7 @@ def field_report(log: CaseLog, policy: Policy, site_id: str | None = None) -> di
     tn = sum((not m) and (not f) for m, f in zip(is_mel, referred, strict=True))
     try:
         ver = verification(site_data(log, site_id))
-    except Exception:  # noqa: BLE001 - an empty log has nothing to say about labels
+    except CalibrationError:  # no cases: nothing to say about how labels were chosen
         ver = None
     probs = [_final_melanoma(r) for r in labelled]
     keep = [i for i, p in enumerate(probs) if p is not None]

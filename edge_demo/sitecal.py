@@ -174,7 +174,7 @@ def site_data(log: CaseLog, site_id: str | None = None) -> SiteData:
             _answer(r.get("cloud_raw")), log.photos / r["photo"] if r.get("photo") else None,
             r["created_at"], r["label_date"], r["label_source"], r["decision"],
             r.get("site_id")))
-    return SiteData(cases, len(rows), by, sorted({str(r.get("site_id")) for r in rows}),
+    return SiteData(cases, len(rows), by, sorted({r["site_id"] for r in rows if r.get("site_id")}),
                     by.get(RETAKE, {}).get("cases", 0), sources)
 
 
@@ -385,7 +385,7 @@ def site_policy(cal: SiteCalibration, data: SiteData, *, mode: str, n_used: int,
     prov = {
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "edge_demo": __version__, "calibrated_on": "site cases",
-        "site": site_id or ", ".join(data.sites), "split": "site cases",
+        "site": site_id or ", ".join(data.sites) or None, "split": "site cases",
         "mode": mode, "refused": cal.refused, "message": cal.message,
         "target_fallback": target_fallback, "target_sensitivity": target_sensitivity,
         "confidence": CONFIDENCE, "n_cases_logged": data.n_logged,
