@@ -4,8 +4,8 @@ do the promises of `edge-demo calibrate --cases` on the site's own sample hold?
 The site ("site B"): the validation split of a run, resampled to a pigmented-lesion clinic's
 case mix (``SITE_MIX``: 20 % melanoma instead of ~8 %) and photographed with another camera
 (``camera_b``: warmer white balance, brighter mid-tones, half the resolution, JPEG quality 60).
-Both tiers run once on every image (clean and through camera B) and on the 124 600x450
-originals that are not in the run's training split; the answers are cached
+Both tiers run once on every image (clean and through camera B) and on those of the 124
+600x450 originals that are not in the run's training split; the answers are cached
 (``--cache``), and the policies are replayed on them, as edge-demo calibrate does.
 
 1. The validation policy (``calibrate`` on the clean validation split, ``--target-fallback``
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "clean photos, site mix": rates_of(o_clean, w_site),
           "site B (camera B, site mix)": rates_of(o_site, w_site)}
     if cache["raw"]:
-        at["124 originals (600x450, not in train)"] = rates_of(
+        at[f"{len(cache['raw'])} originals (600x450, not in train)"] = rates_of(
             outcomes(val_policy, results(cache["raw"], "clean")))
     site_truth = at["site B (camera B, site mix)"]
     inside = {k: promise[k]["ci95"][0] <= site_truth[k] <= promise[k]["ci95"][1]
@@ -242,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         hits = {k: 0 for k in RATES}
         hits_pop = {k: 0 for k in RATES}
+        above = {k: 0 for k in RATES}  # the other cases' rate above the interval
         width = {k: [] for k in RATES}
         refused = bound_held = 0
         n_mel = []
@@ -264,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lo, hi = cal.promise[k + "_ci"]
                 width[k].append(hi - lo)
                 hits[k] += lo <= others[k] <= hi
+                above[k] += others[k] > hi
                 hits_pop[k] += lo <= pop[k] <= hi
         fitted = args.resamples - refused
         row = {"n": n, "resamples": args.resamples, "refused": refused,
@@ -272,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "coverage_others": {k: hits[k] / fitted if fitted else None for k in RATES},
                "coverage_population": {k: hits_pop[k] / fitted if fitted else None
                                        for k in RATES},
+               "above_others": {k: above[k] / fitted if fitted else None for k in RATES},
                "median_width": {k: float(np.median(width[k])) if width[k] else None
                                 for k in RATES},
                "sensitivity_bound_held": bound_held / fitted if fitted else None,
@@ -294,6 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         held = r["sensitivity_bound_held"]
         print(f"{r['n']:>5} {r['melanomas_median']:>13.0f} {r['refused_share']:>8.1%} "
               + cells + f" {'-' if held is None else f'{held:.1%}':>15}")
+    print("outside the interval on the other cases, above it / below it: " + "; ".join(
+        f"n={r['n']} " + ", ".join(
+            f"{k.replace('melanoma_', 'mel ').replace('_rate', '')} "
+            f"{r['above_others'][k]:.1%}/"
+            f"{1 - r['coverage_others'][k] - r['above_others'][k]:.1%}"
+            for k in RATES) for r in rows if r["coverage_others"]["fallback_rate"] is not None))
     doc = {"command": "python benchmarks/site_calibration.py " + " ".join(
         argv if argv is not None else sys.argv[1:]),
            "device": cache["device"], "cloud": cache["cloud"], "site_mix": SITE_MIX,

@@ -183,6 +183,8 @@ def test_site_calibration_reports_the_promise_and_coverage_per_sample_size(bundl
     fitted = large["resamples"] - large["refused"]
     for k, v in large["coverage_others"].items():
         assert v is None or 0.0 <= v <= 1.0, k
+        above = large["above_others"][k]
+        assert v is None or 0.0 <= above <= 1.0 - v + 1e-9, k
     assert fitted == 0 or large["sensitivity_bound_held"] is not None
     assert "site B (camera B, site mix)" in doc["validation_policy_elsewhere"]
     printed = capsys.readouterr().out
