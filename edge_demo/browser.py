@@ -111,11 +111,20 @@ def operating_point(policy) -> dict[str, Any] | None:
 
 def policy_body(service) -> dict[str, Any]:
     """``GET /api/v1/policy``: thresholds, the rules both evaluators read, operating point."""
-    from .policy import DEFAULTS_NOTE
+    from .policy import DEFAULTS_NOTE, DISCLAIMER
 
     pol = service.policy
-    return {"policy": pol.to_dict(), "rules": rules(),
+    tiers = {"device": service.device, "cloud": service.cloud}
+    return {"policy": pol.to_dict(), "sha256": pol.sha256, "rules": rules(),
             "device_threshold": service.device.melanoma_threshold,
+            # what static/answer.js needs to give the server's answer offline
+            "device_metadata": tables(service.device.card),
+            "metadata_tables": {k: tables(t.card) is not None for k, t in tiers.items()
+                                if t is not None},
+            "models": {"device": service.device.summary(),
+                       "cloud": service.cloud.summary() if service.cloud else None,
+                       "policy": pol.source},
+            "disclaimer": DISCLAIMER,
             "note": DEFAULTS_NOTE if pol.source == "defaults" else None,
             "operating_point": operating_point(pol), "calibrate_note": NEW_SITE_NOTE}
 
