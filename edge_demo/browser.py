@@ -71,14 +71,21 @@ def runtime_file(config: dict[str, Any], name: str):
     return send_from_directory(runtime_root(config), name, mimetype=mime, max_age=3600)
 
 
+def model_url(base: str, sha256: str) -> str:
+    """The device model's URL, versioned by its sha256 (a new model is a new URL)."""
+    return f"{base}api/v1/device/model.tflite?sha256={sha256}"
+
+
 def browser_config(service, config: dict[str, Any], base_url: str) -> dict[str, Any]:
     """What the page's device.js needs: runtime URLs, the model URL and its tensor contract."""
     dev = service.device
     status = runtime_status(config)
     return {**status,
             "runtime": base_url + "runtime/",
-            "model": base_url + "api/v1/device/model.tflite",
-            "sha256": dev.sha256, "image_size": dev.image_size,
+            "model": model_url(base_url, dev.sha256),
+            "sha256": dev.sha256, "policy_sha256": service.policy.sha256,
+            "keep_photos": bool(config.get("KEEP_PHOTOS")),
+            "image_size": dev.image_size,
             "labels": list(dev.labels),
             "input": dev.input.to_dict(),
             "outputs": {h: c.to_dict() for h, c in dev.outputs.items()},

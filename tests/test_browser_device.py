@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import random
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +107,16 @@ def test_outputs_equal_python_litert_on_the_same_pixels(browser, tmp_path, which
                   0.0 if tier.mode == "int8" else 1e-6)
 
 
-def _upload(browser, photo: Path, timeout: float = 60) -> dict:
+def _upload(browser, photo: Path, timeout: float = 60, consent: bool = True) -> dict:
+    """Take the photo, record (or not) the patient's consent to send it, press Classify."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.execute_script("window.dermedgeLast = null;"
                            " document.getElementById('result').hidden = true;")
     browser.find_element(By.ID, "image-input").send_keys(str(photo))
+    if consent:
+        browser.find_element(By.ID, "consent-upload").click()
     browser.find_element(By.ID, "submit").click()
     WebDriverWait(browser, timeout).until(
         lambda d: d.find_element(By.ID, "result").is_displayed()
@@ -235,13 +239,19 @@ def _log_records(log: Path) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("policy, photo_sent", [
+@pytest.mark.parametrize("policy, consent, photo_sent", [
     ({"min_confidence": 0.0, "mel_band_low": None, "mel_band_high": None,
-      "second_opinion": False}, False),
-    ({"min_confidence": 1.0}, True),
+      "second_opinion": False}, True, False),
+    ({"min_confidence": 1.0}, True, True),
+    ({"min_confidence": 1.0}, False, False),
 ])
-def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, photo_sent):
-    """What the server received: its saved uploads (opt-in folder) and its request log."""
+def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, consent,
+                                                 photo_sent):
+    """What the server received (its saved uploads, opt-in folder, and its request log): the
+    photo only when a fallback rule fires and the tester recorded consent for the case; a
+    fallback without consent keeps the device answer and says so."""
+    from selenium.webdriver.common.by import By
+
     b = browser_bundles()
     saved = tmp_path / "received"
     pol = Policy(**policy).save(tmp_path / "policy.json")
@@ -251,7 +261,8 @@ def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, phot
                       "--policy", str(pol), "--save-uploads-dir", str(saved),
                       "--threads", "1"], log) as url:
         _start(browser, url)
-        last = _upload(browser, photo)
+        last = _upload(browser, photo, consent=consent)
+        case_note = browser.find_element(By.ID, "case-note").text
     received = sorted(saved.iterdir()) if saved.is_dir() else []
     records = _log_records(log)
     posts = [r["path"] for r in records if r.get("method") == "POST"]
@@ -269,6 +280,13 @@ def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, phot
         assert received == []
         assert last["body"]["cloud"] is None
         assert "the photo did not leave the phone" in last["where"]
+    if last["needCloud"] and not consent:
+        assert "no consent to send the photo" in case_note
+        assert "The photo was not sent, so the device answer stands." in \
+            last["body"]["fallback"]["reason"]
+        assert last["body"]["advice"]["rules_fired"][0] == "fallback_unavailable"
+    else:
+        assert case_note == ""
 
 
 def test_server_tier_when_the_browser_cannot_run_the_model(browser, tmp_path):
@@ -332,16 +350,20 @@ def test_server_tier_sends_the_photo_as_the_body_and_the_details_in_the_url(brow
             posts = browser.execute_script("return window.__posts;")
     finally:
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", watch)
-    assert posts == [{"url": "api/v1/classify?age=74&site=face", "type": "image/jpeg",
-                      "file": True, "form": False}]
+    assert len(posts) == 1 and posts[0]["url"].startswith("api/v1/classify?age=74&site=face&")
+    assert posts[0] | {"url": None} == {"url": None, "type": "image/jpeg", "file": True,
+                                        "form": False}
+    query = urllib.parse.parse_qs(posts[0]["url"].split("?", 1)[1])  # the case fields
+    assert query["consent_upload"] == ["1"] and query["case_id"] == [last["caseId"]]
+    assert json.loads(query["client"][0])["build"] == "server"
     assert last["body"]["metadata"]["received"] == {"age": 74.0, "site": "face"}
     assert last["body"]["device"]["metadata_used"] == ["age", "site"]
     assert [p.read_bytes() for p in saved.iterdir()] == [photo.read_bytes()]
 
 
 def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path):
-    """The browser's photo-only answer is confident; the card's tables (applied by the
-    server) move it into the second-opinion rule, so the page sends the photo after all."""
+    """The browser's photo-only answer is confident; the card's tables (applied on the phone
+    as on the server) move it into the second-opinion rule, so the page sends the photo."""
     from demo_fixtures import with_metadata_tables
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -371,8 +393,10 @@ def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path)
         Select(browser.find_element(By.ID, "site-input")).select_by_value("face")
         last = _upload(browser, photo)
     assert last["fallback"]["wanted"] is False  # the photo alone: no rule fired
+    # the page applied the card's tables itself (metadata.js), so one request sends the photo
+    assert last["local"]["fallback"]["rules_fired"] == ["second_opinion"]
     assert last["sentPhoto"] is True and last["body"]["fallback"]["used"] is True
     assert last["body"]["fallback"]["rules_fired"] == ["second_opinion"]
     results = [r for r in _log_records(log) if r.get("event") == "result"]
-    assert [r["photo_received"] for r in results] == [False, True]
+    assert [r["photo_received"] for r in results] == [True]
     assert [p.read_bytes() for p in sorted(saved.iterdir())] == [photo.read_bytes()]
