@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from policy_table import BASE, CASES
+from policy_table import BASE, CASES, FORMS, answer_side, assert_same, form_side
 from test_browser_e2e import _photo, browser_bundles, chromium, demo_server, ensure_runtime
 
 from edge_demo.policy import Policy
@@ -50,11 +50,12 @@ def browser(tmp_path_factory):
         yield driver
 
 
-def _start(browser, url: str, state: str = "browser", timeout: float = 90) -> None:
+def _start(browser, url: str, state: str = "browser", timeout: float = 90,
+           query: str = "") -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(url + "/")
+    browser.get(url + "/" + query)
     WebDriverWait(browser, timeout).until(
         lambda d: d.find_element(By.ID, "device-status").get_attribute("data-state"))
     status = browser.find_element(By.ID, "device-status")
@@ -84,11 +85,18 @@ def _equality_bundles() -> list[Path]:
     return [b["int8"], b["float32"], *_extra_bundles()]
 
 
-@pytest.mark.parametrize("which", range(2 + len(_extra_bundles())))
-def test_outputs_equal_python_litert_on_the_same_pixels(browser, tmp_path, which):
+# (bundle, LiteRT.js build): the int8 model on the threaded build (the page on localhost is
+# cross-origin isolated: min(4, cores) threads) and on the single-threaded one (?threads=1)
+EQUALITY = [(0, "threaded"), (0, "single"), (1, None),
+            *((2 + i, None) for i in range(len(_extra_bundles())))]
+
+
+@pytest.mark.parametrize("which, build", EQUALITY)
+def test_outputs_equal_python_litert_on_the_same_pixels(browser, tmp_path, which, build):
     """40 inputs (real photos through the contract when ../shared is there, then random
-    pixels): both heads equal."""
+    pixels): both heads equal, on the build and thread count the page says it used."""
     from conftest import SHARED
+    from selenium.webdriver.common.by import By
 
     from dermedge.image import load_image
 
@@ -101,7 +109,14 @@ def test_outputs_equal_python_litert_on_the_same_pixels(browser, tmp_path, which
     inputs = [load_image(p, S) for p in photos] + [
         rng.integers(0, 256, (S, S, 3), dtype=np.uint8) for _ in range(40 - len(photos))]
     with demo_server(["--device", str(bundle), "--threads", "1"], tmp_path / "s.log") as url:
-        _start(browser, url)
+        _start(browser, url, query="?threads=1" if build == "single" else "")
+        status = browser.find_element(By.ID, "device-status")
+        if build is not None:
+            cores = browser.execute_script("return navigator.hardwareConcurrency;")
+            assert status.get_attribute("data-build") == build, status.text
+            assert status.get_attribute("data-threads") == str(
+                min(4, cores) if build == "threaded" else 1), status.text
+            assert f"{build} build" in status.text
         for x in inputs:
             _same(_run_pixels(browser, x), tier.predict(x),
                   0.0 if tier.mode == "int8" else 1e-6)
@@ -112,8 +127,9 @@ def _upload(browser, photo: Path, timeout: float = 60, consent: bool = True) -> 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.execute_script("window.dermedgeLast = null;"
-                           " document.getElementById('result').hidden = true;")
+    browser.execute_script("window.dermedgeLast = null;"  # a new photo, even the same file
+                           " document.getElementById('result').hidden = true;"
+                           " document.getElementById('image-input').value = '';")
     browser.find_element(By.ID, "image-input").send_keys(str(photo))
     if consent:
         browser.find_element(By.ID, "consent-upload").click()
@@ -192,8 +208,9 @@ def test_preprocessing_within_tolerance_of_pillow(browser, tmp_path, shared_dir)
 
 
 def test_browser_fallback_decision_equals_the_servers(browser, tmp_path):
-    """policy.js in Chromium vs Policy.decide on the table where every rule fires; and the
-    thresholds the page reads are the server's; the page states the operating point."""
+    """policy.js in Chromium vs Policy.decide on the table where every rule fires, and the
+    complete answer (answer.js + metadata.js) vs POST /api/v1/decide on the answer table;
+    the thresholds the page reads are the server's; the page states the operating point."""
     from selenium.webdriver.common.by import By
 
     b = browser_bundles()
@@ -221,6 +238,17 @@ def test_browser_fallback_decision_equals_the_servers(browser, tmp_path):
             "const rules = arguments[1];"
             "return arguments[0].map((c) => window.dermedgePolicy.fallbackChecks(rules,"
             " c.params, c.device));", cases, published["rules"])
+        # the complete answer (both stages, the card's tables) on the shared table
+        answers, forms = answer_side(), form_side()
+        got = browser.execute_script(
+            "const M = window.dermedgeMetadata;"
+            "return {bodies: arguments[0].map((c) => window.dermedgeAnswer.localDecide(c.doc,"
+            " c.answer, M.parse(c.form || {}), c.ask)), forms: arguments[1].map((f) => {"
+            " try { return {meta: M.parse(f)}; } catch (e) { return {error: e.message}; } })};",
+            answers, FORMS)
+    for case, body in zip(answers, got["bodies"], strict=True):
+        assert_same(body, case["body"], case["name"])
+    assert got["forms"] == forms
     fired = set()
     for (name, over, dev, cloud), got in zip(CASES, js, strict=True):
         d = Policy(**{**BASE, **over}).decide(dev, cloud)

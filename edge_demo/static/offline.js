@@ -74,13 +74,14 @@ async function register() {
     say("unsupported", "This browser has no service workers: the page needs the network.");
     return null;
   }
-  if (!config.enabled) {
+  // the runtime and the model first: the worker then revalidates them (304s), not
+  // downloads them again
+  const runs = window.dermedgeDevice ? await window.dermedgeDevice.ready.then(() => true,
+    () => false) : false;
+  if (!runs) {
     say("unsupported", "Offline use needs the model to run in this browser, which it does" +
       " not here: the page needs the network.");
     return null;
-  }
-  if (window.dermedgeDevice) {  // the runtime and model first: the worker then revalidates
-    await window.dermedgeDevice.ready.catch(() => {});  // them (304s), not downloads again
   }
   const build = chooseBuild().build;
   const want = config.offline.version + "-" + build;

@@ -26,19 +26,30 @@ export function relaxedSimd() {
   }
 }
 
+/** The page's ``?threads=N`` (for measurements: 1 = the single-threaded build, N > 1 = the
+ * threaded build on N threads where it can run), else null. */
+function requestedThreads() {
+  const raw = new URLSearchParams(globalThis.location ? location.search : "").get("threads");
+  const n = raw === null ? NaN : parseInt(raw, 10);
+  return Number.isInteger(n) && n >= 1 ? n : null;
+}
+
 /** {build, threads, why}: the build to load and, for one thread, why not more. */
 export function chooseBuild() {
   const relaxed = relaxedSimd();
   if (!relaxed) {
     return { build: "compat", threads: 1, why: "no relaxed SIMD in this browser" };
   }
+  const asked = requestedThreads();
+  if (asked === 1) return { build: "single", threads: 1, why: "?threads=1 asked for one" };
   const missing = [];
   if (!globalThis.crossOriginIsolated) missing.push("the page is not cross-origin isolated");
   if (typeof SharedArrayBuffer !== "function") missing.push("no SharedArrayBuffer");
   const hc = Number(navigator.hardwareConcurrency) || 1;
   if (missing.length) return { build: "single", threads: 1, why: missing.join(", ") };
   if (hc < 2) return { build: "single", threads: 1, why: "one CPU core" };
-  return { build: "threaded", threads: Math.min(MAX_THREADS, hc), why: null };
+  return { build: "threaded", threads: asked ? Math.min(asked, hc) : Math.min(MAX_THREADS, hc),
+    why: null };
 }
 
 /** The runtime files a build loads, relative to the runtime root. */
