@@ -135,6 +135,7 @@
       : "Answered on this phone: model " + body.device.latency_ms.toFixed(1) + " ms.";
     $("result").hidden = false;
     $("result").scrollIntoView({ block: "start" });
+    performance.mark("dermedge-answer");  // benchmarks/browser_latency.py reads it
   }
 
   function renderWhere(body) {

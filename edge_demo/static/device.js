@@ -96,6 +96,7 @@ async function load() {
     cpuOptions: { numThreads: choice.threads } });
   const S = config.image_size;
   await runPixels(new Uint8Array(S * S * 3));  // warm-up: the first run allocates
+  performance.mark("dermedge-model-ready");  // benchmarks/browser_latency.py reads it
   return { loadMs: performance.now() - t0, version: config.version, build: choice.build,
     threads: choice.threads, why: choice.why };
 }
@@ -113,5 +114,6 @@ window.dermedgeDevice = {
   preprocessB64: async (file, size) => toB64(await preprocess(file, size)),
   lastPixelsB64: () => (lastPixels ? toB64(lastPixels) : null),
   lastPrepMs: () => lastPrepMs,
+  internals: () => ({ runtime, model }),  // for benchmarks/browser_latency.py --profile
 };
 window.dermedgeDevice.ready.catch(() => {});  // app.js reports the failure on the page
