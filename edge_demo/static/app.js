@@ -21,6 +21,13 @@
     return e;
   };
 
+  /** A case starts when the photo is taken: its id, short code and the phone's clock. */
+  function newCase(file) {
+    const id = window.dermedgeCaseId.newCaseId();
+    return { file: file, case_id: id, code: window.dermedgeCaseId.shortCode(id),
+      created_at: new Date().toISOString(), answer: null };
+  }
+
   input.addEventListener("change", () => {
     const file = input.files && input.files[0];
     $("result").hidden = true; $("error").hidden = true; $("status").textContent = "";
@@ -35,9 +42,7 @@
     preview.src = URL.createObjectURL(file);
     preview.hidden = false;
     button.disabled = false;
-    const id = window.dermedgeCaseId.newCaseId();
-    current = { file: file, case_id: id, code: window.dermedgeCaseId.shortCode(id),
-      created_at: new Date().toISOString(), answer: null };
+    current = newCase(file);
     $("case-code-value").textContent = current.code;
     $("case-code").hidden = false;
     if (deviceState.ok) {  // the photo alone, on this phone, before the tester presses Classify
@@ -213,10 +218,10 @@
    * server's rules and tables); the photo goes up only when the cloud model is needed and
    * the tester recorded consent. Without a network the case is queued on the phone. */
   async function classifyInBrowser(file) {
-    const c = current && current.file === file ? current : null;
+    const c = current && current.file === file ? current : newCase(file);
     let answer;
     try {
-      answer = await (c && c.answer ? c.answer : window.dermedgeDevice.classifyFile(file));
+      answer = await (c.answer || window.dermedgeDevice.classifyFile(file));
     } catch (err) {
       if (err && err.name === "InvalidStateError" || /decode|source image/i.test(String(err))) {
         throw new Error("the file is not an image this browser can decode; choose a JPEG," +
@@ -229,13 +234,11 @@
     const local = window.dermedgeAnswer.localDecide(policyDoc, answer, meta, ask);
     const needCloud = ask || (local.fallback.wanted && browserConfig.cloud);
     const send = needCloud && consented("consent-upload");
-    const fields = [...caseFields(c || { case_id: window.dermedgeCaseId.newCaseId(),
-      created_at: new Date().toISOString() }, deviceInfo && deviceInfo.build === "threaded"
-      ? "threaded" : "single"),
-      ...patientFields(), ["device_answer", JSON.stringify(answer)]];
+    const build = deviceInfo && deviceInfo.build === "threaded" ? "threaded" : "single";
+    const fields = [...caseFields(c, build), ...patientFields(),
+      ["device_answer", JSON.stringify(answer)]];
     if (ask) fields.push(["ask_cloud", "1"]);
-    const item = { case_id: fields[0][1], code: window.dermedgeCaseId.shortCode(fields[0][1]),
-      created_at: c ? c.created_at : new Date().toISOString(),
+    const item = { case_id: c.case_id, code: c.code, created_at: c.created_at,
       fields: Object.fromEntries(fields), photo: send ? file : null,
       photo_name: file.name || "photo.jpg", local: local };
     const noConsent = needCloud && !send ? "The cloud model was needed, but there is no" +
@@ -278,8 +281,7 @@
         " photo must be sent: tick the consent box for this case first (or leave it, and the" +
         " photo stays on this phone without an answer).");
     }
-    const c = current && current.file === file ? current
-      : { case_id: window.dermedgeCaseId.newCaseId(), created_at: new Date().toISOString() };
+    const c = current && current.file === file ? current : newCase(file);
     const query = new URLSearchParams([...patientFields(), ...caseFields(c, "server")]);
     if (explain) query.append("explain", "1");
     const url = "api/v1/classify" + (query.toString() ? "?" + query : "");
@@ -288,8 +290,7 @@
       caseId: c.case_id };
     note("");
     if (window.dermedgeCases) {
-      window.dermedgeCases.record({ case_id: c.case_id, created_at: c.created_at,
-        code: window.dermedgeCaseId.shortCode(c.case_id) }, body).catch(() => {});
+      window.dermedgeCases.record(c, body).catch(() => {});
     }
     return body;
   }
