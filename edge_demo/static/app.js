@@ -233,7 +233,10 @@
     const ask = Boolean($("ask-cloud-input") && $("ask-cloud-input").checked);
     const local = window.dermedgeAnswer.localDecide(policyDoc, answer, meta, ask);
     const needCloud = ask || (local.fallback.wanted && browserConfig.cloud);
-    const send = needCloud && consented("consent-upload");
+    // consent to keep the photo in the site's case log sends it too (the cloud model still
+    // runs only when needed); the keep box can be ticked only with the upload box
+    const keep = consented("consent-upload") && consented("consent-keep");
+    const send = (needCloud && consented("consent-upload")) || keep;
     const build = deviceInfo && deviceInfo.build === "threaded" ? "threaded" : "single";
     const fields = [...caseFields(c, build), ...patientFields(),
       ["device_answer", JSON.stringify(answer)]];
@@ -241,7 +244,7 @@
     const item = { case_id: c.case_id, code: c.code, created_at: c.created_at,
       fields: Object.fromEntries(fields), photo: send ? file : null,
       photo_name: file.name || "photo.jpg", local: local };
-    const noConsent = needCloud && !send ? "The cloud model was needed, but there is no" +
+    const noConsent = needCloud && !consented("consent-upload") ? "The cloud model was needed, but there is no" +
       " consent to send the photo: it stayed on this phone and the phone's answer stands." : "";
     window.dermedgeLast = { answer: answer, local: local, caseId: item.case_id,
       fallback: window.dermedgePolicy.fallbackChecks(policyDoc.rules, policyDoc.policy.policy,
