@@ -107,26 +107,36 @@ def prep_row(driver, photo: Path, size: int, runs: int, warmup: int) -> dict:
     driver.execute_script("document.getElementById('image-input').value = '';")
     driver.find_element("id", "image-input").send_keys(str(photo))
     out = _async(driver, """
-        const f = document.getElementById('image-input').files[0], D = window.dermedgeDevice;
-        const now = [], before = [];
+        const f = document.getElementById('image-input').files[0], S = arguments[1];
+        const P = await import(new URL("pixels.js", document.querySelector(
+          'script[src*="device.js"]').src).href);
+        const B = window.__prepBeforeParts;
+        const t = {now: [], before: [], now_decode: [], before_decode: [], now_resize: [],
+                   before_resize: []};
         let same = true;
-        const time = async (fn) => {
-          const t0 = performance.now(), px = await fn(f, arguments[1]);
-          return [performance.now() - t0, px];
+        const now = async () => {
+          const t0 = performance.now(), sq = await P.decodeSquare(f), t1 = performance.now();
+          const px = P.squareResize(sq.rgba, sq.side, 0, 0, sq.side, S);
+          return [t1 - t0, performance.now() - t1, px];
+        };
+        const before = async () => {
+          const t0 = performance.now(), img = await B.decode(f), t1 = performance.now();
+          const px = B.cropResize(img.rgba, img.width, img.height, S);
+          return [t1 - t0, performance.now() - t1, px];
         };
         for (let i = 0; i < arguments[0]; i++) {  // alternating which goes first
-          const first = i % 2 ? window.__prepBefore : D.preprocess;
-          const second = i % 2 ? D.preprocess : window.__prepBefore;
-          const [ta, a] = await time(first), [tb, b] = await time(second);
-          now.push(i % 2 ? tb : ta); before.push(i % 2 ? ta : tb);
-          same = same && a.length === b.length && a.every((v, j) => v === b[j]);
+          const [a, b] = i % 2 ? [await before(), await now()].reverse()
+            : [await now(), await before()];
+          t.now_decode.push(a[0]); t.now_resize.push(a[1]); t.now.push(a[0] + a[1]);
+          t.before_decode.push(b[0]); t.before_resize.push(b[1]); t.before.push(b[0] + b[1]);
+          same = same && a[2].length === b[2].length && a[2].every((v, j) => v === b[2][j]);
         }
-        return {now, before, same};""", warmup + runs, size)
-    now, before = out["now"][warmup:], out["before"][warmup:]
+        return {t, same};""", warmup + runs, size)
+    med = {k: round(statistics.median(v[warmup:]), 2) for k, v in out["t"].items()}
     return {"photo": photo.name, "size": size, "runs": runs,
-            "prep_now_median_ms": round(statistics.median(now), 2),
-            "prep_before_median_ms": round(statistics.median(before), 2),
-            "speedup": round(statistics.median(before) / statistics.median(now), 2),
+            **{f"prep_{k}_median_ms": v for k, v in med.items()},
+            "speedup": round(med["before"] / med["now"], 2),
+            "resize_speedup": round(med["before_resize"] / med["now_resize"], 2),
             "same_pixels": bool(out["same"])}
 
 
@@ -268,11 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{r['bundle']:<22} {r['threads']:>3} {r['build']:<9}"
               f" {r['browser_median_ms']:>10.2f} {r['native_median_ms']:>9.2f}"
               f" {r['ratio_browser_over_native']:>6.2f} {str(r['outputs_equal']):>6}")
-    print(f"\n{'bundle':<22} {'prep now ms':>11} {'before ms':>9} {'speedup':>7} {'same':>5}")
+    print(f"\n{'bundle':<22} {'prep ms now / before':>20} {'decode+read':>13}"
+          f" {'crop+resize':>13} {'speedup':>7} {'same':>5}")
     for r in preps:
-        print(f"{r['bundle']:<22} {r['prep_now_median_ms']:>11.2f}"
-              f" {r['prep_before_median_ms']:>9.2f} {r['speedup']:>7.2f}"
-              f" {str(r['same_pixels']):>5}")
+        print(f"{r['bundle']:<22} {r['prep_now_median_ms']:>9.2f} /"
+              f" {r['prep_before_median_ms']:<8.2f}"
+              f" {r['prep_now_decode_median_ms']:>5.2f} / {r['prep_before_decode_median_ms']:<5.2f}"
+              f" {r['prep_now_resize_median_ms']:>5.2f} / {r['prep_before_resize_median_ms']:<5.2f}"
+              f" {r['speedup']:>7.2f} {str(r['same_pixels']):>5}")
     print(f"\n{'bundle':<22} {'visit':<13} {'build':<9} {'model ready ms':>14}"
           f" {'answer ms':>9}")
     for name, v in visits.items():

@@ -1,7 +1,7 @@
 // The page's preprocessing before issue 35 (edge_demo/static/device.js at 3d438fb), kept only
 // so that benchmarks/browser_latency.py can time it beside static/pixels.js in one run: full
 // frame drawn and read back, the square copied out, float arithmetic per tap.
-// Defines window.__prepBefore(file, size) -> (size, size, 3) uint8.
+// Defines window.__prepBefore(file, size) -> (size, size, 3) uint8, and its two parts.
 (function () {
 // --- Pillow's bilinear resize (Resample.c), ported so the page feeds the model the same
 // uint8 pixels as the server: separable, horizontal pass then vertical, 22-bit fixed point.
@@ -128,4 +128,5 @@ async function decode(file) {
     const img = await decode(file);
     return cropResize(img.rgba, img.width, img.height, size);
   };
+  window.__prepBeforeParts = { decode, cropResize };
 })();

@@ -11,6 +11,9 @@ const CACHE = OFFLINE.version + "-" + BUILD;
 const abs = (u) => new URL(u, self.location.origin).href;
 const KEEP = OFFLINE.shell.concat(OFFLINE.builds[BUILD] || []).map(abs);
 const KEPT = new Set(KEEP);
+// a kept file asked for without its version (a module's relative import of a versioned
+// script): this cache's copy, which belongs to the same page
+const BY_PATH = new Map(KEEP.map((u) => [new URL(u).pathname, u]));
 const NETWORK_FIRST = new Set(OFFLINE.network_first.map(abs));
 const PAGE = abs(OFFLINE.page);
 const NETWORK_TIMEOUT_MS = 4000;  // a slow network: answer from the cache after this
@@ -86,5 +89,7 @@ self.addEventListener("fetch", (event) => {
     event.respondWith(networkFirst(request, url.href));
   } else if (KEPT.has(url.href)) {
     event.respondWith(cacheFirst(request, url.href));
+  } else if (!url.search && BY_PATH.has(url.pathname)) {
+    event.respondWith(cacheFirst(request, BY_PATH.get(url.pathname)));
   }
 });
