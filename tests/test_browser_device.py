@@ -111,6 +111,10 @@ def test_outputs_equal_python_litert_on_the_same_pixels(browser, tmp_path, which
     with demo_server(["--device", str(bundle), "--threads", "1"], tmp_path / "s.log") as url:
         _start(browser, url, query="?threads=1" if build == "single" else "")
         status = browser.find_element(By.ID, "device-status")
+        if build == "threaded":
+            assert browser.execute_script("return crossOriginIsolated;"), (
+                "the page is not cross-origin isolated: the server must send COOP/COEP and"
+                " serve the threaded runtime (the server side of issue 35)")
         if build is not None:
             cores = browser.execute_script("return navigator.hardwareConcurrency;")
             assert status.get_attribute("data-build") == build, status.text
