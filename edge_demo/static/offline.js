@@ -85,8 +85,9 @@ async function register() {
   }
   const build = chooseBuild().build;
   const want = config.offline.version + "-" + build;
-  say("installing", "Storing this page, the model and the policy on this phone for use" +
-    " without a network…");
+  say("installing", navigator.serviceWorker.controller
+    ? "Checking the copy of this page stored on this phone…"
+    : "Storing this page, the model and the policy on this phone for use without a network…");
   const reg = await navigator.serviceWorker.register(config.offline.worker + "?build=" + build,
     { scope: "./" });
   reg.update().catch(() => {});  // a new bundle on the server: its worker replaces this one
