@@ -158,9 +158,10 @@ const when = (iso) => new Date(iso).toLocaleString([], { dateStyle: "short",
   timeStyle: "short" });
 const DECISIONS = { refer: "Refer", no_action: "No action", retake: "Retake the photo" };
 
-function button(text, onClick) {
+function button(text, label, onClick) {
   const b = el("button", "small", text);
   b.type = "button";
+  b.setAttribute("aria-label", label);
   b.addEventListener("click", onClick);
   return b;
 }
@@ -186,7 +187,7 @@ export function render() {
         (DECISIONS[i.local.advice.decision] || i.local.advice.decision) + " on the phone · " +
         (i.photo ? "the photo will be sent (consented)" : "the photo stays on the phone") +
         (i.refused ? " · refused by the server: " + i.refused : ""));
-      li.append(button("Delete", () => remove(i.case_id)));
+      li.append(button("Delete", "Delete queued case " + i.code, () => remove(i.case_id)));
       return li;
     }));
     $("history-summary").textContent = "Case history (" + history.length + ")";
@@ -202,7 +203,8 @@ export function render() {
       li.append(el("strong", "", h.code), " " + when(h.created_at) + " · " +
         (DECISIONS[h.answer.decision] || h.answer.decision) + " · " + by);
       li.append(el("span", "meta why", h.answer.message));
-      li.append(button("Delete", () => forget(h.case_id)));
+      li.append(button("Delete", "Delete case " + h.code + " from the history",
+        () => forget(h.case_id)));
       return li;
     }));
   }).catch(() => {});
