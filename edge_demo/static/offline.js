@@ -64,10 +64,9 @@ function storageText(persisted) {
 
 async function register() {
   if (!window.isSecureContext) {
-    say("insecure", "Offline use is off: this page is served over plain HTTP at a network" +
-      " address, and browsers allow offline storage (service workers), installing the page" +
-      " and multi-threaded WebAssembly only over HTTPS. Open the server's https:// address" +
-      " (see its console) to use the page without a network; here it needs the network.");
+    say("insecure", "Offline use is off: over plain HTTP at a network address browsers keep" +
+      " no offline copy (service workers need HTTPS), so here the page needs the network." +
+      " Trust this server once and open its https:// address (see above) to use it offline.");
     return null;
   }
   if (!("serviceWorker" in navigator) || !("caches" in window)) {
