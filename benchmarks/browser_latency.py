@@ -33,6 +33,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PREP_BEFORE = Path(__file__).with_name("browser_prep_before.js")
 sys.path.insert(0, str(REPO / "tests"))
+
+
+def _compressed(log: Path, timeout: float = 1800) -> None:
+    """Wait until the server has its compressed copies (made once per file content, in the
+    background): the page is then served as a phone gets it, and no compression runs beside
+    the measurements."""
+    deadline = time.monotonic() + timeout
+    while " compressed " not in log.read_text():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"browser_latency: error: no compressed copies after {timeout} s"
+                             f" (see {log}).")
+        time.sleep(1)
 
 
 def _photos(shared: Path, n: int) -> list[Path]:
@@ -160,7 +173,7 @@ def _visit(driver, url: str, photo: Path) -> dict:
             "offline_ready": bool(offline)}
 
 
-def page_to_answer(bundle: Path, photo: Path, tmp: Path) -> dict:
+def page_to_answer(bundle: Path, photo: Path, tmp: Path, serve: list[str]) -> dict:
     """First visit, repeat visit, and offline, in one fresh browser profile."""
     from conftest import free_port
     from test_browser_e2e import chromium, demo_server
@@ -169,8 +182,9 @@ def page_to_answer(bundle: Path, photo: Path, tmp: Path) -> dict:
     out = {}
     with chromium(tmp / "visits") as driver:
         driver.set_script_timeout(300)
-        with demo_server(["--device", str(bundle), "--threads", "2"], tmp / "visits.log",
+        with demo_server(["--device", str(bundle), *serve], tmp / "visits.log",
                          port=port, timeout=180) as url:
+            _compressed(tmp / "visits.log")
             out["first_visit"] = _visit(driver, url, photo)
             out["repeat_visit"] = _visit(driver, url, photo)
         out["offline"] = _visit(driver, url, photo)
@@ -246,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also split the single-thread run (page phases, CPU profile)")
     p.add_argument("--shared", type=Path, default=REPO.parent / "shared",
                    help="the shared data folder (600x450 HAM10000 photos)")
+    p.add_argument("--state-dir", type=Path, help="the server's state folder (kept: its"
+                   " compressed copies are reused by the next run; default: a new one)")
     args = p.parse_args(argv)
     from test_browser_e2e import chromium, demo_server, ensure_runtime
 
@@ -255,12 +271,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_runtime()
     photos = _photos(args.shared, args.photos)
     tmp = Path(tempfile.mkdtemp(prefix="browser_latency_"))
+    serve = ["--threads", "2", "--state-dir", str(args.state_dir or tmp / "state")]
     models, preps, visits, profiles = [], [], {}, {}
     for bundle in args.bundles:
         S = Tier.from_bundle(bundle).image_size
         pixels = [load_image(ph, S) for ph in photos]
-        with demo_server(["--device", str(bundle), "--threads", "2"], tmp / "server.log",
+        with demo_server(["--device", str(bundle), *serve], tmp / "server.log",
                          timeout=180) as url, chromium(tmp / f"p-{bundle.name}") as driver:
+            _compressed(tmp / "server.log")
             driver.set_script_timeout(900)
             for t in args.threads:
                 models.append(model_row(driver, url, bundle, pixels, t, args.runs,
@@ -269,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                             args.warmup)})
             if args.profile:
                 profiles[bundle.name] = profile_row(driver, url, pixels, args.runs, tmp)
-        visits[bundle.name] = page_to_answer(bundle, photos[0], tmp)
+        visits[bundle.name] = page_to_answer(bundle, photos[0], tmp, serve)
 
     head = (f"{'bundle':<22} {'thr':>3} {'build':<9} {'browser ms':>10} {'native ms':>9}"
             f" {'ratio':>6} {'equal':>6}")
