@@ -56,8 +56,8 @@ def _compressed(log: Path, timeout: float = 1800) -> None:
 
 
 def _photos(shared: Path, n: int) -> list[Path]:
-    folder = shared / "data" / "ham10000_raw_600x450" / "images"
-    photos = sorted(folder.glob("*.jpg"))[:n]
+    folder = shared.resolve() / "data" / "ham10000_raw_600x450" / "images"
+    photos = sorted(folder.glob("*.jpg"))[:n]  # absolute: Chromium's file input needs them
     if not photos:
         raise SystemExit(f"browser_latency: error: no photos in {folder}; pass --shared.")
     return photos
