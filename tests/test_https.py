@@ -496,6 +496,11 @@ def test_https_page_at_a_lan_name_is_secure_and_cross_origin_isolated(https_serv
     cores = phone.execute_script("return navigator.hardwareConcurrency;")
     assert stored and stored["build"] == ("threaded" if cores > 1 else "single"), stored
     assert phone.find_element(By.ID, "offline-status").get_attribute("data-state") == "ready"
+    worker = phone.execute_async_script(
+        "const cb = arguments[0]; navigator.serviceWorker.getRegistration().then((r) => cb(r &&"
+        " r.active ? {scope: r.scope, script: r.active.scriptURL} : null));")
+    origin = f"https://{TEST_NAME}:{port}/"
+    assert worker == {"scope": origin, "script": f"{origin}sw.js?build={stored['build']}"}
     advice = phone.find_element(By.ID, "advice").text
     assert "Refer to a dermatologist" in advice or "No action suggested" in advice
 
