@@ -54,10 +54,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, Request, current_app, g, jsonify, render_template, request
+from flask import (
+    Blueprint,
+    Flask,
+    Request,
+    current_app,
+    g,
+    jsonify,
+    render_template,
+    request,
+    url_for,
+)
 from werkzeug.exceptions import HTTPException
 
-from . import browser, delivery
+from . import browser, delivery, offline
 from .caseid import is_case_id, new_case_id
 from .caselog import CaseFields, CaseLog, RecentCases
 from .cases_api import case_pages
@@ -556,14 +566,48 @@ def index():
     svc = _service()
     sites = sorted(set(site_choices(svc.device.card)) |
                    set(site_choices(svc.cloud.card) if svc.cloud else ()))
-    return render_template("index.html", service=svc, sites=sites,
-                           defaults=svc.policy.source == "defaults",
-                           explainer=current_app.extensions["edge_demo"]["explainer"],
-                           browser={**browser.browser_config(
-                               svc, current_app.config, request.script_root + "/",
-                               delivery.version_body(svc, current_app.config)),
-                                    "cases": _case_settings()},
-                           synthetic=_synthetic(svc))
+    base = request.script_root + "/"
+    cfg = browser.browser_config(svc, current_app.config, base,
+                                 delivery.version_body(svc, current_app.config))
+    cfg["offline"] = {"version": _offline_version(), "worker": url_for("page.service_worker")}
+    cfg["cases"] = _case_settings()
+    resp = current_app.make_response(render_template(
+        "index.html", service=svc, sites=sites, defaults=svc.policy.source == "defaults",
+        explainer=current_app.extensions["edge_demo"]["explainer"], browser=cfg,
+        synthetic=_synthetic(svc)))
+    resp.headers[offline.VERSION_HEADER] = cfg["offline"]["version"]
+    return resp
+
+
+# --- the installable, offline page (edge_demo/offline.py) -----------------------------
+def _page_digest() -> str:
+    state = current_app.extensions["edge_demo"]
+    if "page_digest" not in state:  # the page's files do not change while serving
+        state["page_digest"] = offline.page_digest()
+    return state["page_digest"]
+
+
+def _offline_version() -> str:
+    return offline.cache_version(_service(), current_app.config, _page_digest())
+
+
+@page.get("/sw.js")
+def service_worker():
+    """The service worker, at the root so that its scope is the whole page."""
+    cfg = offline.offline_config(_service(), current_app.config, url_for,
+                                 request.script_root + "/", _page_digest())
+    resp = current_app.response_class(
+        render_template("sw.js", offline=cfg, version_header=offline.VERSION_HEADER),
+        mimetype="text/javascript")
+    resp.headers["Cache-Control"] = "no-cache"  # a new bundle must reach the next visit
+    return resp
+
+
+@page.get("/manifest.webmanifest")
+def manifest():
+    resp = jsonify(offline.manifest(url_for, request.script_root + "/"))
+    resp.mimetype = offline.MANIFEST_TYPE
+    return resp
 
 
 def _case_settings() -> dict[str, Any]:
@@ -585,7 +629,9 @@ def _synthetic(svc) -> bool:
 # --- the in-browser device tier (edge_demo/browser.py) ---------------------------------
 @api.get("/policy")
 def policy():
-    return jsonify(browser.policy_body(_service()))
+    resp = jsonify(browser.policy_body(_service()))
+    resp.headers[offline.VERSION_HEADER] = _offline_version()
+    return resp
 
 
 @api.get("/device/model.tflite")

@@ -94,6 +94,11 @@ def runtime_file(config: dict[str, Any], name: str, store, request):
     return store.respond(request, asset, asset.sha256 if version == current else None)
 
 
+def model_url(base: str, sha256: str) -> str:
+    """The device model's URL, versioned by its sha256 (a new model is a new URL)."""
+    return f"{base}api/v1/device/model.tflite?v={sha256[:16]}"
+
+
 def browser_config(service, config: dict[str, Any], base_url: str,
                    version: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the page's device.js needs: runtime URLs, the model URL and its tensor contract
@@ -101,12 +106,13 @@ def browser_config(service, config: dict[str, Any], base_url: str,
     dev = service.device
     status = runtime_status(config)
     rid = (version or {}).get("runtime", {}).get("id")
-    model_url = base_url + "api/v1/device/model.tflite"
     return {**status,
             "runtime": base_url + (f"runtime/{rid}/" if rid else "runtime/"),
-            "model": model_url + (f"?v={dev.sha256[:16]}" if version else ""),
+            "model": (model_url(base_url, dev.sha256) if version
+                      else base_url + "api/v1/device/model.tflite"),
             "policy_sha256": service.policy.sha256,
             "runtime_id": rid, "cache_key": (version or {}).get("cache_key"),
+            "keep_photos": bool(config.get("KEEP_PHOTOS")),
             "sha256": dev.sha256, "image_size": dev.image_size,
             "labels": list(dev.labels),
             "input": dev.input.to_dict(),
@@ -140,11 +146,20 @@ def operating_point(policy) -> dict[str, Any] | None:
 
 def policy_body(service) -> dict[str, Any]:
     """``GET /api/v1/policy``: thresholds, the rules both evaluators read, operating point."""
-    from .policy import DEFAULTS_NOTE
+    from .policy import DEFAULTS_NOTE, DISCLAIMER
 
     pol = service.policy
+    tiers = {"device": service.device, "cloud": service.cloud}
     return {"policy": pol.to_dict(), "sha256": pol.sha256, "rules": rules(),
             "device_threshold": service._threshold(service.device, None),
+            # what static/answer.js needs to give the server's answer offline
+            "device_metadata": tables(service.device.card),
+            "metadata_tables": {k: tables(t.card) is not None for k, t in tiers.items()
+                                if t is not None},
+            "models": {"device": service.device.summary(),
+                       "cloud": service.cloud.summary() if service.cloud else None,
+                       "policy": pol.source, "policy_sha256": pol.sha256},
+            "disclaimer": DISCLAIMER,
             "note": DEFAULTS_NOTE if pol.source == "defaults" else None,
             "operating_point": operating_point(pol), "calibrate_note": NEW_SITE_NOTE}
 

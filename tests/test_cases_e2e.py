@@ -143,23 +143,23 @@ def test_a_testers_cases_from_the_page_to_export_calibrate_and_report(tmp_path, 
         browser.set_script_timeout(120)
         with serve(args, tmp_path / "s1.log") as (proc, url, _):
             _start(browser, url)
-            browser.find_element(By.CSS_SELECTOR, "#case-hook summary").click()
-            site = browser.find_element(By.ID, "site-id-input")
-            assert site.get_attribute("value") == "clinic-a"  # the server's default
-            browser.find_element(By.ID, "tester-id-input").send_keys("tester-7")
-            browser.find_element(By.ID, "consent-keep-input").click()
+            # the tester's id (the site id is left to the server's --site-id)
+            browser.find_element(By.CSS_SELECTOR, "#tester summary").click()
+            browser.find_element(By.ID, "tester-id").send_keys("tester-7")
             for photo in photos:
-                last = _upload(browser, photo)
+                last = _upload(browser, photo, keep=True)
                 case = last["body"]["case"]
                 assert case["logged"] and not case["duplicate"]
-                code = browser.find_element(By.ID, "case-code").get_attribute("data-code")
-                assert code == case["code"] and code in browser.find_element(
-                    By.ID, "case-code").text
+                status = browser.find_element(By.ID, "case-status")
+                code = status.get_attribute("data-code")
+                assert code == case["code"] == browser.find_element(
+                    By.ID, "case-code-value").text
+                assert "logged in the site's case log" in status.text
                 codes.append(code)
             # the same photo sent again (a retry): the first answer, not a second case
             browser.execute_script("document.getElementById('submit').click();")
             WebDriverWait(browser, 30).until(
-                lambda d: "already answered" in d.find_element(By.ID, "case-code").text)
+                lambda d: "already answered" in d.find_element(By.ID, "case-status").text)
             assert len(_rows(cases)) == 3
             _kill9(proc)
         rows = {r["code"]: r for r in _rows(cases)}  # every answered case survived
@@ -221,4 +221,5 @@ def test_a_testers_cases_from_the_page_to_export_calibrate_and_report(tmp_path, 
     assert main(["report", "--cases", str(cases), "--out", str(tmp_path / "report")]) == 0
     rep = json.loads((tmp_path / "report" / "report.json").read_text())
     assert rep["cases"]["total"] == 2 and rep["labelled"]["n"] == 2
-    assert [r["build"] for r in rep["latency"]] == ["single"]
+    builds = {json.loads(rows[c]["client"])["build"] for c in codes[:2]}  # what the page ran
+    assert len(builds) == 1 and [r["build"] for r in rep["latency"]] == sorted(builds)
