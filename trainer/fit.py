@@ -424,10 +424,11 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
                       callbacks=callbacks, verbose=verbose, t_start=t_start)
         final = _finalize(config, model, data, state, work)
         _save_model(config, size, model, work, mixed=mixed)
+        kept = provenance.weights_sha256(model)
     finally:
         scope.close()
         keras.mixed_precision.set_global_policy(previous_policy)
-    repro = provenance.record(config, work, data.train_images, data.val_images)
+    repro = provenance.record(config, work, data.train_images, data.val_images, kept)
     return _write_run(config, out, work, spec, size, records, layout, state, final, plan=plan,
                       mixed=mixed, overwrite=overwrite, t_start=t_start, repro=repro)
 

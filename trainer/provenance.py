@@ -54,6 +54,15 @@ def sha256_array(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(model) -> str:
+    """SHA-256 over a model's weights as float32, in ``get_weights()`` order: two runs that
+    computed the same thing have the same value."""
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
 def package_versions() -> dict[str, str]:
     """``{distribution: version}`` for :data:`PACKAGES` that are installed."""
     out = {}
@@ -125,10 +134,13 @@ def weights_file(backbone: str, weights: str | None) -> str | None:
     return None if resolved == "imagenet" else resolved
 
 
-def record(config, work: Path, train_images: np.ndarray, val_images: np.ndarray) -> dict:
-    """The card's ``reproducibility`` section for a run being written in ``work``."""
+def record(config, work: Path, train_images: np.ndarray, val_images: np.ndarray,
+           model_sha256: str | None = None) -> dict:
+    """The card's ``reproducibility`` section for a run being written in ``work``
+    (``model_sha256``: :func:`weights_sha256` of the model it keeps)."""
     path = weights_file(config.model.backbone, config.model.weights)
     return {
+        "model_weights_sha256": model_sha256,
         "seeds": {"seed": config.seed, "split_seed": config.data.split_seed},
         "config_sha256": sha256_file(work / "config.yaml"),
         "splits_sha256": sha256_file(work / "splits.csv"),

@@ -96,9 +96,11 @@ def compare(recorded_run: str | Path, new_run: str | Path,
     inputs = differences(*cards)
     worst = max((r for r in rows if r.difference is not None),
                 key=lambda r: abs(r.difference), default=None)
+    wa, wb = ((c.get("reproducibility") or {}).get("model_weights_sha256") for c in cards)
     return {
         "recorded": str(Path(recorded_run).resolve()), "new": str(Path(new_run).resolve()),
         "tolerance": tolerance,
+        "same_weights": None if not (wa and wb) else wa == wb,
         "reproduced": all(r.within(tolerance) for r in rows),
         "largest": None if worst is None else {"figure": worst.name,
                                                "difference": worst.difference},
@@ -130,6 +132,10 @@ def format_report(report: dict[str, Any]) -> str:
     else:
         lines.append("\ninputs: the same data, config, seeds, weights, code, packages and "
                      "machine as the recorded run")
+    same = report.get("same_weights")
+    if same is not None:
+        lines.append("weights: " + ("identical to the recorded run's, bit for bit" if same
+                                    else "differ from the recorded run's"))
     tol = report["tolerance"]
     n_out = sum(not f["within"] for f in report["figures"])
     if report["reproduced"]:
