@@ -19,7 +19,7 @@ from typing import Any
 
 from .calibrate import wilson
 from .errors import RequestError
-from .metadata import adjust, tables
+from .metadata import tables
 from .policy import rules
 
 WEB_DIR = Path(__file__).with_name("web")
@@ -151,14 +151,14 @@ def policy_body(service) -> dict[str, Any]:
     pol = service.policy
     tiers = {"device": service.device, "cloud": service.cloud}
     return {"policy": pol.to_dict(), "sha256": pol.sha256, "rules": rules(),
-            "device_threshold": service.device.melanoma_threshold,
+            "device_threshold": service._threshold(service.device, None),
             # what static/answer.js needs to give the server's answer offline
             "device_metadata": tables(service.device.card),
             "metadata_tables": {k: tables(t.card) is not None for k, t in tiers.items()
                                 if t is not None},
             "models": {"device": service.device.summary(),
                        "cloud": service.cloud.summary() if service.cloud else None,
-                       "policy": pol.source},
+                       "policy": pol.source, "policy_sha256": pol.sha256},
             "disclaimer": DISCLAIMER,
             "note": DEFAULTS_NOTE if pol.source == "defaults" else None,
             "operating_point": operating_point(pol), "calibrate_note": NEW_SITE_NOTE}
@@ -192,22 +192,23 @@ def parse_device_answer(raw: str | None, labels: tuple[str, ...]) -> dict[str, A
 
 
 def decide(service, device: dict[str, Any], data: bytes | None,
-           meta: dict[str, Any] | None, *, ask_cloud: bool = False) -> dict[str, Any]:
-    """The ``/api/v1/classify`` body for a device answer computed in the browser; the cloud
-    tier runs only when the photo was sent and a fallback rule fired (or the tester asked:
-    then the cloud answer is shown, and the policy still decides on the device answer)."""
+           meta: dict[str, Any] | None, *, ask_cloud: bool = False,
+           raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``/api/v1/classify`` body for a device answer computed in the browser (the model's
+    output: the policy's temperature and the patient fields are applied here, as for the
+    server tier); the cloud tier runs only when the photo was sent and a fallback rule fired
+    (or the tester asked: then the cloud answer is shown, and the policy still decides on the
+    device answer). ``raw`` (optional) receives the tiers' model outputs for the case log."""
     t_all = time.perf_counter()
     timings = {"decode": 0.0, "device": float(device["latency_ms"]), "cloud": 0.0}
-    prior = tables(service.device.card) if meta else None
-    if prior is not None:
-        device, _ = adjust(device, prior, meta)
+    device = service.adjust(service.device, device, meta, raw)
     checks = service.policy.fallback_checks(device)
     wants = any(c.fired for c in checks)
     cloud = None
     if (wants or ask_cloud) and data and service.cloud is not None:
         image = service.decode(data, timings)
         t0 = time.perf_counter()
-        cloud = service.run_tier(service.cloud, image, meta)
+        cloud = service.run_tier(service.cloud, image, meta, raw)
         timings["cloud"] = round((time.perf_counter() - t0) * 1000.0, 3)
     note = " The photo was not sent, so the device answer stands." if wants and not data else ""
     body = service.respond(device, cloud, meta, wanted=wants, note=note)

@@ -102,6 +102,13 @@ ANSWER_CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, str] | N
      photo_answer(NV, 0.5), {"age": "0", "site": "scalp"}, True, True, False),
     ("near the threshold: more decimals", {**QUIET, "refer_threshold": 0.3},
      photo_answer(NV, 0.2996), None, True, True, False),
+    # the policy's temperature first (static/temperature.js), then the tables; the card's
+    # threshold and the tables' are mapped through the melanoma temperature
+    ("temperature sharpens a low confidence away", {**QUIET, "min_confidence": 0.85,
+     "temperature": {"device": {"melanoma": 0.7, "diagnosis": 0.5}}}, photo_answer(NV, 0.2),
+     None, True, True, False),
+    ("temperature, then the details", {**QUIET, "temperature": {"device": {"melanoma": 1.6}}},
+     photo_answer(NV, 0.2), {"age": "75", "sex": "female", "site": "face"}, True, True, False),
 ]
 
 # Patient fields as a form sends them: what parse() keeps, or the 400 message it gives.

@@ -126,17 +126,25 @@ def test_outputs_equal_python_litert_on_the_same_pixels(browser, tmp_path, which
                   0.0 if tier.mode == "int8" else 1e-6)
 
 
-def _upload(browser, photo: Path, timeout: float = 60, consent: bool = True) -> dict:
-    """Take the photo, record (or not) the patient's consent to send it, press Classify."""
+def _upload(browser, photo: Path, timeout: float = 60, consent: bool = True,
+            keep: bool = False) -> dict:
+    """Take the photo, record (or not) the patient's consent to send it (and to keep it in
+    the case log), press Classify."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.execute_script("window.dermedgeLast = null;"  # a new photo, even the same file
                            " document.getElementById('result').hidden = true;"
-                           " document.getElementById('image-input').value = '';")
+                           " document.getElementById('image-input').value = '';"
+                           " document.getElementById('case-code-value').textContent = '';")
     browser.find_element(By.ID, "image-input").send_keys(str(photo))
+    # the page's change handler (a new case, consent boxes cleared) runs first
+    WebDriverWait(browser, timeout).until(
+        lambda d: d.find_element(By.ID, "case-code-value").text)
     if consent:
         browser.find_element(By.ID, "consent-upload").click()
+    if keep:
+        browser.find_element(By.ID, "consent-keep").click()
     browser.find_element(By.ID, "submit").click()
     WebDriverWait(browser, timeout).until(
         lambda d: d.find_element(By.ID, "result").is_displayed()
@@ -271,6 +279,23 @@ def _log_records(log: Path) -> list[dict]:
     return out
 
 
+def _case_rows(folder: Path) -> list[dict]:
+    """The server's case log, read as any SQLite client would."""
+    import sqlite3
+
+    db = sqlite3.connect(folder / "cases.sqlite3")
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM cases ORDER BY created_at")]
+    finally:
+        db.close()
+
+
+def _kept(folder: Path) -> list[bytes]:
+    photos = folder / "photos"
+    return [p.read_bytes() for p in sorted(photos.iterdir())] if photos.is_dir() else []
+
+
 @pytest.mark.parametrize("policy, consent, photo_sent", [
     ({"min_confidence": 0.0, "mel_band_low": None, "mel_band_high": None,
       "second_opinion": False}, True, False),
@@ -279,23 +304,28 @@ def _log_records(log: Path) -> list[dict]:
 ])
 def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, consent,
                                                  photo_sent):
-    """What the server received (its saved uploads, opt-in folder, and its request log): the
-    photo only when a fallback rule fires and the tester recorded consent for the case; a
-    fallback without consent keeps the device answer and says so."""
+    """What the server received (its case log and its request log): the photo only when a
+    fallback rule fires and the tester recorded consent for the case; a fallback without
+    consent keeps the device answer, says so, and is logged at once (no consent to keep the
+    photo was given, so nothing is kept either way)."""
     from selenium.webdriver.common.by import By
 
     b = browser_bundles()
-    saved = tmp_path / "received"
+    cases = tmp_path / "cases"
     pol = Policy(**policy).save(tmp_path / "policy.json")
     photo = _photo(tmp_path)
     log = tmp_path / "s.log"
     with demo_server(["--device", str(b["int8"]), "--cloud", str(b["float32"]),
-                      "--policy", str(pol), "--save-uploads-dir", str(saved),
+                      "--policy", str(pol), "--cases", str(cases), "--keep-photos",
                       "--threads", "1"], log) as url:
         _start(browser, url)
         last = _upload(browser, photo, consent=consent)
         case_note = browser.find_element(By.ID, "case-note").text
-    received = sorted(saved.iterdir()) if saved.is_dir() else []
+    rows = _case_rows(cases)
+    assert len(rows) == 1 and rows[0]["photo_received"] == int(photo_sent)
+    assert rows[0]["consent_upload"] == int(consent)
+    assert not rows[0]["consent_keep"] and _kept(cases) == []  # no consent to keep
+    assert last["body"]["case"]["logged"] is True
     records = _log_records(log)
     posts = [r["path"] for r in records if r.get("method") == "POST"]
     results = [r for r in records if r.get("event") == "result"]
@@ -304,12 +334,10 @@ def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, cons
     assert results[0]["photo_received"] is photo_sent
     assert last["sentPhoto"] is photo_sent and last["body"]["photo_received"] is photo_sent
     if photo_sent:
-        assert [p.read_bytes() for p in received] == [photo.read_bytes()]
         assert last["body"]["cloud"] is not None
         assert "the photo left the phone" in last["where"] and "cloud answer: cloud" in \
             last["where"]
     else:
-        assert received == []
         assert last["body"]["cloud"] is None
         assert "the photo did not leave the phone" in last["where"]
     if last["needCloud"] and not consent:
@@ -361,7 +389,7 @@ def test_server_tier_sends_the_photo_as_the_body_and_the_details_in_the_url(brow
 
     device = with_metadata_tables(browser_bundles()["int8"], tmp_path / "int8")
     photo = _photo(tmp_path)
-    saved = tmp_path / "received"
+    cases = tmp_path / "cases"
     watch = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
         window.__posts = [];
         const fetch0 = window.fetch;
@@ -373,12 +401,12 @@ def test_server_tier_sends_the_photo_as_the_body_and_the_details_in_the_url(brow
         };"""})
     try:
         with demo_server(["--device", str(device), "--no-browser-inference", "--threads", "1",
-                          "--save-uploads-dir", str(saved)], tmp_path / "s.log") as url:
+                          "--cases", str(cases), "--keep-photos"], tmp_path / "s.log") as url:
             _start(browser, url, state="server")
             browser.find_element(By.CSS_SELECTOR, "#patient summary").click()
             browser.find_element(By.ID, "age-input").send_keys("74")
             Select(browser.find_element(By.ID, "site-input")).select_by_value("face")
-            last = _upload(browser, photo)
+            last = _upload(browser, photo, keep=True)
             posts = browser.execute_script("return window.__posts;")
     finally:
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", watch)
@@ -387,10 +415,11 @@ def test_server_tier_sends_the_photo_as_the_body_and_the_details_in_the_url(brow
                                         "form": False}
     query = urllib.parse.parse_qs(posts[0]["url"].split("?", 1)[1])  # the case fields
     assert query["consent_upload"] == ["1"] and query["case_id"] == [last["caseId"]]
+    assert query["consent_keep"] == ["1"] and last["body"]["case"]["id"] == last["caseId"]
     assert json.loads(query["client"][0])["build"] == "server"
     assert last["body"]["metadata"]["received"] == {"age": 74.0, "site": "face"}
     assert last["body"]["device"]["metadata_used"] == ["age", "site"]
-    assert [p.read_bytes() for p in saved.iterdir()] == [photo.read_bytes()]
+    assert _kept(cases) == [photo.read_bytes()]  # the very bytes, kept with consent
 
 
 def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path):
@@ -414,10 +443,9 @@ def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path)
     above = (alone["melanoma"] + updated["melanoma"]) / 2
     pol = Policy(min_confidence=0.0, mel_band_low=None, mel_band_high=None,
                  second_opinion=True, second_opinion_above=above).save(tmp_path / "p.json")
-    saved, log = tmp_path / "received", tmp_path / "s.log"
+    cases, log = tmp_path / "cases", tmp_path / "s.log"
     with demo_server(["--device", str(device), "--cloud", str(b["float32"]), "--policy",
-                      str(pol), "--save-uploads-dir", str(saved), "--threads", "1"],
-                     log) as url:
+                      str(pol), "--cases", str(cases), "--threads", "1"], log) as url:
         _start(browser, url)
         browser.find_element(By.CSS_SELECTOR, "#patient summary").click()
         browser.find_element(By.ID, "age-input").send_keys("75")
@@ -431,4 +459,6 @@ def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path)
     assert last["body"]["fallback"]["rules_fired"] == ["second_opinion"]
     results = [r for r in _log_records(log) if r.get("event") == "result"]
     assert [r["photo_received"] for r in results] == [True]
-    assert [p.read_bytes() for p in sorted(saved.iterdir())] == [photo.read_bytes()]
+    rows = _case_rows(cases)  # one case, logged with its photo (not kept: no --keep-photos)
+    assert len(rows) == 1 and rows[0]["id"] == results[0]["case_id"] == last["caseId"]
+    assert rows[0]["photo_received"] == 1 and rows[0]["fallback_used"] == 1

@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pytest
 from conftest import free_port
-from test_browser_device import _log_records, _upload
+from test_browser_device import _case_rows, _log_records, _upload
 from test_browser_e2e import _photo, browser_bundles, chromium, demo_server, ensure_runtime
 
 from edge_demo.tiers import Tier
@@ -120,7 +120,7 @@ def test_offline_reload_classifies_and_the_queue_sends_each_case_once(browser, t
     assert sorted(queued) == sorted(ids)
     assert [queued[i]["photo"] for i in ids] == [True, False, False]
     fields = queued[ids[0]]["fields"]
-    assert fields["consent_upload"] == "1" and "consent_upload" not in queued[ids[1]]["fields"]
+    assert fields["consent_upload"] == "1" and queued[ids[1]]["fields"]["consent_upload"] == "0"
     assert fields["model_sha256"] == Tier.from_bundle(b["int8"]).sha256
     assert json.loads(fields["device_answer"]) == cases[0]["answer"]
     # the tester deletes the third case; the queue survives a reload
@@ -134,8 +134,8 @@ def test_offline_reload_classifies_and_the_queue_sends_each_case_once(browser, t
         By.ID, "queue-status").get_attribute("data-count") == "2")
     assert "2 cases are waiting to be sent" in browser.find_element(By.ID, "queue-status").text
 
-    saved, log = tmp_path / "received", tmp_path / "back.log"
-    with demo_server([*args, "--save-uploads-dir", str(saved)], log, port=port):
+    logged, log = tmp_path / "cases", tmp_path / "back.log"
+    with demo_server([*args, "--cases", str(logged)], log, port=port):
         # the network is back: several triggers at once still send each case once
         browser.execute_script("for (let i = 0; i < 3; i++) window.dispatchEvent("
                                "new Event('online')); window.dermedgeCases.sync('test');")
@@ -152,7 +152,10 @@ def test_offline_reload_classifies_and_the_queue_sends_each_case_once(browser, t
     assert [p["path"] for p in posts] == ["/api/v1/decide"] * 2
     assert all(p["status"] == 200 for p in posts)
     assert sorted(r["photo_received"] for r in results) == [False, True]
-    assert [p.read_bytes() for p in saved.iterdir()] == [photo.read_bytes()]
+    rows = {r["id"]: r for r in _case_rows(logged)}  # each case in the case log once
+    assert sorted(rows) == sorted(ids[:2]) and rows[ids[0]]["photo_received"] == 1
+    assert (rows[ids[0]]["consent_upload"], rows[ids[1]]["consent_upload"]) == (1, 0)
+    assert json.loads(rows[ids[0]]["client"])["queued"] is True
     assert history[ids[0]]["status"] == history[ids[1]]["status"] == "answered"
     assert history[ids[2]]["status"] == "deleted"
     # without the photo the server gives the answer the phone gave offline

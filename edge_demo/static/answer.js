@@ -7,13 +7,20 @@
 (function (root) {
   const P = root.dermedgePolicy || require("./policy.js");
   const M = root.dermedgeMetadata || require("./metadata.js");
+  const T = root.dermedgeTemperature || require("./temperature.js");
   const NOT_SENT = " The photo was not sent, so the device answer stands.";
   const NO_CLOUD = " No cloud tier is configured, so the device answer stands.";
 
-  /** The melanoma threshold that fits the answer: the tables' own after metadata. */
+  /** The policy's temperatures for the device tier ({melanoma, diagnosis}; none: T = 1). */
+  const deviceTemps = (doc) => ((doc.policy && doc.policy.temperature) || {}).device;
+
+  /** The melanoma threshold that fits the answer: the tables' own after metadata, at the
+   * policy's melanoma temperature (device_threshold, the card's, comes mapped already). */
   function threshold(doc, answer) {
     if (answer && answer.metadata_used && answer.metadata_used.length) {
-      return Number(doc.device_metadata.melanoma_threshold);
+      const t = (deviceTemps(doc) || {}).melanoma;
+      return T.scaleProbability(Number(doc.device_metadata.melanoma_threshold),
+        t === undefined ? 1 : Number(t));
     }
     return doc.device_threshold;
   }
@@ -39,10 +46,12 @@
   }
 
   /** The page's device answer (photo alone) + patient details -> the body the server would
-   * return with no photo: tables applied, both policy stages, every check and sentence. */
+   * return with no photo: the policy's temperature, then the tables, both policy stages,
+   * every check and sentence (DemoService.adjust's order). */
   function localDecide(doc, answer, meta, askCloud) {
     const prior = meta ? M.tables(doc.device_metadata) : null;
-    const device = prior ? M.adjust(answer, prior, meta)[0] : answer;
+    const scaled = T.apply(answer, deviceTemps(doc));
+    const device = prior ? M.adjust(scaled, prior, meta)[0] : scaled;
     const wants = P.fallbackChecks(doc.rules, doc.policy.policy, device).wanted;
     const body = respond(doc, device, meta, wants, wants ? NOT_SENT : "");
     body.fallback.asked = Boolean(askCloud);

@@ -134,6 +134,7 @@
       $("heatmap").removeAttribute("src");
     }
     renderWhere(body);
+    renderCase(body);
     const t = body.timings_ms;
     $("timings").textContent = t ? "Decode " + t.decode.toFixed(1) + " ms · device " +
       t.device.toFixed(1) + " ms · cloud " + t.cloud.toFixed(1) + " ms · total " +
@@ -142,6 +143,15 @@
     $("result").hidden = false;
     $("result").scrollIntoView({ block: "start" });
     performance.mark("dermedge-answer");  // benchmarks/browser_latency.py reads it
+  }
+
+  /** What the server did with the case: logged in the site's case log, or a repeat. */
+  function renderCase(body) {
+    const c = body.case, box = $("case-status");
+    box.textContent = !c ? "" : "Case " + c.code + (c.logged ? " · logged in the site's case log"
+      : "") + (c.duplicate ? " · already answered (this is the first answer)" : "");
+    box.dataset.code = c ? c.code : "";
+    box.hidden = !c;
   }
 
   function renderWhere(body) {
@@ -195,7 +205,9 @@
   /** The case fields of the contract (docs/BROWSER.md), as [name, value] pairs. */
   function caseFields(c, build) {
     const out = [["case_id", c.case_id]];
-    if (consented("consent-upload")) out.push(["consent_upload", "1"]);
+    // "0" says the tester declined: the server logs the phone's answer at once instead of
+    // waiting for a photo the policy wants (case.awaiting_photo)
+    out.push(["consent_upload", consented("consent-upload") ? "1" : "0"]);
     if (consented("consent-upload") && consented("consent-keep")) out.push(["consent_keep", "1"]);
     TESTER_KEYS.forEach(([id]) => {
       const v = $(id).value.trim();
@@ -247,9 +259,11 @@
       photo_name: file.name || "photo.jpg", local: local };
     const noConsent = needCloud && !consented("consent-upload") ? "The cloud model was needed, but there is no" +
       " consent to send the photo: it stayed on this phone and the phone's answer stands." : "";
+    const scaled = window.dermedgeTemperature.apply(answer,
+      (policyDoc.policy.temperature || {}).device);  // what the rules see (answer.js)
     window.dermedgeLast = { answer: answer, local: local, caseId: item.case_id,
       fallback: window.dermedgePolicy.fallbackChecks(policyDoc.rules, policyDoc.policy.policy,
-        answer), sentPhoto: false, needCloud: needCloud, queued: false };
+        scaled), sentPhoto: false, needCloud: needCloud, queued: false };
     const data = new FormData();
     fields.forEach(([k, v]) => data.append(k, v));
     if (send) data.append("image", file);
@@ -269,7 +283,15 @@
         (noConsent ? " " + noConsent : ""));
       return local;
     }
-    window.dermedgeLast.sentPhoto = send;
+    let sent = send;
+    if (body.case && body.case.awaiting_photo && consented("consent-upload") && !send) {
+      // the server's rules wanted the cloud where this page's did not: the same case with
+      // its photo (consented), answered and logged once
+      data.append("image", file);
+      body = await post("api/v1/decide", data);
+      sent = true;
+    }
+    window.dermedgeLast.sentPhoto = sent;
     window.dermedgeLast.body = body;
     note(noConsent);
     if (window.dermedgeCases) window.dermedgeCases.record(item, body).catch(() => {});
