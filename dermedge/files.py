@@ -10,7 +10,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def cache_dir() -> Path:
@@ -42,20 +42,53 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> None:
-    """``data`` to ``path``; with ``mode`` (e.g. 0o600 for a private key) the file has those
-    permissions from its first byte."""
+@contextlib.contextmanager
+def atomic_open(path: str | Path, *, binary: bool = False, mode: int | None = None,
+                durable: bool = False, **open_kw) -> Iterator[IO]:
+    """A file object onto a temp file beside ``path``, renamed onto it on success (as
+    :func:`atomic_path`). ``mode`` (e.g. 0o600 for health data or a private key): the file has
+    those permissions from its first byte. ``durable``: the data and the rename are on disk
+    (fsync of the file, then of its folder) before this returns, for records that must
+    survive a power cut."""
+    path = Path(path)
     with atomic_path(path) as tmp:
-        if mode is None:
-            tmp.write_bytes(data)
-            return
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as out:
-            out.write(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+        if not binary:
+            open_kw.setdefault("encoding", "utf-8")
+        with os.fdopen(fd, "wb" if binary else "w", **open_kw) as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    if durable:
+        fsync_dir(path.parent)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename or an unlink in ``folder`` durable (a no-op where folders cannot be
+    opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str | Path, data: bytes, *, mode: int | None = None,
+                durable: bool = False) -> None:
+    """``data`` to ``path``; ``mode`` and ``durable`` as in :func:`atomic_open`."""
+    with atomic_open(path, binary=True, mode=mode, durable=durable) as out:
+        out.write(data)
+
+
+def write_text(path: str | Path, text: str, *, mode: int | None = None,
+               durable: bool = False) -> None:
+    """``text`` (UTF-8) to ``path``; ``mode`` and ``durable`` as in :func:`atomic_open`."""
+    with atomic_open(path, mode=mode, durable=durable) as out:
+        out.write(text)
 
 
 def write_json(path: str | Path, obj: Any, **dumps) -> None:

@@ -46,9 +46,11 @@ def test_every_endpoint_is_in_the_demo_api_table():
                       "INTERPRETERS": 1})
     served = {f"{method} {_route(rule.rule)}" for rule in app.url_map.iter_rules()
               for method in sorted(rule.methods - {"HEAD", "OPTIONS"})}
-    documented = {_route(e) for row in table_after("DEMO.md", "## API") for e in ticked(row[0])}
+    documented = {_route(e) for heading in ("## API", "## The site's case log")
+                  for row in table_after("DEMO.md", heading) for e in ticked(row[0])}
     assert served - documented == set(), (
-        f"endpoints missing from docs/DEMO.md's API table: {sorted(served - documented)}")
+        f"endpoints missing from docs/DEMO.md's API table (or the case log's, for a"
+        f" token-protected one): {sorted(served - documented)}")
     assert documented - served == set(), (
         f"docs/DEMO.md's API table lists endpoints the app does not serve: "
         f"{sorted(documented - served)}")
@@ -113,17 +115,23 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return build()
 
 
+def _commands(prefix: str, parser: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """``{"PROG COMMAND [SUBCOMMAND]": its --options}``, nested subcommands included."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None:
+        return {prefix: [next(o for o in a.option_strings if o.startswith("--"))
+                         for a in parser._actions
+                         if any(o.startswith("--") for o in a.option_strings)
+                         and "--help" not in a.option_strings]}
+    return {k: v for cmd, p in sub.choices.items() for k, v in _commands(f"{prefix} {cmd}",
+                                                                          p).items()}
+
+
 @pytest.mark.parametrize("prog, doc", [("trainer", "TRAINING.md"),
                                        ("python -m export", "EXPORT.md"),
                                        ("edge-demo", "DEMO.md")])
 def test_every_cli_option_is_in_its_pages_option_table(prog, doc):
-    parser = _parser(prog)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    parsed = {f"{prog} {cmd}": [next(o for o in a.option_strings if o.startswith("--"))
-                                for a in p._actions
-                                if any(o.startswith("--") for o in a.option_strings)
-                                and "--help" not in a.option_strings]
-              for cmd, p in sub.choices.items()}
+    parsed = _commands(prog, _parser(prog))
     documented = {ticked(row[0])[0]: ticked(row[1]) for row in table_after(doc, "## Options")}
     assert set(documented) == set(parsed), (
         f"docs/{doc}'s option table lists commands {sorted(documented)}; the parser has "

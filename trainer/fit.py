@@ -32,6 +32,7 @@ from dermedge.card import ModelCard, build_card
 from dermedge.errors import RunDirError
 from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
 from trainer import distribute as dist
+from trainer import provenance
 from trainer.backbones import get_backbone
 from trainer.calibration import calibrate
 from trainer.config import ConfigError, RunConfig
@@ -375,11 +376,13 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
                       callbacks=callbacks, verbose=verbose, t_start=t_start)
         final = _finalize(config, model, data, state, work)
         _save_model(config, size, model, work, mixed=mixed)
+        kept = provenance.weights_sha256(model)
     finally:
         scope.close()
         keras.mixed_precision.set_global_policy(previous_policy)
+    repro = provenance.record(config, work, data.train_images, data.val_images, kept)
     return _write_run(config, out, work, spec, size, records, layout, state, final, plan=plan,
-                      mixed=mixed, overwrite=overwrite, t_start=t_start)
+                      mixed=mixed, overwrite=overwrite, t_start=t_start, repro=repro)
 
 
 @dataclass(frozen=True)
@@ -555,7 +558,7 @@ def _save_model(config: RunConfig, size: int, model, work: Path, *, mixed: bool)
 
 
 def _write_run(config, out, work, spec, size, records, layout, state, final: _Final, *, plan,
-               mixed, overwrite, t_start) -> RunResult:
+               mixed, overwrite, t_start, repro: dict | None = None) -> RunResult:
     """The card (with the metadata tables), then ``<out>.partial`` renamed to ``<out>``."""
 
     t = config.train
@@ -564,7 +567,7 @@ def _write_run(config, out, work, spec, size, records, layout, state, final: _Fi
     prior = metadata_for_run(records, final.p_mel, final.probs, final.threshold,
                              t.melanoma_threshold)
     card = _card(config, spec, size, records, layout, state, final.metrics, final.threshold,
-                 wall, mixed, plan=plan, prior=prior)
+                 wall, mixed, plan=plan, prior=prior, repro=repro)
     if not t.keep_checkpoints:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
     if plan.is_chief:  # only the chief writes <out>
@@ -577,7 +580,7 @@ def _write_run(config, out, work, spec, size, records, layout, state, final: _Fi
 
 
 def _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed, *,
-          plan, prior):
+          plan, prior, repro=None):
     """The run's typed card (dermedge.card), from what training measured."""
     import keras
 
@@ -605,4 +608,5 @@ def _card(config, spec, size, records, layout, state, metrics, threshold, wall, 
                   "device": "gpu" if _gpu_visible() else "cpu", "mixed_precision": mixed,
                   "distribution": dist.card_section(plan, config.train)},
         calibration=state.get("calibration"), distillation=state.get("distillation"),
-        metrics_val=card_metrics(metrics), versions=versions(), metadata_prior=prior)
+        metrics_val=card_metrics(metrics), versions=versions(), metadata_prior=prior,
+        reproducibility=repro)

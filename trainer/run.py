@@ -78,7 +78,9 @@ def versions() -> dict[str, str]:
             out["torch"] = torch.__version__
     except ImportError:
         pass
-    return out
+    from trainer.provenance import package_versions
+
+    return {**out, **package_versions()}
 
 
 def start_run(work: str | Path, records, config_yaml: str) -> None:
