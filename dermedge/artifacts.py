@@ -93,7 +93,7 @@ def read_run(path: str | Path, *, error: type[RunDirError] = RunDirError) -> Run
     if missing:
         why = ("without its card the input size, labels and melanoma threshold are unknown"
                if CARD_FILE in missing else "training may not have finished")
-        raise error(f"The run directory {path} is not a complete run: it has no "
+        raise error(f"The run directory {path} is not a finished run: it has no "
                     f"{' and no '.join(missing)} ({why}).{hint} Re-run `trainer fit` or point at "
                     f"the right folder. {RUN_HINT}")
     return RunDir(path.resolve(), read_card(path, error=error))
