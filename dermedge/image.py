@@ -74,18 +74,23 @@ def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
 
 def center_crop_resize(im: Image.Image, size: int, *, scale: int = 1,
                        full_size: tuple[int, int] | None = None,
-                       flipped: tuple[bool, bool] = (False, False)) -> np.ndarray:
+                       flipped: tuple[bool, bool] = (False, False),
+                       mode: str = COLOR) -> np.ndarray:
     """An upright image -> ``(size, size, 3)`` uint8: centred square crop, bilinear resize.
 
     ``scale`` > 1: ``im`` is a photo of upright ``full_size`` decoded at 1/scale (JPEG DCT
     scaling, see :func:`draft_scale`). The reference crop box is then mapped onto it in
     fractional pixels (``flipped``: which upright axes EXIF reversed, from :func:`flips`), so
-    the geometry is the reference's and only the pixels' filtering differs."""
+    the geometry is the reference's and only the pixels' filtering differs.
+    ``mode="L"``: Pillow's luma of the RGB pixels, ``(size, size)`` (the input gate's image,
+    dermedge.quality), converted before the resize."""
     if int(size) <= 0:
         raise ValueError(f"size must be a positive number of pixels; received {size!r}.")
     im = to_rgb8(im)
     if scale == 1:
         im = im.crop(crop_box(*im.size))
+        if mode != COLOR:
+            im = im.convert(mode)
         im = im.resize((int(size), int(size)), Image.BILINEAR, reducing_gap=None)
         return np.asarray(im, dtype=np.uint8).copy()
     if full_size is None:
@@ -97,6 +102,8 @@ def center_crop_resize(im: Image.Image, size: int, *, scale: int = 1,
     pad_y = im.height * scale - int(full_size[1]) if flipped[1] else 0
     box = ((left + pad_x) / scale, (top + pad_y) / scale,
            min((right + pad_x) / scale, im.width), min((bottom + pad_y) / scale, im.height))
+    if mode != COLOR:
+        im = im.convert(mode)
     im = im.resize((int(size), int(size)), Image.BILINEAR, box=box,
                    reducing_gap=None)
     return np.asarray(im, dtype=np.uint8).copy()
@@ -142,14 +149,18 @@ def draft_scale(width: int, height: int, size: int, min_crop: float = DRAFT_MIN_
     return 1
 
 
-def draft_for_size(im: Image.Image, size: int, min_crop: float = DRAFT_MIN_CROP) -> int:
+def draft_for_size(im: Image.Image, size: int, min_crop: float = DRAFT_MIN_CROP, *,
+                   keep: int = 0) -> int:
     """Ask an opened (not yet loaded) JPEG/MPO to decode at a reduced scale for a model of
     ``size`` pixels (EXIF rotation does not matter: the crop side is min(w, h) either way).
-    Returns the scale applied; other formats are left alone (1)."""
+    ``keep``: the crop must also keep min(its side, ``keep``) pixels (the input gate's image,
+    dermedge.quality). Returns the scale applied; other formats are left alone (1)."""
     if im.format not in DRAFT_FORMATS:
         return 1
     w, h = im.size
     scale = draft_scale(w, h, size, min_crop)
+    if keep:
+        scale = min(scale, draft_scale(w, h, keep, 1.0))
     if scale > 1:
         im.draft("RGB", (w // scale, h // scale))
     return scale

@@ -26,6 +26,8 @@ Config keys (defaults < ``EDGE_DEMO_<KEY>`` environment variables < the ``config
 ``BROWSER_INFERENCE`` default on: the page runs the device model in the browser (LiteRT.js)
                       and uploads the photo only on fallback; off: the server runs it
 ``WEB_RUNTIME_DIR``   default ``edge_demo/web/node_modules``: where ``npm ci`` put LiteRT.js
+``GATE``              default on: the input gate refuses blurry, badly lit, too small and
+                      non-dermoscopy photos (``retake``); off (``--no-gate``) for research only
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from werkzeug.exceptions import HTTPException
 from . import browser
 from .errors import EdgeDemoError, RequestError
 from .explain import NOT_ENABLED, explain_head
+from .gate import parse_page_gate
 from .imaging import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_PIXELS
 from .metadata import FIELDS as METADATA_FIELDS
 from .metadata import choices as site_choices
@@ -72,10 +75,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "EXPLAIN_RUN": None,
     "BROWSER_INFERENCE": True,
     "WEB_RUNTIME_DIR": None,
+    "GATE": True,
 }
 _INT_KEYS = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "MAX_DECODED_PIXELS", "DECODE_BUDGET",
              "INTERPRETERS")
-_BOOL_KEYS = ("LOG_JSON", "FAST_DECODE", "ALLOW_UNVALIDATED", "BROWSER_INFERENCE")
+_BOOL_KEYS = ("LOG_JSON", "FAST_DECODE", "ALLOW_UNVALIDATED", "BROWSER_INFERENCE", "GATE")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -139,7 +143,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         decode_budget=app.config["DECODE_BUDGET"], pool_size=app.config["INTERPRETERS"],
         allow_unvalidated=bool(app.config["ALLOW_UNVALIDATED"]),
         fast_decode=bool(app.config["FAST_DECODE"]),
-        decode_min_crop=float(app.config["DECODE_MIN_CROP"]))
+        decode_min_crop=float(app.config["DECODE_MIN_CROP"]), gate=bool(app.config["GATE"]))
     save_dir = app.config["SAVE_UPLOADS_DIR"]
     if save_dir:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -378,7 +382,7 @@ def classify():
     meta = _metadata()  # checked before the upload is read (or saved)
     data = _upload_bytes()
     body = _service().classify(data, meta)
-    if head is not None:
+    if head is not None and body["device"] is not None:  # no heatmap for a refused photo
         _add_explanation(body, data, head, body["cloud"] or body["device"])
     g.tier_path = body["tier_path"]
     body["request_id"] = g.request_id
@@ -459,21 +463,27 @@ def decide():
     """The page's device answer (+ the photo only on fallback) -> the classify body."""
     svc = _service()
     meta = _metadata()
-    device = browser.parse_device_answer(request.form.get("device_answer"), svc.device.labels)
+    page_gate = parse_page_gate(request.form.get("gate")) if svc.gate.enabled else None
+    raw_answer = request.form.get("device_answer")
+    # a photo the page's gate refused comes without a device answer (the server re-checks)
+    device = (browser.parse_device_answer(raw_answer, svc.device.labels)
+              if raw_answer or page_gate is None else None)
     f = request.files.get("image")
     data = f.read() if f is not None else None
     if data:
         _maybe_save(data)
     ask = request.form.get("ask_cloud", "").lower() in ("1", "true", "on", "yes")
-    body = browser.decide(svc, device, data, meta, ask_cloud=ask)
+    body = browser.decide(svc, device, data, meta, ask_cloud=ask, page_gate=page_gate)
     g.tier_path = body["tier_path"]
     body["request_id"] = g.request_id
     if current_app.config["LOG_JSON"]:  # the study log: answers, never the photo
         request_log.info(json.dumps({
             "ts": round(time.time(), 3), "event": "result", "request_id": g.request_id,
             "tier_path": body["tier_path"], "photo_received": body["photo_received"],
-            "device": {"melanoma": device["melanoma"], "top": device["top"],
-                       "latency_ms": device["latency_ms"]},
+            "device": body["device"] and {"melanoma": device["melanoma"],
+                                          "top": device["top"],
+                                          "latency_ms": device["latency_ms"]},
+            "gate": {"passed": body["gate"]["passed"], "codes": body["gate"]["codes"]},
             "cloud": body["cloud"] and {"melanoma": body["cloud"]["melanoma"],
                                         "top": body["cloud"]["top"]},
             "fallback_rules": body["fallback"]["rules_fired"],

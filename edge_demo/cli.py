@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the device model on the server for every photo (default: the"
                         " page runs it in the browser with LiteRT.js and uploads the photo"
                         " only on fallback)")
+    s.add_argument("--no-gate", dest="gate", action="store_false",
+                   help="turn the input gate off (research only): photos the gate would refuse as"
+                        " blurry, badly lit, too small or not dermoscopy get a diagnosis too;"
+                        " every answer records gate.enabled=false")
     s.add_argument("--save-uploads-dir", help="OPT-IN: store every upload in this folder,"
                    " under server-made names (default: nothing is written to disk)")
     s.add_argument("--explain", metavar="RUN_DIR", help="enable Grad-CAM heatmaps (?explain=1)"
@@ -132,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--site", help="body site, e.g. back (optional metadata)")
     r.add_argument("--allow-unvalidated", action="store_true",
                    help="use a bundle whose card says it failed its export validation")
+    r.add_argument("--no-gate", dest="gate", action="store_false",
+                   help="turn the input gate off (research only): photos the gate would refuse as"
+                        " blurry, badly lit, too small or not dermoscopy get a diagnosis too;"
+                        " every answer records gate.enabled=false")
     r.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP)")
 
     c = sub.add_parser(
@@ -168,7 +176,7 @@ def serve(args: argparse.Namespace) -> int:
               "ALLOW_UNVALIDATED": args.allow_unvalidated,
               "DECODE_MIN_CROP": args.decode_min_crop, "FAST_DECODE": args.fast_decode,
               "SAVE_UPLOADS_DIR": args.save_uploads_dir, "EXPLAIN_RUN": args.explain,
-              "BROWSER_INFERENCE": args.browser_inference}
+              "BROWSER_INFERENCE": args.browser_inference, "GATE": args.gate}
     holder: dict = {}
 
     def wsgi(environ, start_response):  # the app, once loaded
@@ -188,7 +196,9 @@ def serve(args: argparse.Namespace) -> int:
     explainer = app.extensions["edge_demo"]["explainer"]
     print(f"edge-demo: device={svc.device.name} ({svc.device.mode})"
           f" cloud={svc.cloud.name if svc.cloud else 'none'} policy={svc.policy.source}"
-          f" explain={explainer.name if explainer else 'off'}", file=sys.stderr)
+          f" explain={explainer.name if explainer else 'off'}"
+          f" gate={'on' if svc.gate.enabled else 'OFF (--no-gate, research only)'}",
+          file=sys.stderr)
     if args.save_uploads_dir:
         print(f"edge-demo: saving every upload to {args.save_uploads_dir} (opt-in)",
               file=sys.stderr)
@@ -204,7 +214,7 @@ def predict(args: argparse.Namespace) -> int:
 
     meta = parse_metadata({"age": args.age, "sex": args.sex, "site": args.site})
     svc = DemoService.from_paths(args.device, args.cloud, args.policy,
-                                 allow_unvalidated=args.allow_unvalidated)
+                                 allow_unvalidated=args.allow_unvalidated, gate=args.gate)
     failed = 0
     for path in args.images:
         try:
