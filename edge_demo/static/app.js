@@ -54,6 +54,10 @@
   }
 
   function render(body) {
+    // --- input gate hook (issue 36, gate_page.js): a retake answer shows no diagnosis ---
+    if (body.advice.decision === "retake") { window.dermedgeGatePage.render(body); return; }
+    window.dermedgeGatePage.reset();
+    // --- end of the input gate hook ---
     const adv = $("advice");
     adv.className = "advice " + body.advice.decision;
     adv.replaceChildren(el("strong", "", body.advice.decision === "refer"
@@ -146,6 +150,14 @@
       }
       throw err;
     }
+    // --- input gate hook (issue 36, gate_page.js): a refused photo is not uploaded and gets
+    // no diagnosis; the server re-checks the page's measures and answers "retake" ---
+    const refused = await window.dermedgeGatePage.refuse(answer, policyDoc, formData(false, file));
+    if (refused) {
+      window.dermedgeLast = { answer: answer, fallback: null, sentPhoto: false, body: refused };
+      return refused;
+    }
+    // --- end of the input gate hook ---
     const local = window.dermedgePolicy.fallbackChecks(policyDoc.rules, policyDoc.policy.policy,
       answer);
     const ask = $("ask-cloud-input") && $("ask-cloud-input").checked;
@@ -153,12 +165,14 @@
     window.dermedgeLast = { answer: answer, fallback: local, sentPhoto: send };
     const data = formData(send, file);
     data.append("device_answer", JSON.stringify(answer));
+    data.append("gate", window.dermedgeGatePage.field(answer.gate));  // input gate hook
     if (ask) data.append("ask_cloud", "1");
     let body = await post("api/v1/decide", data);
     if (body.fallback.wanted && !body.photo_received && browserConfig.cloud) {
       // the patient details moved the answer into a fallback rule (server-side tables)
       const again = formData(true, file);
       again.append("device_answer", JSON.stringify(answer));
+      again.append("gate", window.dermedgeGatePage.field(answer.gate));  // input gate hook
       body = await post("api/v1/decide", again);
       window.dermedgeLast.sentPhoto = true;
     }

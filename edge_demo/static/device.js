@@ -151,6 +151,7 @@ export async function runPixels(pixels) {
   const t0 = performance.now();
   const out = await model.run({ image: input });
   const mel = out.melanoma.toTypedArray(), diag = out.diagnosis.toTypedArray();
+  const oodValues = out.ood ? out.ood.toTypedArray() : null;  // input gate hook (issue 36)
   const latency = performance.now() - t0;
   input.delete();
   Object.values(out).forEach((t) => t.delete());
@@ -161,9 +162,11 @@ export async function runPixels(pixels) {
     diagnosis[lab] = probs[i];
     if (top === null || probs[i] > diagnosis[top]) top = lab;
   });
-  return { melanoma: read("melanoma", mel)[0], diagnosis, top: { label: top,
+  const answer = { melanoma: read("melanoma", mel)[0], diagnosis, top: { label: top,
     probability: diagnosis[top] }, latency_ms: Math.round(latency * 1000) / 1000,
   computed_on: "browser" };
+  if (oodValues) answer.ood = read("ood", oodValues)[0];  // input gate hook (issue 36)
+  return answer;
 }
 
 let lastPixels = null;
@@ -171,7 +174,16 @@ let lastPixels = null;
 export async function classifyFile(file) {
   const img = await decode(file);
   lastPixels = cropResize(img.rgba, img.width, img.height, config.image_size);
-  return runPixels(lastPixels);
+  // --- input gate hook (issue 36, gate.js): the photo's measures on the decoded pixels ---
+  const t0 = performance.now();
+  const measures = config.gate.enabled
+    ? window.dermedgeGate.measureRgba(img.rgba, img.width, img.height, config.gate.params) : {};
+  const gateMs = performance.now() - t0;
+  const answer = await runPixels(lastPixels);
+  answer.gate_values = { ...measures, ood: answer.ood === undefined ? null : answer.ood };
+  answer.gate_ms = Math.round(gateMs * 1000) / 1000;
+  // --- end of the input gate hook ---
+  return answer;
 }
 
 /** A photo file -> the (size, size, 3) pixels as base64 (for tests and benchmarks). */
