@@ -74,14 +74,18 @@ def measure(plane: np.ndarray, side: int | None = None) -> dict[str, float]:
                          f" gate_image); received shape {y.shape}, dtype {y.dtype}.")
     n = y.size
     y16 = y.astype(np.int16)
-    lap = (4 * y16[1:-1, 1:-1] - y16[:-2, 1:-1] - y16[2:, 1:-1] - y16[1:-1, :-2]
-           - y16[1:-1, 2:]).ravel()
-    squares = int(np.einsum("i,i->", lap, lap, dtype=np.int64))  # exact: < 2**41
+    lap = y16[1:-1, 1:-1] * 4  # |lap| <= 1020: int16; its square < 2**20: int32
+    lap -= y16[:-2, 1:-1]
+    lap -= y16[2:, 1:-1]
+    lap -= y16[1:-1, :-2]
+    lap -= y16[1:-1, 2:]
+    sq = lap.astype(np.int32)
+    sq *= sq
     return {"side": float(y.shape[0] if side is None else int(side)),
             "mean_luma": int(y.sum(dtype=np.int64)) / n,
             "dark_share": int(np.count_nonzero(y <= DARK_LEVEL)) / n,
             "clipped_share": int(np.count_nonzero(y >= CLIP_LEVEL)) / n,
-            "sharpness": math.sqrt(squares / lap.size)}
+            "sharpness": math.sqrt(int(sq.sum(dtype=np.int64)) / sq.size)}
 
 
 def measure_image(im: Image.Image) -> dict[str, float]:

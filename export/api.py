@@ -121,10 +121,11 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     if fit is not None:
         from export.gate import with_ood_output
 
-        model = with_ood_output(model, fit)
+        int8 = config.mode == "int8"
+        model = with_ood_output(model, fit, int8=int8)
 
         def load():
-            return with_ood_output(run.load_model(), fit)
+            return with_ood_output(run.load_model(), fit, int8=int8)
     shipped, ptq, qat_info = _convert(run, model, config, rep, debug=debug, qat_exe=qat_exe,
                                       say=say, load=load)
     check = rep[:COMPACT_CHECK_IMAGES] if rep is not None else _noise(run.input_size)
@@ -257,6 +258,10 @@ def _fit_ood(run: Run, model, config: QuantizationConfig, val_rows, say):
 
     if OOD in model.output:
         return None, None  # the run's model computes it itself: measured as it is
+    if config.mode == "dynamic":
+        return None, ("No 'ood' output: dynamic-range quantization quantizes the ood head's"
+                      " inputs on the fly and loses its residual term; export int8, float16 or"
+                      " float32 for it. The quality thresholds were measured.")
     if config.qat is not None:
         return None, ("No 'ood' output: QAT exports do not carry it yet (export without --qat"
                       " for the full gate); the quality thresholds were measured.")

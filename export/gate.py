@@ -131,8 +131,12 @@ def features(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def with_ood_output(model, fit: OodFit):
-    """``model`` with a third named output ``ood`` computed from its pooled features."""
+def with_ood_output(model, fit: OodFit, *, int8: bool = True):
+    """``model`` with a third named output ``ood`` computed from its pooled features.
+
+    ``int8``: sum the terms in a dense layer whose second, constant column pins the int8
+    range of the logit (full-integer exports); else sum them with reductions (float modes, and
+    dynamic-range quantization, which would quantize that layer's input on the fly)."""
     import keras
     from keras import layers
 
@@ -141,6 +145,13 @@ def with_ood_output(model, fit: OodFit):
 
         def call(self, x):
             return x[:, :1]
+
+    class SumTerms(layers.Layer):
+        """``sum(a) + sum(b)`` over the features, ``(N, 1)``."""
+
+        def call(self, a, b):
+            return (keras.ops.sum(a, axis=-1, keepdims=True)
+                    + keras.ops.sum(b, axis=-1, keepdims=True))
 
     f = model.get_layer(POOL_LAYER).output
     k, dim = fit.components.shape
@@ -151,12 +162,17 @@ def with_ood_output(model, fit: OodFit):
     z = layers.Dense(k, name="ood_project", dtype="float32")(f)
     back = layers.Dense(dim, use_bias=False, name="ood_back", dtype="float32")(z)
     resid = layers.Subtract(name="ood_residual", dtype="float32")([centred, back])
-    terms = layers.Concatenate(name="ood_terms", dtype="float32")([
-        layers.Multiply(name="ood_z2", dtype="float32")([z, z]),
-        layers.Multiply(name="ood_r2", dtype="float32")([resid, resid])])
-    logit = layers.Dense(2, name="ood_logit", dtype="float32")(terms)
-    ood = layers.Activation("sigmoid", name=OOD, dtype="float32")(
-        TakeFirst(name="ood_take", dtype="float32")(logit))
+    z2 = layers.Multiply(name="ood_z2", dtype="float32")([z, z])
+    r2 = layers.Multiply(name="ood_r2", dtype="float32")([resid, resid])
+    if int8:
+        terms = layers.Concatenate(name="ood_terms", dtype="float32")([z2, r2])
+        logit = TakeFirst(name="ood_take", dtype="float32")(
+            layers.Dense(2, name="ood_logit", dtype="float32")(terms))
+    else:
+        logit = layers.Rescaling(1.0 / fit.width, offset=-fit.center / fit.width,
+                                 name="ood_logit", dtype="float32")(
+            SumTerms(name="ood_sum", dtype="float32")(z2, r2))
+    ood = layers.Activation("sigmoid", name=OOD, dtype="float32")(logit)
     outputs = dict(model.output)
     outputs[OOD] = ood
     out = keras.Model(model.input, outputs, name=model.name)
@@ -165,10 +181,11 @@ def with_ood_output(model, fit: OodFit):
         (-(fit.mean @ fit.components.T) / sd).astype(np.float32)])
     out.get_layer("ood_back").set_weights([((fit.components.T * sd).T / sigma)
                                            .astype(np.float32)])
-    w = np.zeros((k + dim, 2), np.float32)
-    w[:, 0] = 1.0 / fit.width
-    out.get_layer("ood_logit").set_weights([w, np.array([-fit.center / fit.width, ANCHOR],
-                                                        np.float32)])
+    if int8:
+        w = np.zeros((k + dim, 2), np.float32)
+        w[:, 0] = 1.0 / fit.width
+        out.get_layer("ood_logit").set_weights([w, np.array([-fit.center / fit.width, ANCHOR],
+                                                            np.float32)])
     return out
 
 

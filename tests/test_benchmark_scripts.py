@@ -147,3 +147,22 @@ def test_decode_fidelity_compares_against_the_reference_and_the_yardsticks(bundl
     assert one["dct_scales"] == [8] and 0 < one["pixel_mean_abs_diff"] < 3  # 32-px model
     assert "re-saved at JPEG quality 90 vs reference" in rows
     assert 0 <= rows["float32 bundle vs int8 bundle, reference input"]["top1_agreement"] <= 1
+
+
+@pytest.mark.shared
+def test_input_gate_benchmark_reports_every_set(chain_bundle, chain_run, shared_dir, tmp_path,
+                                                capsys):
+    out = tmp_path / "gate.json"
+    rc = _script("input_gate").main([str(chain_bundle), "--run", str(chain_run), "--shared",
+                                     str(shared_dir), "--limit", "3", "--synthetic", "3",
+                                     "--cost-photos", "1", "--cost-runs", "1", "--out", str(out)])
+    assert rc == 0, capsys.readouterr()
+    doc = json.loads(out.read_text())
+    assert [r["set"] for r in doc["real"]] == ["validation split", "600x450 originals"]
+    kinds = {d["kind"] for d in doc["detection"]}
+    assert kinds == {"everyday", "blur", "dark"}
+    for d in doc["detection"]:
+        assert d["n"] == 3 and 0 <= d["rate"] <= 1 and d["ci95"][0] <= d["rate"] <= d["ci95"][1]
+    assert doc["black_frame"]["refused"] is True
+    assert doc["cost"]["server"]["600x450"]["ratio"] > 0
+    assert "AUROC" in capsys.readouterr().out
