@@ -115,9 +115,13 @@ def detection_row(kind: str, strength, rows: list[dict], clean: list[dict]) -> d
     bad = [sign * r["values"][score] for r in rows if r["values"][score] is not None]
     good = [sign * r["values"][score] for r in clean if r["values"][score] is not None]
     k = sum(r["refused"] for r in rows)
+    per: dict[str, int] = {}
+    for r in rows:
+        for c in r["codes"]:
+            per[c] = per.get(c, 0) + 1
     out = {"kind": kind, "strength": strength, "n": len(rows), "refused": k,
            "rate": round(k / len(rows), 4), "ci95": wilson(k, len(rows)),
-           "auroc": auroc(bad, good), "score": score}
+           "auroc": auroc(bad, good), "score": score, "by_code": per}
     if clean and len(clean) == len(rows) and kind != "everyday":
         changed = sum(a["top"] != b["top"] for a, b in zip(rows, clean, strict=True))
         out["top_changed"] = round(changed / len(rows), 4)
@@ -134,22 +138,29 @@ def darkened(im: Image.Image, f: float) -> Image.Image:
 
 
 def server_cost(svc, photos: list[Path], runs: int) -> dict:
-    """Median gate and model times per photo at two photo sizes, and their ratio."""
+    """Median gate and model times per photo at two photo sizes, and their ratio; and the
+    decode with the gate's reduced-scale rule against the model's alone."""
     out = {}
     for label, scale in (("600x450", 1), ("4000x3000", None)):
         datas = []
         for p in photos:
             im = Image.open(p).convert("RGB")
             datas.append(jpeg(im if scale else im.resize((4000, 3000), Image.LANCZOS)))
-        gate, dev = [], []
+        gate, dev, dec_on, dec_off = [], [], [], []
         for _ in range(runs):
             for d in datas:
                 r = run_photo(svc, d)
                 gate.append(r["gate_ms"])
                 dev.append(r["device_ms"])
+                for flag, acc in ((True, dec_on), (False, dec_off)):
+                    t: dict = {}
+                    svc.decode(d, t, gate=flag)
+                    acc.append(t["decode"])
         g, m = statistics.median(gate), statistics.median(dev)
         out[label] = {"gate_ms": round(g, 3), "model_ms": round(m, 3),
-                      "ratio": round(g / m, 4), "n": len(gate)}
+                      "ratio": round(g / m, 4), "n": len(gate),
+                      "decode_ms_with_gate": round(statistics.median(dec_on), 3),
+                      "decode_ms_without": round(statistics.median(dec_off), 3)}
     return out
 
 
@@ -258,17 +269,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in refusals:
         print(f"{r['set']:<32}{r['n']:>5}{r['refused']:>9}{r['rate']:>8.3f}  "
               f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  {r['by_code']}")
-    print(f"\n{'bad input':<46}{'n':>5}{'detected':>10}  95 % CI        AUROC   top changed")
+    print(f"\n{'bad input':<46}{'n':>5}{'detected':>10}  95 % CI        AUROC   top chg  "
+          "by check")
     for d in detections:
         print(f"{d['kind'] + ': ' + str(d['strength']):<46}{d['n']:>5}{d['rate']:>10.3f}  "
               f"[{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]  {d['auroc'] or float('nan'):.3f}"
-              f"   {d.get('top_changed', '')}")
+              f"   {str(d.get('top_changed', '')):<8}{d['by_code']}")
     print(f"black frame: {'refused' if black[0]['refused'] else 'passed'} {black[0]['codes']}")
-    print(f"\n{'cost per photo':<26}{'gate ms':>10}{'model ms':>10}{'ratio':>8}")
+    print(f"\n{'cost per photo':<26}{'gate ms':>10}{'model ms':>10}{'ratio':>8}"
+          "   decode ms (with the gate / without)")
     for where, sizes in cost.items():
         for size, c in sizes.items():
+            dec = (f"   {c['decode_ms_with_gate']:.2f} / {c['decode_ms_without']:.2f}"
+                   if "decode_ms_with_gate" in c else "")
             print(f"{where + ' ' + size:<26}{c['gate_ms']:>10.2f}{c['model_ms']:>10.2f}"
-                  f"{c['ratio']:>8.3f}")
+                  f"{c['ratio']:>8.3f}{dec}")
     doc = {"bundle": str(args.bundle), "run": str(args.run),
            "card_gate": svc.device.card.get("gate"), "thresholds": svc.gate.thresholds,
            "real": refusals, "detection": detections, "black_frame": black[0], "cost": cost,

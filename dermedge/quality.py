@@ -1,13 +1,17 @@
 """The input gate's photo measures: size, exposure and blur. Pillow and numpy only.
 
-Every measure is taken on the **gate image**: the image contract's centred square of the
-decoded, upright photo, as luma (Pillow's ``convert("L")``:
-``Y = (19595 R + 38470 G + 7471 B + 32768) >> 16``), resized with Pillow's bilinear filter
-(as :mod:`dermedge.image`) to its own side capped at ``SIDE_CAP`` px, never enlarged: a 12 MP
-photo is judged at 448 px, where defocus is still visible (the 224-px model input hides it),
-a 224-px photo at 224 px. The measures are integer sums divided once, so Python and the page's
-``static/gate.js`` give bit-identical values on the same pixels (tests/test_gate_table.py);
-docs/MOBILE.md spells them out for apps.
+Every measure is taken on the **gate image** of the decoded, upright photo: the centred
+square's side ``s = min(w, h)`` is reduced by the smallest whole factor ``k`` that brings it to
+at most ``SIDE_CAP`` px (``k = ceil(s / SIDE_CAP)``, side ``g = s // k``); the centred
+``g k`` square is converted to luma (Pillow's ``convert("L")``:
+``Y = (19595 R + 38470 G + 7471 B + 32768) >> 16``) and averaged in ``k x k`` blocks
+(``(sum + k^2 // 2) // k^2``). Never enlarged: a 224-px photo is judged at 224 px, a 600x450
+one at 225 px, a 12 MP one (3000 px square) at 428 px, where defocus is still visible (the
+224-px model input hides it). Everything is integer arithmetic, so Python and the page's
+``static/gate.js`` give bit-identical values on the same decoded pixels
+(tests/test_gate_table.py); docs/MOBILE.md spells it out for apps. A photo decoded at reduced
+scale (the server's JPEG fast path) averages the same box with Pillow's box filter instead,
+within the tolerance tests/test_gate_api.py states.
 
 ``side``           the centred square's side in the decoded photo, px (before the cap)
 ``mean_luma``      mean of Y, 0-255
@@ -26,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dermedge.image import center_crop_resize
+from dermedge.image import decoded_box, to_rgb8
 
 # The gate image's largest side: keeps a phone photo's defocus visible (see the docstring).
 SIDE_CAP = 448
@@ -40,21 +44,45 @@ def params() -> dict[str, Any]:
     """The formulas' parameters, as cards, the page and docs/MOBILE.md carry them."""
     return {"side_cap": SIDE_CAP, "luma": "(19595 R + 38470 G + 7471 B + 32768) >> 16",
             "dark_level": DARK_LEVEL, "clip_level": CLIP_LEVEL,
-            "resize": "centred square, luma, bilinear (Pillow) to min(side, side_cap)"}
+            "reduce": "k = ceil(min(w, h) / side_cap), g = min(w, h) // k: the centred g k"
+                      " square, luma, k x k block means (sum + k^2 // 2) // k^2"}
+
+
+def gate_geometry(width: int, height: int) -> tuple[int, int, tuple[int, int, int, int]]:
+    """``(g, k, box)``: the gate image's side, the block size, and the centred ``g k``
+    square it averages, ``(left, top, right, bottom)`` in the upright photo."""
+    s = min(int(width), int(height))
+    k = -(-s // SIDE_CAP)
+    g = s // k
+    left, top = (int(width) - g * k) // 2, (int(height) - g * k) // 2
+    return g, k, (left, top, left + g * k, top + g * k)
 
 
 def gate_side(width: int, height: int) -> int:
     """The gate image's side for an upright photo of ``width`` x ``height``."""
-    return min(int(width), int(height), SIDE_CAP)
+    return gate_geometry(width, height)[0]
 
 
 def gate_image(im: Image.Image, *, scale: int = 1, full_size: tuple[int, int] | None = None,
                flipped: tuple[bool, bool] = (False, False)) -> np.ndarray:
     """An upright RGB photo -> the ``(g, g)`` uint8 luma gate image. ``scale``, ``full_size``,
-    ``flipped``: a photo decoded at reduced scale (see dermedge.image.center_crop_resize)."""
+    ``flipped``: a photo decoded at 1/``scale`` (dermedge.image.center_crop_resize): the same
+    box is then averaged with Pillow's box filter, in fractional pixels."""
+    im = to_rgb8(im)
     full = full_size or im.size
-    return center_crop_resize(im, gate_side(*full), scale=scale, full_size=full_size,
-                              flipped=flipped, mode=LUMA)
+    g, k, box = gate_geometry(*full)
+    if scale == 1:
+        y = np.asarray(im.crop(box).convert(LUMA), dtype=np.uint16)
+        if k == 1:
+            return y.astype(np.uint8)
+        sums = y.reshape(g, k, g, k).sum(axis=(1, 3), dtype=np.uint32)
+        return ((sums + k * k // 2) // (k * k)).astype(np.uint8)
+    left, top, right, bottom = decoded_box(box, im.size, scale, full, flipped)
+    x0, y0 = int(left), int(top)  # convert only the pixels the box touches
+    part = im.crop((x0, y0, math.ceil(right), math.ceil(bottom))).convert(LUMA)
+    return np.asarray(part.resize((g, g), Image.BOX,
+                                  box=(left - x0, top - y0, right - x0, bottom - y0)),
+                      dtype=np.uint8)
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:

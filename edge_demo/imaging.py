@@ -164,9 +164,9 @@ def decode_upload(data: bytes, *, max_pixels: int, size: int | None = None,
 
 def open_upload(data: bytes, *, max_pixels: int, size: int | None = None,
                 max_decoded_pixels: int | None = None, min_crop: float = DRAFT_MIN_CROP,
-                what: str = "uploaded file", keep: int = 0) -> Upload:
+                what: str = "uploaded file", gate: bool = False) -> Upload:
     """Identify and check an upload without decoding its pixels (see :func:`decode_upload`);
-    ``keep``: a reduced-scale decode also keeps min(crop side, ``keep``) pixels (the gate)."""
+    ``gate``: a reduced-scale decode also keeps the input gate's image side (dermedge.quality)."""
     if not data:
         raise RequestError(
             f"The {what} is empty (0 bytes). Send a JPEG, PNG or WebP photo in the"
@@ -195,6 +195,7 @@ def open_upload(data: bytes, *, max_pixels: int, size: int | None = None,
                            code="bad_image")
     if w * h > max_pixels:
         raise _too_many_pixels((w, h), max_pixels)
+    keep = quality.gate_side(w, h) if gate else 0
     scale = draft_for_size(im, size, min_crop, keep=keep) if size is not None else 1
     if max_decoded_pixels is not None and im.size[0] * im.size[1] > max_decoded_pixels:
         dw, dh = im.size

@@ -137,7 +137,7 @@ class DemoService:
                              size=max(sizes) if self.fast_decode else None,
                              min_crop=self.decode_min_crop,
                              max_decoded_pixels=self.max_decoded_pixels, what=what,
-                             keep=quality.SIDE_CAP if gate else 0)
+                             gate=gate)
         budget = self.budget or DecodeBudget(self.max_decoded_pixels)
         inputs: dict[Any, Any] = {}
         with budget.hold(upload.decoded_pixels):

@@ -66,18 +66,14 @@ const photos = doc.photos.map((p) => {
   return { plane: Buffer.from(img.plane).toString("base64"),
     measures: G.measure(img.plane, img.g, img.side, doc.params) };
 });
-const resized = doc.resize.map((r) => Buffer.from(G.resize(px(r.src), r.w, r.h, r.ow, r.oh))
-  .toString("base64"));
+const geometry = doc.sizes.map(([w, h]) => G.geometry(w, h, doc.params));
 const decisions = doc.decisions.map((d) => G.decide(rules, d.gate, d.values));
-process.stdout.write(JSON.stringify({ photos, resized, decisions }));
+process.stdout.write(JSON.stringify({ photos, geometry, decisions }));
 """
 
 
-def _resize_cases() -> list[tuple[np.ndarray, tuple[int, int]]]:
-    rng = np.random.default_rng(5)
-    return [(rng.integers(0, 256, (h, w), dtype=np.uint8), out)
-            for (w, h), out in [((450, 450), (448, 448)), ((3000 // 4, 2250 // 4), (448, 301)),
-                                ((97, 61), (40, 70)), ((50, 50), (120, 80))]]
+SIZES = [(224, 224), (600, 450), (450, 600), (448, 449), (896, 897), (897, 1200),
+         (4000, 3000), (3024, 4032), (8160, 6120), (3, 5)]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +82,7 @@ def node_side():
     doc = {"params": quality.params(),
            "photos": [{"rgba": _b64(rgba(a)), "w": a.shape[1], "h": a.shape[0]}
                       for _, a in cases],
-           "resize": [{"src": _b64(a), "w": a.shape[1], "h": a.shape[0], "ow": o[0],
-                       "oh": o[1]} for a, o in _resize_cases()],
+           "sizes": SIZES,
            "decisions": [{"values": values,
                           "gate": js_gate(over, on, values.get("ood") is not None)}
                          for _, values, over, on in DECISIONS]}
@@ -106,10 +101,15 @@ def test_measures_are_bit_identical_in_node(node_side):
         assert js["measures"] == quality.measure_image(im), name
 
 
-def test_luma_resize_is_pillows(node_side):
-    for (src, out), js in zip(_resize_cases(), node_side["resized"], strict=True):
-        ref = np.asarray(Image.fromarray(src).resize(out, Image.BILINEAR, reducing_gap=None))
-        assert base64.b64decode(js) == ref.tobytes(), out
+def test_gate_geometry_is_the_same_and_never_enlarges(node_side):
+    for (w, h), js in zip(SIZES, node_side["geometry"], strict=True):
+        g, k, (left, top, right, bottom) = quality.gate_geometry(w, h)
+        assert (js["g"], js["k"], js["left"], js["top"]) == (g, k, left, top), (w, h)
+        s = min(w, h)
+        assert g <= quality.SIDE_CAP and g * k <= s < (g + 1) * k and (k == 1) == (s <= 448)
+        assert right - left == bottom - top == g * k
+    assert quality.gate_geometry(4000, 3000)[:2] == (428, 7)
+    assert quality.gate_geometry(600, 450)[:2] == (225, 2)
 
 
 def test_decisions_and_texts_equal_in_node(node_side):
@@ -135,9 +135,14 @@ def test_measures_separate_what_they_should():
     assert m["black frame"]["sharpness"] == 0 == m["white frame"]["sharpness"]
     assert m["smooth lesion, no texture"]["sharpness"] < 1.5 < 3.0 < m[
         "smooth lesion with grain"]["sharpness"]
-    assert m["noise above the cap"]["side"] == 450  # the square's side, not the capped one
-    assert quality.gate_image(Image.fromarray(photos()[2][1])).shape == (448, 448)
+    assert m["noise above the cap"]["side"] == 450  # the square's side, not the reduced one
+    assert quality.gate_image(Image.fromarray(photos()[2][1])).shape == (225, 225)
     assert quality.gate_image(Image.fromarray(photos()[3][1])).shape == (61, 61)  # no upscale
+    # a k x k block mean of Pillow's luma, rounded half up
+    a = photos()[2][1]
+    y = np.asarray(Image.fromarray(a).convert("L"), np.int64)[:450, 75:525]
+    want = (y.reshape(225, 2, 225, 2).sum(axis=(1, 3)) + 2) // 4
+    np.testing.assert_array_equal(quality.gate_image(Image.fromarray(a)), want)
 
 
 def test_refusal_message_says_what_to_change_once():

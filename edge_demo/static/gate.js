@@ -1,94 +1,33 @@
 "use strict";
 // The input gate in the browser: the gate image and photo measures of dermedge/quality.py
 // (integer arithmetic, so the values are bit-identical to Python's on the same decoded
-// pixels) and the checks of gate_rules.json, a line-by-line mirror of evaluate(), message()
+// pixels; one pass over the photo's centred square) and the checks of gate_rules.json, a line-by-line mirror of evaluate(), message()
 // and Gate.decide() in edge_demo/gate.py. tests/test_gate_table.py runs both on one table of
 // cases in Node and in Chromium. Loaded as a classic script (window.dermedgeGate) and by Node.
 (function (root) {
-  // --- the gate image: centred square -> Pillow's luma -> Pillow's bilinear resize --------
-  // Pillow's convert("L"): ITU-R 601-2 luma in 16-bit fixed point (Convert.c, L24)
-  const lumaOf = (r, g, b) => (19595 * r + 38470 * g + 7471 * b + 32768) >> 16;
-
-  // Pillow's 8-bit bilinear resample (Resample.c), one band: 22-bit fixed-point coefficients,
-  // horizontal pass then vertical, as device.js does for the model's RGB input.
-  const PRECISION_BITS = 32 - 8 - 2;
-  const ONE = 2 ** PRECISION_BITS;
-  const HALF = 2 ** (PRECISION_BITS - 1);
-  const clip8 = (v) => (v >= ONE * 256 ? 255 : v <= 0 ? 0 : Math.floor(v / ONE));
-
-  function coefficients(inSize, outSize) {
-    const scale = inSize / outSize;
-    const filterscale = Math.max(scale, 1.0);
-    const support = 1.0 * filterscale;
-    const ksize = Math.ceil(support) * 2 + 1;
-    const bounds = new Int32Array(outSize * 2);
-    const kk = new Int32Array(outSize * ksize);
-    const k = new Float64Array(ksize);
-    for (let xx = 0; xx < outSize; xx++) {
-      const center = (xx + 0.5) * scale;
-      const ss = 1.0 / filterscale;
-      let xmin = Math.trunc(center - support + 0.5);
-      if (xmin < 0) xmin = 0;
-      let xmax = Math.trunc(center + support + 0.5);
-      if (xmax > inSize) xmax = inSize;
-      xmax -= xmin;
-      let ww = 0.0;
-      for (let x = 0; x < xmax; x++) {
-        let t = (x + xmin - center + 0.5) * ss;
-        if (t < 0) t = -t;
-        const w = t < 1.0 ? 1.0 - t : 0.0;
-        k[x] = w;
-        ww += w;
-      }
-      for (let x = 0; x < ksize; x++) {
-        const v = x < xmax && ww !== 0.0 ? k[x] / ww : (x < xmax ? k[x] : 0);
-        kk[xx * ksize + x] = v < 0 ? Math.trunc(-0.5 + v * ONE) : Math.trunc(0.5 + v * ONE);
-      }
-      bounds[xx * 2] = xmin;
-      bounds[xx * 2 + 1] = xmax;
-    }
-    return { ksize, bounds, kk };
+  // --- the gate image: the centred g k square -> Pillow's luma -> k x k block means --------
+  /** Side g, block k and the square's offsets for a photo of w x h (quality.gate_geometry). */
+  function geometry(w, h, params) {
+    const s = Math.min(w, h), k = Math.ceil(s / params.side_cap), g = Math.floor(s / k);
+    return { s: s, k: k, g: g, left: (w - g * k) >> 1, top: (h - g * k) >> 1 };
   }
-
-  /** One band (h rows of w) -> (outH rows of outW): Pillow's two passes. */
-  function resize(src, w, h, outW, outH) {
-    let c = coefficients(w, outW);
-    const mid = new Uint8Array(h * outW);
-    for (let y = 0; y < h; y++) {
-      for (let xx = 0; xx < outW; xx++) {
-        const xmin = c.bounds[xx * 2], xmax = c.bounds[xx * 2 + 1];
-        let s = HALF;
-        for (let x = 0; x < xmax; x++) s += src[y * w + x + xmin] * c.kk[xx * c.ksize + x];
-        mid[y * outW + xx] = clip8(s);
-      }
-    }
-    c = coefficients(h, outH);
-    const out = new Uint8Array(outH * outW);
-    for (let yy = 0; yy < outH; yy++) {
-      const ymin = c.bounds[yy * 2], ymax = c.bounds[yy * 2 + 1];
-      for (let x = 0; x < outW; x++) {
-        let s = HALF;
-        for (let y = 0; y < ymax; y++) s += mid[(y + ymin) * outW + x] * c.kk[yy * c.ksize + y];
-        out[yy * outW + x] = clip8(s);
-      }
-    }
-    return out;
-  }
-
-  /** The gate image's side for a photo of w x h (params: dermedge.quality.params()). */
-  const gateSide = (w, h, params) => Math.min(w, h, params.side_cap);
 
   /** Decoded RGBA (w x h, upright) -> {plane: g x g luma, g, side} (quality.gate_image). */
   function gateImage(rgba, w, h, params) {
-    const s = Math.min(w, h), x0 = (w - s) >> 1, y0 = (h - s) >> 1, g = gateSide(w, h, params);
-    const lum = new Uint8Array(s * s);
-    for (let y = 0; y < s; y++) {
-      for (let x = 0; x < s; x++) {
-        const i = ((y + y0) * w + x + x0) * 4;
-        lum[y * s + x] = lumaOf(rgba[i], rgba[i + 1], rgba[i + 2]);
+    const { s, k, g, left, top } = geometry(w, h, params);
+    const n = g * k, col = new Int32Array(n), sums = new Uint32Array(g * g);
+    for (let x = 0; x < n; x++) col[x] = (x / k) | 0;
+    for (let y = 0; y < n; y++) {
+      const src = ((y + top) * w + left) * 4, dst = ((y / k) | 0) * g;
+      for (let x = 0, i = src; x < n; x++, i += 4) {
+        // Pillow's convert("L"): ITU-R 601-2 luma in 16-bit fixed point (Convert.c, L24)
+        sums[dst + col[x]] += (19595 * rgba[i] + 38470 * rgba[i + 1] + 7471 * rgba[i + 2] +
+          32768) >> 16;
       }
     }
-    return { plane: s === g ? lum : resize(lum, s, s, g, g), g: g, side: s };
+    const kk = k * k, half = kk >> 1, plane = new Uint8Array(g * g);
+    for (let j = 0; j < g * g; j++) plane[j] = Math.floor((sums[j] + half) / kk);
+    return { plane: plane, g: g, side: s };
   }
 
   /** The g x g luma gate image -> the measures (quality.measure). */
@@ -180,7 +119,7 @@
     return out;
   }
 
-  const api = { lumaOf: lumaOf, resize: resize, gateSide: gateSide, gateImage: gateImage,
+  const api = { geometry: geometry, gateImage: gateImage,
     measure: measure, measureRgba: measureRgba, evaluate: evaluate, message: message,
     decide: decide, fmt: fmt, VALUES: VALUES };
   if (typeof module !== "undefined" && module.exports) module.exports = api;
