@@ -15,14 +15,17 @@
   /** Decoded RGBA (w x h, upright) -> {plane: g x g luma, g, side} (quality.gate_image). */
   function gateImage(rgba, w, h, params) {
     const { s, k, g, left, top } = geometry(w, h, params);
-    const n = g * k, col = new Int32Array(n), sums = new Uint32Array(g * g);
-    for (let x = 0; x < n; x++) col[x] = (x / k) | 0;
+    const n = g * k, sums = new Uint32Array(g * g);
     for (let y = 0; y < n; y++) {
-      const src = ((y + top) * w + left) * 4, dst = ((y / k) | 0) * g;
-      for (let x = 0, i = src; x < n; x++, i += 4) {
-        // Pillow's convert("L"): ITU-R 601-2 luma in 16-bit fixed point (Convert.c, L24)
-        sums[dst + col[x]] += (19595 * rgba[i] + 38470 * rgba[i + 1] + 7471 * rgba[i + 2] +
-          32768) >> 16;
+      const dst = ((y / k) | 0) * g;
+      let i = ((y + top) * w + left) * 4;
+      for (let bx = 0; bx < g; bx++) {
+        let acc = 0;
+        for (let x = 0; x < k; x++, i += 4) {
+          // Pillow's convert("L"): ITU-R 601-2 luma in 16-bit fixed point (Convert.c, L24)
+          acc += (19595 * rgba[i] + 38470 * rgba[i + 1] + 7471 * rgba[i + 2] + 32768) >> 16;
+        }
+        sums[dst + bx] += acc;
       }
     }
     const kk = k * k, half = kk >> 1, plane = new Uint8Array(g * g);
