@@ -17,9 +17,10 @@ within the tolerance tests/test_gate_api.py states.
 ``mean_luma``      mean of Y, 0-255
 ``dark_share``     share of pixels with Y <= ``DARK_LEVEL`` (near black)
 ``clipped_share``  share of pixels with Y >= ``CLIP_LEVEL`` (blown-out white)
-``sharpness``      RMS of the 4-neighbour Laplacian of Y over the interior pixels:
-                   ``sqrt(sum((4 Y[r, c] - Y[r-1, c] - Y[r+1, c] - Y[r, c-1] - Y[r, c+1])^2)
-                   / (g - 2)^2)``
+``sharpness``      RMS of the 4-neighbour Laplacian of Y over the interior pixels, relative to
+                   the brightness (exposure scales both, so a dark photo does not read as
+                   blurred): ``sqrt(sum((4 Y[r, c] - Y[r-1, c] - Y[r+1, c] - Y[r, c-1]
+                   - Y[r, c+1])^2) / (g - 2)^2) * 128 / mean_luma`` (0 for a black frame)
 """
 
 from __future__ import annotations
@@ -109,11 +110,13 @@ def measure(plane: np.ndarray, side: int | None = None) -> dict[str, float]:
     lap -= y16[1:-1, 2:]
     sq = lap.astype(np.int32)
     sq *= sq
+    mean = int(y.sum(dtype=np.int64)) / n
+    rms = math.sqrt(int(sq.sum(dtype=np.int64)) / sq.size)
     return {"side": float(y.shape[0] if side is None else int(side)),
-            "mean_luma": int(y.sum(dtype=np.int64)) / n,
+            "mean_luma": mean,
             "dark_share": int(np.count_nonzero(y <= DARK_LEVEL)) / n,
             "clipped_share": int(np.count_nonzero(y >= CLIP_LEVEL)) / n,
-            "sharpness": math.sqrt(int(sq.sum(dtype=np.int64)) / sq.size)}
+            "sharpness": rms * 128 / mean if mean > 0 else 0.0}
 
 
 def measure_image(im: Image.Image) -> dict[str, float]:

@@ -69,16 +69,17 @@ def test_int8_head_agrees_with_float_and_far_photos_do_not_saturate():
 def test_thresholds_take_the_more_lenient_of_default_and_quantile():
     n = 1000
     measures = [{"side": 224.0, "mean_luma": 150.0 - 100 * (i < 3), "dark_share": 0.0,
-                 "clipped_share": 0.0, "sharpness": 2.0 + i / 100} for i in range(n)]
+                 "clipped_share": 0.0, "sharpness": 1.0 + i / 100} for i in range(n)]
     ood = np.linspace(0, 1, n)
     t = gate.choose_thresholds(measures, ood, image_size=224)
     assert t["min_side"] == 224.0
-    assert t["mean_luma_min"] == 40.0  # the default: the 0.5 % quantile (150) is stricter
-    assert t["sharpness_min"] == pytest.approx(2.04)  # the quantile: the default (3) refuses 10 %
+    assert t["mean_luma_min"] == 60.0  # the default: the 0.5 % quantile (150) is stricter
+    assert t["sharpness_min"] == pytest.approx(1.04)  # the quantile: the default (2.5) would
+    # refuse 15 %
     assert t["ood_max"] == pytest.approx(ood[990])  # 1 % of the validation images
     refused = gate.refusals(measures, ood, t)
     r = gate.rates(refused)
-    assert r["n"] == n and r["per_check"]["too_dark"]["refused"] == 0
+    assert r["n"] == n and r["per_check"]["too_dark"]["refused"] == 3  # 50 < 60
     assert r["per_check"]["blurry"]["refused"] == 4 and r["per_check"]["not_dermoscopy"][
         "refused"] == 9
     assert r["total"]["rate"] <= 0.05 and r["total"]["ci95"][0] <= r["total"]["rate"]

@@ -51,9 +51,10 @@
         sq += l * l;
       }
     }
-    return { side: side === undefined || side === null ? g : side, mean_luma: sum / n,
+    const mean = sum / n, rms = Math.sqrt(sq / ((g - 2) * (g - 2)));
+    return { side: side === undefined || side === null ? g : side, mean_luma: mean,
       dark_share: dark / n, clipped_share: clipped / n,
-      sharpness: Math.sqrt(sq / ((g - 2) * (g - 2))) };
+      sharpness: mean > 0 ? rms * 128 / mean : 0 };
   }
 
   /** Decoded RGBA -> the photo's measures (quality.measure_image). */
