@@ -26,6 +26,13 @@ Config keys (defaults < ``EDGE_DEMO_<KEY>`` environment variables < the ``config
 ``BROWSER_INFERENCE`` default on: the page runs the device model in the browser (LiteRT.js)
                       and uploads the photo only on fallback; off: the server runs it
 ``WEB_RUNTIME_DIR``   default ``edge_demo/web/node_modules``: where ``npm ci`` put LiteRT.js
+``STATE_DIR``         the server's own files (local CA, certificates, compressed copies of the
+                      static files); default ``~/.local/share/dermedge/edge-demo``
+``COMPRESS``          effort for the compressed copies, made once per file content: ``best``
+                      (default; brotli 11 + gzip 9), ``fast`` (brotli 5 + gzip 6) or ``off``
+``TLS_MODE``          set by ``edge-demo serve``: ``off``, ``local-ca`` or ``own``; the trust
+                      page and ``/ca.crt`` follow it
+``TLS_CA_CERT``       set by ``edge-demo serve``: the local CA's certificate (PEM) it offers
 ``GATE``              default on: the input gate refuses blurry, badly lit, too small and
                       non-dermoscopy photos (``retake``); off (``--no-gate``) for research only
 """
@@ -47,7 +54,7 @@ from typing import Any
 from flask import Blueprint, Flask, Request, current_app, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from . import browser
+from . import browser, delivery
 from .errors import EdgeDemoError, RequestError
 from .explain import NOT_ENABLED, explain_head
 from .gate import parse_page_gate
@@ -75,6 +82,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "EXPLAIN_RUN": None,
     "BROWSER_INFERENCE": True,
     "WEB_RUNTIME_DIR": None,
+    "STATE_DIR": None,
+    "COMPRESS": "best",
+    "TLS_MODE": "off",
+    "TLS_CA_CERT": None,
     "GATE": True,
 }
 _INT_KEYS = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "MAX_DECODED_PIXELS", "DECODE_BUDGET",
@@ -164,6 +175,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         request_log.setLevel(logging.INFO)
         request_log.propagate = False
 
+    from .certs import default_state_dir
+
+    delivery.init_app(app, Path(app.config["STATE_DIR"] or default_state_dir()))
     app.register_blueprint(api)
     app.register_blueprint(page)
     app.add_url_rule("/healthz", "healthz", healthz)
@@ -421,8 +435,9 @@ def index():
     return render_template("index.html", service=svc, sites=sites,
                            defaults=svc.policy.source == "defaults",
                            explainer=current_app.extensions["edge_demo"]["explainer"],
-                           browser=browser.browser_config(svc, current_app.config,
-                                                          request.script_root + "/"),
+                           browser=browser.browser_config(
+                               svc, current_app.config, request.script_root + "/",
+                               delivery.version_body(svc, current_app.config)),
                            synthetic=_synthetic(svc))
 
 
@@ -443,19 +458,19 @@ def policy():
 
 @api.get("/device/model.tflite")
 def device_model():
-    """The device tier's model.tflite, the very bytes the server loaded (and hashed)."""
+    """The device tier's model.tflite, the very bytes the server loaded (and hashed); its
+    ETag is their sha256 (plus ``-br``/``-gz`` for a compressed copy); ``?v=`` caches it."""
     svc = _service()
-    resp = current_app.response_class(svc.device._model_bytes,
-                                      mimetype="application/octet-stream")
-    resp.headers["X-Model-SHA256"] = svc.device.sha256
-    resp.set_etag(svc.device.sha256)
-    return resp.make_conditional(request)
+    store = delivery.assets()
+    asset = store.blob(svc.device._model_bytes, svc.device.sha256, "application/octet-stream")
+    return store.respond(request, asset, request.args.get("v") or request.args.get("sha256"),
+                         {"X-Model-SHA256": svc.device.sha256})
 
 
 @page.get("/runtime/<path:name>")
 def runtime(name: str):
     """The pinned LiteRT.js files (from `npm ci` in edge_demo/web); nothing else is served."""
-    return browser.runtime_file(current_app.config, name)
+    return browser.runtime_file(current_app.config, name, delivery.assets(), request)
 
 
 @api.post("/decide")

@@ -9,8 +9,10 @@ result can be logged for the study without the photo.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,18 @@ from .metadata import adjust, tables
 from .policy import gate_rules, rules
 
 WEB_DIR = Path(__file__).with_name("web")
-# The runtime files the page may load (LiteRT.js picks one .js/.wasm pair at run time).
+# The runtime files the page may load (LiteRT.js picks one .js/.wasm pair at run time: the
+# threaded build needs a cross-origin isolated page, relaxed SIMD and SharedArrayBuffer).
 RUNTIME_FILES = frozenset({
     "core/dist/index.js", "wasm-utils/dist/index.js",
     "core/wasm/litert_wasm_internal.js", "core/wasm/litert_wasm_internal.wasm",
     "core/wasm/litert_wasm_compat_internal.js", "core/wasm/litert_wasm_compat_internal.wasm",
+    "core/wasm/litert_wasm_threaded_internal.js",
+    "core/wasm/litert_wasm_threaded_internal.wasm",
 })
+# /runtime/<id>/<file>: the id (a hash over every runtime file) versions the whole folder,
+# because LiteRT.js builds its .js/.wasm URLs from the folder's URL
+_RUNTIME_ID = re.compile(r"^[0-9a-f]{16}$")
 INSTALL_HINT = ("the LiteRT.js runtime is not installed: run `npm ci --prefix edge_demo/web`"
                 " (Debian: apt-get install npm) and restart the server")
 NEW_SITE_NOTE = ("These figures are for the split the policy was calibrated on. A new site"
@@ -60,26 +68,47 @@ def runtime_status(config: dict[str, Any]) -> dict[str, Any]:
     return {"enabled": True, "reason": None, "version": version}
 
 
-def runtime_file(config: dict[str, Any], name: str):
-    """The response for one allow-listed runtime file; a 404 JSON error for anything else."""
-    from flask import send_from_directory
+def runtime_id(config: dict[str, Any], store) -> str | None:
+    """The runtime folder's version: a hash over its files' sha256 (None: not installed)."""
+    root = runtime_root(config)
+    try:
+        hashes = [store.file(root / name, "").sha256 for name in sorted(RUNTIME_FILES)]
+    except OSError:
+        return None
+    return hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
 
+
+def runtime_file(config: dict[str, Any], name: str, store, request):
+    """The response for one allow-listed runtime file (``<id>/`` in front: versioned, cached
+    for a year); a 404 JSON error for anything else."""
     status = runtime_status(config)
+    version, _, rest = name.partition("/")
+    versioned = bool(_RUNTIME_ID.match(version)) and rest in RUNTIME_FILES
+    if versioned:
+        name = rest
     if name not in RUNTIME_FILES or not status["enabled"]:
         why = status["reason"] or "not one of the LiteRT.js files the page loads"
         raise RequestError(f"No runtime file {name!r} here ({why}).", status=404,
                            code="not_found")
     mime = "application/wasm" if name.endswith(".wasm") else "text/javascript"
-    return send_from_directory(runtime_root(config), name, mimetype=mime, max_age=3600)
+    asset = store.file(runtime_root(config) / name, mime)
+    current = runtime_id(config, store) if versioned else None
+    return store.respond(request, asset, asset.sha256 if version == current else None)
 
 
-def browser_config(service, config: dict[str, Any], base_url: str) -> dict[str, Any]:
-    """What the page's device.js needs: runtime URLs, the model URL and its tensor contract."""
+def browser_config(service, config: dict[str, Any], base_url: str,
+                   version: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the page's device.js needs: runtime URLs, the model URL and its tensor contract
+    (both URLs versioned when ``version``, ``delivery.version_body``, is given)."""
     dev = service.device
     status = runtime_status(config)
+    rid = (version or {}).get("runtime", {}).get("id")
+    model_url = base_url + "api/v1/device/model.tflite"
     return {**status,
-            "runtime": base_url + "runtime/",
-            "model": base_url + "api/v1/device/model.tflite",
+            "runtime": base_url + (f"runtime/{rid}/" if rid else "runtime/"),
+            "model": model_url + (f"?v={dev.sha256[:16]}" if version else ""),
+            "policy_sha256": service.policy.sha256,
+            "runtime_id": rid, "cache_key": (version or {}).get("cache_key"),
             "sha256": dev.sha256, "image_size": dev.image_size,
             "labels": list(dev.labels),
             "input": dev.input.to_dict(),
@@ -117,7 +146,7 @@ def policy_body(service) -> dict[str, Any]:
     from .policy import DEFAULTS_NOTE
 
     pol = service.policy
-    return {"policy": pol.to_dict(), "rules": rules(),
+    return {"policy": pol.to_dict(), "sha256": pol.sha256, "rules": rules(),
             "gate": service.gate.describe(), "gate_rules": gate_rules(),
             "device_threshold": service.device.melanoma_threshold,
             "note": DEFAULTS_NOTE if pol.source == "defaults" else None,

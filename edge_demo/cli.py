@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,25 @@ def _positive_float(text: str) -> float:
     return x
 
 
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+
+
+def _tls_name(text: str) -> str:
+    import ipaddress
+
+    name = text.strip().lower().rstrip(".")
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not _DNS_NAME.match(name):
+        raise argparse.ArgumentTypeError(
+            f"--tls-name must be a host name (e.g. clinic-laptop.local) or an IP address;"
+            f" received {text!r}.")
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edge-demo", formatter_class=HelpFormatter, description=(
         "The dermedge phone-to-cloud demo: an on-device LiteRT tier, a cloud tier and an"
@@ -122,6 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
                    " under server-made names (default: nothing is written to disk)")
     s.add_argument("--explain", metavar="RUN_DIR", help="enable Grad-CAM heatmaps (?explain=1)"
                    " from this `trainer fit` run directory's model.keras (needs TensorFlow)")
+    t = s.add_argument_group(
+        "HTTPS", "The port answers plain HTTP and HTTPS alike (docs/SERVING.md#https). A phone"
+        " needs HTTPS for offline use, installing the page, the threaded runtime and"
+        " persistent storage; /trust, over plain HTTP, shows how to trust the local CA once.")
+    t.add_argument("--tls", choices=("auto", "on", "off"), default="auto",
+                   help="serve HTTPS too: auto = on unless --host is a loopback address"
+                        " (127.0.0.1 and localhost are secure contexts already)")
+    t.add_argument("--tls-cert", metavar="PEM", help="your own certificate (chain) instead of"
+                   " one from the local CA; needs --tls-key")
+    t.add_argument("--tls-key", metavar="PEM", help="the unencrypted private key of --tls-cert")
+    t.add_argument("--tls-name", metavar="NAME", type=_tls_name, action="append",
+                   help="another host name or address the local CA's certificate must cover"
+                        " (repeatable); it always covers localhost, this machine's host name"
+                        " (and <name>.local) and its LAN addresses")
+    t.add_argument("--state-dir", metavar="DIR", help="where the server keeps its local CA,"
+                   " certificates and compressed static files (default: "
+                   "~/.local/share/dermedge/edge-demo; the CA is made once and reused)")
+    t.add_argument("--compress", choices=("best", "fast", "off"), default=None,
+                   help="static files are compressed once per content (kept in the state"
+                        " folder) in the background: best (brotli 11, gzip 9; about a minute"
+                        " per runtime build, once), fast (brotli 5, gzip 6) or off; default"
+                        " best")
 
     r = sub.add_parser(
         "predict", formatter_class=HelpFormatter, help="classify image files and print JSON",
@@ -166,17 +208,90 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tls_mode(args: argparse.Namespace) -> str:
+    """off, local-ca or own; ``EdgeDemoError`` for options that do not go together."""
+    from .errors import EdgeDemoError
+
+    own = args.tls_cert or args.tls_key
+    if own and not (args.tls_cert and args.tls_key):
+        missing = "--tls-key" if args.tls_cert else "--tls-cert"
+        raise EdgeDemoError(f"{missing} is missing: --tls-cert and --tls-key go together (your"
+                            " certificate and its key, both PEM).")
+    if own and args.tls == "off":
+        raise EdgeDemoError("--tls off contradicts --tls-cert/--tls-key: leave out one or the"
+                            " other.")
+    if own and args.tls_name:
+        raise EdgeDemoError("--tls-name names what the local CA's certificate covers; your own"
+                            " certificate (--tls-cert) covers what it says. Leave out one.")
+    if own:
+        return "own"
+    loopback = args.host in ("localhost", "::1") or args.host.startswith("127.")
+    if args.tls == "off" or (args.tls == "auto" and loopback):
+        return "off"
+    return "local-ca"
+
+
+def _tls_files(args, mode: str, state_dir: Path):
+    """The certificate to serve (checked), and how to renew it when the addresses change."""
+    from .certs import LocalCA, load_own, machine_names
+
+    if mode == "own":
+        return load_own(args.tls_cert, args.tls_key), None
+    ca = LocalCA(state_dir)
+    files = ca.server_files(machine_names(args.host, tuple(args.tls_name or ())))
+
+    def renew():
+        new = ca.server_files(machine_names(args.host, tuple(args.tls_name or ())))
+        if not new.issued:
+            return None
+        print(f"edge-demo: this machine's addresses changed; new certificate for"
+              f" {', '.join(new.names)}", file=sys.stderr, flush=True)
+        return new.context()
+
+    return files, renew
+
+
+def _print_https(args, mode: str, files, port: int) -> None:
+    from .certs import fingerprint
+    from .server import urls
+
+    https = [u.replace("http://", "https://", 1) for u in urls(args.host, port)]
+    print("edge-demo: HTTPS on the same port (offline use, install, threads): "
+          + "  or  ".join(https), file=sys.stderr)
+    if mode == "own":
+        print(f"edge-demo: certificate {files.cert} for {', '.join(files.names)}, valid to"
+              f" {files.not_after:%Y-%m-%d}", file=sys.stderr)
+        return
+    plain = urls(args.host, port)
+    trust = next((u for u in plain if not u.startswith("http://127.")), plain[0]) + "trust"
+    print(f"edge-demo: certificate for {', '.join(files.names)}"
+          f"{' (new)' if files.issued else ''}, valid to {files.not_after:%Y-%m-%d}, from the"
+          f" local CA {files.ca_cert} (SHA-256 {fingerprint(files.ca_cert)})", file=sys.stderr)
+    print(f"edge-demo: on each phone, once: open {trust} and trust the CA (QR code below)",
+          file=sys.stderr)
+    try:
+        import segno
+    except ImportError:
+        return  # the URL above is enough; the demo extra installs segno for the QR code
+    segno.make(trust, error="l").terminal(out=sys.stderr, compact=True, border=2)
+
+
 def serve(args: argparse.Namespace) -> int:
     from .app import create_app
+    from .certs import default_state_dir
     from .server import make_server, urls
+    from .tls import TlsFront
 
+    mode = _tls_mode(args)
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     config = {"DEVICE_BUNDLE": args.device, "CLOUD_BUNDLE": args.cloud,
               "POLICY_FILE": args.policy, "INTERPRETERS": args.threads,
               "MAX_CONTENT_LENGTH": int(args.max_mb * 1024 * 1024),
               "ALLOW_UNVALIDATED": args.allow_unvalidated,
               "DECODE_MIN_CROP": args.decode_min_crop, "FAST_DECODE": args.fast_decode,
               "SAVE_UPLOADS_DIR": args.save_uploads_dir, "EXPLAIN_RUN": args.explain,
-              "BROWSER_INFERENCE": args.browser_inference, "GATE": args.gate}
+              "BROWSER_INFERENCE": args.browser_inference, "STATE_DIR": str(state_dir),
+              "COMPRESS": args.compress, "TLS_MODE": mode, "GATE": args.gate}
     holder: dict = {}
 
     def wsgi(environ, start_response):  # the app, once loaded
@@ -186,12 +301,18 @@ def serve(args: argparse.Namespace) -> int:
     server = make_server(wsgi, host=args.host, port=args.port, threads=args.threads,
                          max_body=config["MAX_CONTENT_LENGTH"],
                          request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
-                         connection_limit=args.connection_limit)
+                         connection_limit=args.connection_limit, tls=mode != "off")
     try:
+        files, renew = _tls_files(args, mode, state_dir) if mode != "off" else (None, None)
+        context = files.context() if files else None
+        if files is not None and files.ca_cert is not None:
+            config["TLS_CA_CERT"] = str(files.ca_cert)
         app = holder["app"] = create_app({k: v for k, v in config.items() if v is not None})
     except BaseException:
         server.shutdown()
         raise
+    if context is not None:
+        server.enable_tls(TlsFront(server, context, args.request_timeout, renew))
     svc = app.extensions["edge_demo"]["service"]
     explainer = app.extensions["edge_demo"]["explainer"]
     print(f"edge-demo: device={svc.device.name} ({svc.device.mode})"
@@ -204,8 +325,37 @@ def serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print("edge-demo: open " + "  or  ".join(urls(args.host, server.effective_port))
           + "   (Ctrl-C stops)", file=sys.stderr, flush=True)
+    if files is not None:
+        _print_https(args, mode, files, server.effective_port)
+    _compress_in_background(app)
+    sys.stderr.flush()
     server.serve_forever()
     return 0
+
+
+def _compress_in_background(app) -> None:
+    """Compress the page's files now (once per content; a restart finds them on disk)."""
+    import threading
+    import time
+
+    from .delivery import precompress
+
+    store, queued = precompress(app)
+    if not queued:
+        if store.levels:
+            print(f"edge-demo: static files compressed already (kept in {store.cache_dir})",
+                  file=sys.stderr, flush=True)
+        return
+    t0 = time.monotonic()
+    print(f"edge-demo: compressing {queued} static files in the background (once; kept in"
+          f" {store.cache_dir})", file=sys.stderr, flush=True)
+
+    def report():
+        store.wait()
+        print(f"edge-demo: compressed {queued} static files in"
+              f" {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    threading.Thread(target=report, daemon=True).start()
 
 
 def predict(args: argparse.Namespace) -> int:

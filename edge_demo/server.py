@@ -9,6 +9,9 @@
   hundred slow clients cannot fill the connection table.
 * ``GET /healthz`` is answered by the I/O loop itself, never queued behind the worker threads
   (liveness must not depend on how busy the model is; ``/readyz`` goes through the app).
+* With :meth:`DemoServer.enable_tls` the same port also answers HTTPS: a connection that
+  starts with a TLS record goes to ``edge_demo.tls.TlsFront`` and comes back as a plain
+  connection with the client's address and ``wsgi.url_scheme = "https"``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from typing import Any
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
-from waitress.task import ErrorTask
+from waitress.task import ErrorTask, WSGITask
 
 from .errors import EdgeDemoError
 
@@ -73,11 +77,33 @@ class _JsonErrorTask(ErrorTask):
         self.write(body)
 
 
+class _Task(WSGITask):
+    """waitress closes the connection after every 304 and 204 (it closes any HTTP/1.1
+    response without a Content-Length, and those may not carry one). They have no body, so
+    the connection can stay open: a repeat visit revalidates its files with one 304 each, and
+    over HTTPS a closed connection costs a new TLS handshake."""
+
+    _bodiless = False
+
+    def build_response_header(self):
+        self._bodiless = (not self.has_body and self.version == "1.1"
+                          and self.request.headers.get("CONNECTION", "").lower() != "close")
+        try:
+            return super().build_response_header()
+        finally:
+            self._bodiless = False
+
+    def set_close_on_finish(self) -> None:
+        if not self._bodiless:
+            super().set_close_on_finish()
+
+
 class _Channel(HTTPChannel):
     """Records when the request being read started, for the server's read deadline, and keeps
     the I/O loop from spinning on a connection whose worker is writing its response."""
 
     error_task_class = _JsonErrorTask
+    task_class = _Task
     request_started: float | None = None
     _writing = False
 
@@ -104,6 +130,43 @@ class _Channel(HTTPChannel):
         return super().writable()
 
 
+class _SniffingChannel(_Channel):
+    """A connection on a server that also answers HTTPS: its first byte decides. A TLS
+    handshake record goes to the TLS front (waitress forgets the socket); anything else is
+    plain HTTP, read as before."""
+
+    _sniffed = False
+
+    def handle_read(self):
+        if not self._sniffed:
+            try:
+                first = self.socket.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return
+            except OSError:
+                first = b""
+            self._sniffed = True
+            if first[:1] == b"\x16":
+                sock, self.socket = self.socket, None
+                self.del_channel()
+                self.connected = False
+                self.server.tls.take(sock, self.addr)
+                return
+        super().handle_read()
+
+
+class _HttpsParser(HTTPRequestParser):
+    def parse_header(self, header_plus):
+        super().parse_header(header_plus)
+        self.url_scheme = "https"
+
+
+class _HttpsChannel(_Channel):
+    """The plain end of a connection the TLS front decrypts: requests are https."""
+
+    parser_class = _HttpsParser
+
+
 def _wants_close(request) -> bool:
     conn = request.headers.get("CONNECTION", "").lower()
     return conn == "close" or (request.version == "1.0" and conn != "keep-alive")
@@ -113,6 +176,7 @@ class DemoServer(TcpWSGIServer):
     """waitress' TCP server with a read deadline and an I/O-loop ``/healthz``."""
 
     channel_class = _Channel
+    tls = None  # the TlsFront when the port also answers HTTPS
 
     def __init__(self, app, adj: Adjustments, request_timeout: float):
         self.request_timeout = float(request_timeout)
@@ -127,6 +191,34 @@ class DemoServer(TcpWSGIServer):
             self.socket.close()
             self.trigger.close()
             raise
+
+    def enable_tls(self, front) -> None:
+        """Answer HTTPS on this port too, through ``front`` (an ``edge_demo.tls.TlsFront``)."""
+        self.tls = front
+        self.channel_class = _SniffingChannel
+        front.start()
+
+    def adopt(self, sock: socket.socket, addr, key) -> None:
+        """From the TLS front's thread: serve ``sock`` (the plain end of a decrypted
+        connection from ``addr``) in place of the handshake placeholder ``key``."""
+        def thunk():
+            self._map.pop(key, None)
+            if self._stop.is_set():
+                sock.close()
+            else:
+                _HttpsChannel(self, sock, addr, self.adj, map=self._map)
+        self._call_in_loop(thunk, sock)
+
+    def release(self, key) -> None:
+        """From the TLS front's thread: a handshake failed; free its place."""
+        self._call_in_loop(lambda: self._map.pop(key, None))
+
+    def _call_in_loop(self, thunk, sock: socket.socket | None = None) -> None:
+        try:
+            self.trigger.pull_trigger(thunk)
+        except OSError:  # the loop has stopped
+            if sock is not None:
+                sock.close()
 
     def add_task(self, channel) -> None:
         request = channel.requests[0] if channel.requests else None
@@ -171,6 +263,8 @@ class DemoServer(TcpWSGIServer):
 
     def shutdown(self) -> None:
         """Release the socket and the worker threads of a server that never ran."""
+        if self.tls is not None:
+            self.tls.stop()
         self.task_dispatcher.shutdown()
         self.close()
 
@@ -190,6 +284,9 @@ class DemoServer(TcpWSGIServer):
         except (SystemExit, KeyboardInterrupt):
             pass
         finally:
+            self._stop.set()
+            if self.tls is not None:
+                self.tls.stop()
             self.task_dispatcher.shutdown()
             wasyncore.close_all(self._map)
 
@@ -197,10 +294,12 @@ class DemoServer(TcpWSGIServer):
 def make_server(app, *, host: str = "127.0.0.1", port: int = 8080, threads: int = 4,
                 max_body: int, request_timeout: float = REQUEST_TIMEOUT_S,
                 idle_timeout: float = IDLE_TIMEOUT_S,
-                connection_limit: int = CONNECTION_LIMIT, **extra: Any) -> DemoServer:
+                connection_limit: int = CONNECTION_LIMIT, tls: bool = False,
+                **extra: Any) -> DemoServer:
     """Bind ``host:port`` and return the server (not yet running); ``EdgeDemoError`` when the
-    address cannot be used, with the reason and the fix."""
-    connection_limit = _fit_fd_limit(int(connection_limit))
+    address cannot be used, with the reason and the fix. ``tls``: HTTPS will be enabled (an
+    HTTPS connection holds three file descriptors: the client's and a socket pair)."""
+    connection_limit = _fit_fd_limit(int(connection_limit), 3 if tls else 1)
     # waitress warns "Task queue depth is N" for every request that waits for a worker; with
     # one worker per core, waiting is how the load is spread, not a fault: one line per request
     # under load would bury the log
@@ -246,14 +345,14 @@ def _bind_message(host: str, port: int, exc: OSError) -> str:
     return f"Cannot listen on {host}:{port} ({exc.strerror or exc}). Pass another --host/--port."
 
 
-def _fit_fd_limit(connection_limit: int) -> int:
+def _fit_fd_limit(connection_limit: int, fds_each: int = 1) -> int:
     """Raise the open-file soft limit to fit the connections (or shrink the limit to fit)."""
     try:
         import resource
     except ImportError:  # not on Windows
         return connection_limit
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = connection_limit + 64
+    need = connection_limit * fds_each + 64
     if soft != resource.RLIM_INFINITY and soft < need:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
         try:
@@ -261,7 +360,7 @@ def _fit_fd_limit(connection_limit: int) -> int:
             soft = target
         except (ValueError, OSError):
             pass
-        connection_limit = max(16, min(connection_limit, soft - 64))
+        connection_limit = max(16, min(connection_limit, (soft - 64) // fds_each))
     return connection_limit
 
 

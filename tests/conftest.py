@@ -23,6 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DERMEDGE_SHARED", REPO.parent / "shared")).resolve()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def demo_state_dir(tmp_path_factory) -> Path:
+    """Demo servers of this session keep their CA and compressed files in one temporary
+    folder (not the user's data folder), compressing with the fast settings."""
+    state = tmp_path_factory.mktemp("edge_demo_state")
+    os.environ.setdefault("EDGE_DEMO_STATE_DIR", str(state))
+    os.environ.setdefault("EDGE_DEMO_COMPRESS", "fast")
+    return Path(os.environ["EDGE_DEMO_STATE_DIR"])
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
 

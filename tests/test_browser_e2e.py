@@ -93,20 +93,22 @@ def browser_bundles() -> dict[str, Path]:
 
 
 @contextlib.contextmanager
-def chromium(profile: Path):
-    """Headless Chromium with a phone-sized viewport (390 x 844, mobile emulation)."""
+def chromium(profile: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+             options=None):
+    """Headless Chromium with a phone-sized viewport (390 x 844, mobile emulation); ``args``
+    are more command-line flags, ``env`` the browser's environment (e.g. its HOME)."""
     _ensure_chromium()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    opts = webdriver.ChromeOptions()
+    opts = options or webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                "--window-size=390,844"):
+                "--window-size=390,844", *args):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
+    driver = webdriver.Chrome(options=opts, service=Service(DRIVER, env=env))
     # headless windows have a minimum width of ~500 px: emulate the phone's viewport instead
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
         "width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})

@@ -7,6 +7,7 @@
   const button = $("submit");
   const pct = (p) => (100 * p).toFixed(1) + "%";
   const browserConfig = JSON.parse($("browser-config").textContent);
+  if (!window.isSecureContext) $("http-notice").hidden = false;  // no offline, install, threads
   let policyDoc = null;  // GET api/v1/policy: thresholds + the rules policy.js evaluates
   let deviceState = { ok: false, reason: browserConfig.reason };
   const el = (tag, cls, text) => {
