@@ -18,7 +18,7 @@ card thresholds):
 
 Prints a table and writes JSON to benchmarks/results/.
 
-    python benchmarks/input_gate.py /work/tmp/i36/bundles/e4-int8 --run /work/tmp/i36/run-e4 \\
+    python benchmarks/input_gate.py /work/tmp/i36/edge-int8-gate --run /work/runs/edge \\
         --browser
 """
 
