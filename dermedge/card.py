@@ -32,7 +32,7 @@ KEY_ORDER: tuple[str, ...] = (
     "schema_version", "name", "created", "backbone", "backbone_layer", "weights", "input",
     "preprocessing",
     "heads", "ensemble", "data", "config", "training", "calibration", "distillation",
-    "metrics", "versions", "metadata_prior", "export")
+    "metrics", "versions", "reproducibility", "metadata_prior", "export")
 OPTIONAL_KEYS: tuple[str, ...] = ("ensemble", "metadata_prior", "export")
 # What read_card checks (docs/ARTIFACTS.md lists the same; tests hold the two together).
 REQUIRED_FIELDS: tuple[str, ...] = (
@@ -126,13 +126,15 @@ def build_card(*, name: str | None, created: str, backbone: str, weights: str | 
                melanoma_labels: tuple[str, ...] | list[str] = ("melanoma",),
                calibration: dict | None = None, distillation: dict | None = None,
                ensemble: dict | None = None, metadata_prior: dict | None = None,
-               backbone_layer: str | None = None, synthetic: bool = False) -> ModelCard:
+               backbone_layer: str | None = None, synthetic: bool = False,
+               reproducibility: dict | None = None) -> ModelCard:
     """The card of a run directory (``trainer fit``, ``trainer ensemble``).
 
     ``data.synthetic`` is set from ``synthetic``: True when the run trained on
     ``trainer toy-data`` output, so every bundle made from it says it is a toy model.
     ``backbone_layer``: the feature-extractor sub-model's name (export's bias correction works
-    on it); None when the model has none (an ensemble).
+    on it); None when the model has none (an ensemble). ``reproducibility``: what the
+    figures depend on besides the config and ``versions`` (trainer/provenance.py), or None.
     """
     d: dict[str, Any] = {
         "schema_version": CARD_SCHEMA_VERSION,
@@ -157,6 +159,7 @@ def build_card(*, name: str | None, created: str, backbone: str, weights: str | 
         "distillation": distillation,
         "metrics": {"val": metrics_val},
         "versions": versions,
+        "reproducibility": reproducibility,
         "metadata_prior": metadata_prior,
     }
     d = {k: v for k, v in d.items() if not (k in OPTIONAL_KEYS and v is None)}

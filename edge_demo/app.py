@@ -16,9 +16,14 @@ Config keys (defaults < ``EDGE_DEMO_<KEY>`` environment variables < the ``config
 ``DECODE_MIN_CROP``   the crop reduced-scale decoding keeps where it can, in model sides
                       (default 2; a photo too small for it keeps >= 1, not a full decode)
 ``ALLOW_UNVALIDATED`` serve bundles whose card says the export validation failed (default off)
-``SAVE_UPLOADS_DIR``  default None: nothing uploaded is written to disk. Setting a folder is an
-                      explicit opt-in that stores every upload under a server-made name
-                      ``<UTC time>-<random>.<ext>`` (never a client-supplied one).
+``CASES_DIR``         default None: no case log (each case id is still answered once, from a
+                      bounded memory table). A folder: the site's SQLite case log, one row per
+                      decision (edge_demo/caselog.py); ``/cases`` and its API need the token.
+``KEEP_PHOTOS``       default off: with a case log, keep a case's photo (beside the database,
+                      under its sha256) when the case says ``consent_keep``; never otherwise
+``SITE_ID``, ``TESTER_ID`` the case log's site and tester when the page sends none
+``CASES_TOKEN``       the token for ``/cases`` and its API (default: a new random one per start)
+``RECENT_CASES``      case ids remembered without a case log (default 2,000)
 ``INTERPRETERS``      LiteRT interpreters per tier (default 4: one per server thread)
 ``LOG_JSON``          one JSON line per request on the ``edge_demo.request`` logger (default on)
 ``EXPLAIN_RUN``       optional; a ``trainer fit`` run directory: enables Grad-CAM heatmaps
@@ -44,17 +49,30 @@ import json
 import logging
 import os
 import re
+import secrets
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, Request, current_app, g, jsonify, render_template, request
+from flask import (
+    Blueprint,
+    Flask,
+    Request,
+    current_app,
+    g,
+    jsonify,
+    render_template,
+    request,
+    url_for,
+)
 from werkzeug.exceptions import HTTPException
 
-from . import browser, delivery
+from . import browser, delivery, offline
+from .caseid import is_case_id, new_case_id
+from .caselog import CaseFields, CaseLog, RecentCases
+from .cases_api import case_pages
 from .errors import EdgeDemoError, RequestError
 from .explain import NOT_ENABLED, explain_head
 from .gate import parse_page_gate
@@ -76,7 +94,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "FAST_DECODE": True,
     "DECODE_MIN_CROP": DEFAULT_DECODE_MIN_CROP,
     "ALLOW_UNVALIDATED": False,
-    "SAVE_UPLOADS_DIR": None,
+    "CASES_DIR": None,
+    "KEEP_PHOTOS": False,
+    "SITE_ID": None,
+    "TESTER_ID": None,
+    "CASES_TOKEN": None,
+    "RECENT_CASES": 2_000,
     "INTERPRETERS": 4,
     "LOG_JSON": True,
     "EXPLAIN_RUN": None,
@@ -89,10 +112,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "GATE": True,
 }
 _INT_KEYS = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "MAX_DECODED_PIXELS", "DECODE_BUDGET",
-             "INTERPRETERS")
-_BOOL_KEYS = ("LOG_JSON", "FAST_DECODE", "ALLOW_UNVALIDATED", "BROWSER_INFERENCE", "GATE")
+             "INTERPRETERS", "RECENT_CASES")
+_BOOL_KEYS = ("LOG_JSON", "FAST_DECODE", "ALLOW_UNVALIDATED", "BROWSER_INFERENCE",
+              "KEEP_PHOTOS", "GATE")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
 request_log = logging.getLogger("edge_demo.request")
 api = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -155,15 +178,18 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         allow_unvalidated=bool(app.config["ALLOW_UNVALIDATED"]),
         fast_decode=bool(app.config["FAST_DECODE"]),
         decode_min_crop=float(app.config["DECODE_MIN_CROP"]), gate=bool(app.config["GATE"]))
-    save_dir = app.config["SAVE_UPLOADS_DIR"]
-    if save_dir:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    if app.config["KEEP_PHOTOS"] and not app.config["CASES_DIR"]:
+        raise EdgeDemoError("--keep-photos needs a case log to keep them in: add --cases DIR.")
+    cases = (CaseLog(app.config["CASES_DIR"], keep_photos=bool(app.config["KEEP_PHOTOS"]))
+             if app.config["CASES_DIR"] else RecentCases(app.config["RECENT_CASES"]))
     explainer = None
     if app.config["EXPLAIN_RUN"]:  # imports TensorFlow only when enabled
         from .explain import Explainer
 
         explainer = Explainer(app.config["EXPLAIN_RUN"])
-    app.extensions["edge_demo"] = {"service": service, "ready": False, "explainer": explainer}
+    app.extensions["edge_demo"] = {
+        "service": service, "ready": False, "explainer": explainer, "cases": cases,
+        "cases_token": app.config["CASES_TOKEN"] or secrets.token_urlsafe(24)}
     service.warm_up()
     if explainer is not None:
         explainer.warm_up()
@@ -180,6 +206,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     delivery.init_app(app, Path(app.config["STATE_DIR"] or default_state_dir()))
     app.register_blueprint(api)
     app.register_blueprint(page)
+    app.register_blueprint(case_pages)
     app.add_url_rule("/healthz", "healthz", healthz)
     app.add_url_rule("/readyz", "readyz", readyz)
     app.before_request(_start_request)
@@ -232,8 +259,9 @@ def _finish_request(resp):
                               3),
                   "request_id": g.get("request_id"), "tier_path": g.get("tier_path"),
                   "error": g.get("error_code")}
-        if g.get("saved_upload"):
-            record["saved_upload"] = g.saved_upload
+        if g.get("case_id"):  # an id, never the case's photo, patient fields or label
+            record["case_id"] = g.case_id
+            record["duplicate"] = bool(g.get("duplicate"))
         request_log.info(json.dumps(record))
     return resp
 
@@ -332,7 +360,6 @@ def _upload_bytes() -> bytes:
         if not data:
             raise RequestError(f"The request body is empty. Send {_UPLOAD_FORMS}.", status=400,
                                code="empty_body")
-        _maybe_save(data)
         return data
     if ctype != "multipart/form-data":
         if not request.content_length and not ctype:
@@ -347,30 +374,7 @@ def _upload_bytes() -> bytes:
         raise RequestError(f"No file in the multipart field 'image' (received fields {fields})."
                            " Send the photo as image=@photo.jpg, or as the whole body.",
                            status=400, code="missing_image")
-    data = f.read()
-    _maybe_save(data)
-    return data
-
-
-def _maybe_save(data: bytes) -> None:
-    """Only with the explicit SAVE_UPLOADS_DIR opt-in; atomic write under a server-made name
-    (UTC time + random), so no client header can choose or overwrite a file."""
-    folder = current_app.config["SAVE_UPLOADS_DIR"]
-    if not folder or not data:
-        return
-    from PIL import Image
-
-    try:
-        fmt = Image.open(io.BytesIO(data)).format
-    except Exception:  # noqa: BLE001 - unreadable uploads are saved as .bin for inspection
-        fmt = None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    dest = Path(folder) / f"{stamp}-{uuid.uuid4().hex}.{_EXT.get(fmt, 'bin')}"
-    fd, tmp = tempfile.mkstemp(prefix=".upload.", dir=folder)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(tmp, dest)
-    g.saved_upload = dest.name
+    return f.read()
 
 
 def _explain_head() -> str | None:
@@ -390,16 +394,150 @@ def _add_explanation(body: dict[str, Any], data: bytes, head: str, answer: dict)
     body["timings_ms"]["explain"] = round((time.perf_counter() - t0) * 1000.0, 3)
 
 
+# --- cases: the page's case fields, each case id answered once, the case log ------------
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_PERSON_ID = re.compile(r"^[\w .@+-]{1,64}$")
+_YES, _NO = ("1", "true", "on", "yes"), ("0", "false", "off", "no", "")
+_CLIENT_TEXT = {"user_agent": 300, "runtime": 60, "build": 20, "created_at": 40}
+
+
+def _cases():
+    return current_app.extensions["edge_demo"]["cases"]
+
+
+def _case_field(name: str) -> str | None:
+    """A case field from the multipart form (``/decide``) or the query string."""
+    form = request.form if request.mimetype == "multipart/form-data" else {}
+    value = form.get(name)
+    if value is None:
+        value = request.args.get(name)
+    return value
+
+
+def _bad_case(message: str) -> RequestError:
+    return RequestError(message, code="bad_case")
+
+
+def _json_field(name: str, limit: int) -> dict[str, Any] | None:
+    raw = _case_field(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        doc = json.loads(raw) if len(raw) <= limit else None
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise _bad_case(f"The field {name!r} must be a JSON object of at most {limit:,}"
+                        f" characters; received {raw[:40]!r}.")
+    return doc
+
+
+def _client_field() -> dict[str, Any]:
+    """The phone's ``client`` JSON: known keys only, each checked (others are dropped)."""
+    doc = _json_field("client", 2000) or {}
+    out: dict[str, Any] = {}
+    for key, limit in _CLIENT_TEXT.items():
+        v = doc.get(key)
+        if v is not None:
+            if not isinstance(v, str) or len(v) > limit:
+                raise _bad_case(f"client.{key} must be text of at most {limit} characters.")
+            out[key] = v
+    if doc.get("threads") is not None:
+        t = doc["threads"]
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 1024:
+            raise _bad_case(f"client.threads must be a whole number; received {t!r}.")
+        out["threads"] = t
+    if doc.get("queued") is not None:
+        if not isinstance(doc["queued"], bool):
+            raise _bad_case("client.queued must be true or false.")
+        out["queued"] = doc["queued"]
+    return out
+
+
+def _consent(name: str) -> bool | None:
+    raw = _case_field(name)
+    if raw is None:
+        return None
+    v = raw.strip().lower()
+    if v not in _YES + _NO:
+        raise _bad_case(f"The field {name!r} must be 1 (consent given) or 0; received"
+                        f" {raw[:20]!r}.")
+    return v in _YES
+
+
+def _case_fields() -> CaseFields:
+    """The request's case (HELPERS contract: case_id, consent_upload, consent_keep,
+    tester_id, site_id, client, model_sha256, policy_sha256, gate); a server-made case id
+    when the client sends none. Bad fields are a 400 ``bad_case`` naming the field."""
+    cfg = current_app.config
+    raw_id = (_case_field("case_id") or "").strip().lower()
+    if raw_id and not is_case_id(raw_id):
+        raise _bad_case("The field 'case_id' must be a UUID version 4 in lower case (what"
+                        f" static/caseid.js makes); received {raw_id[:40]!r}.")
+    people = {}
+    for name, default in (("site_id", cfg["SITE_ID"]), ("tester_id", cfg["TESTER_ID"])):
+        v = (_case_field(name) or "").strip() or default
+        if v is not None and not _PERSON_ID.match(v):
+            raise _bad_case(f"The field {name!r} must be 1 to 64 letters, digits, spaces or"
+                            f" . _ @ + -; received {v[:40]!r}.")
+        people[name] = v
+    shas = {}
+    for name in ("model_sha256", "policy_sha256"):
+        v = (_case_field(name) or "").strip().lower() or None
+        if v is not None and not _SHA256.match(v):
+            raise _bad_case(f"The field {name!r} must be a sha256 in hex (64 characters);"
+                            f" received {v[:40]!r}.")
+        shas[name] = v
+    case = CaseFields(
+        id=raw_id or new_case_id(), server_made=not raw_id, **people,
+        consent_upload=_consent("consent_upload"), consent_keep=_consent("consent_keep"),
+        client=_client_field(), **shas, gate=_json_field("gate", 8000))
+    g.case_id = case.id
+    return case
+
+
+def _duplicate(first: dict[str, Any], case: CaseFields):
+    """The first response to this case id, marked as a repeat (nothing runs, nothing logs)."""
+    g.duplicate = True
+    g.tier_path = first.get("tier_path")
+    body = {**first, "request_id": g.request_id,
+            "case": case.section(logged=_cases().logged, duplicate=True)}
+    return jsonify(body)
+
+
+def _log_case(case: CaseFields, body: dict[str, Any], *, endpoint: str, raw: dict,
+              photo: bytes | None, meta: dict[str, Any] | None) -> None:
+    """Add the ``case`` section and log the decision; a failed write is reported in the
+    answer (``logged: false``), never a failed request."""
+    store = _cases()
+    body["case"] = case.section(logged=store.logged, duplicate=False)
+    stored = {k: v for k, v in body.items() if k != "explanation"}
+    try:
+        store.add(case, stored, endpoint=endpoint, raw=raw, photo=photo, patient=meta)
+    except Exception as exc:  # noqa: BLE001 - the tester still gets the answer
+        logging.getLogger("edge_demo").exception("could not log case %s", case.id)
+        body["case"] = {**body["case"], "logged": False,
+                        "error": f"the case log could not be written ({type(exc).__name__})"}
+
+
 @api.post("/classify")
 def classify():
     head = _explain_head()
-    meta = _metadata()  # checked before the upload is read (or saved)
-    data = _upload_bytes()
-    body = _service().classify(data, meta)
-    if head is not None and body["device"] is not None:  # no heatmap for a refused photo
-        _add_explanation(body, data, head, body["cloud"] or body["device"])
-    g.tier_path = body["tier_path"]
-    body["request_id"] = g.request_id
+    meta = _metadata()  # checked before the upload is read
+    case = _case_fields()
+    store = _cases()
+    with store.claims.hold(case.id):
+        first = store.first_response(case.id)
+        if first is not None:
+            return _duplicate(first, case)
+        data = _upload_bytes()
+        raw: dict[str, Any] = {}
+        body = _service().classify(data, meta, raw=raw)
+        if head is not None and body["device"] is not None:  # no heatmap for a refused photo
+            _add_explanation(body, data, head, body["cloud"] or body["device"])
+        g.tier_path = body["tier_path"]
+        body["request_id"] = g.request_id
+        _log_case(case, body, endpoint="classify", raw=raw, photo=data, meta=meta)
     return jsonify(body)
 
 
@@ -432,13 +570,55 @@ def index():
     svc = _service()
     sites = sorted(set(site_choices(svc.device.card)) |
                    set(site_choices(svc.cloud.card) if svc.cloud else ()))
-    return render_template("index.html", service=svc, sites=sites,
-                           defaults=svc.policy.source == "defaults",
-                           explainer=current_app.extensions["edge_demo"]["explainer"],
-                           browser=browser.browser_config(
-                               svc, current_app.config, request.script_root + "/",
-                               delivery.version_body(svc, current_app.config)),
-                           synthetic=_synthetic(svc))
+    base = request.script_root + "/"
+    cfg = browser.browser_config(svc, current_app.config, base,
+                                 delivery.version_body(svc, current_app.config))
+    cfg["offline"] = {"version": _offline_version(), "worker": url_for("page.service_worker")}
+    cfg["cases"] = _case_settings()
+    resp = current_app.make_response(render_template(
+        "index.html", service=svc, sites=sites, defaults=svc.policy.source == "defaults",
+        explainer=current_app.extensions["edge_demo"]["explainer"], browser=cfg,
+        synthetic=_synthetic(svc)))
+    resp.headers[offline.VERSION_HEADER] = cfg["offline"]["version"]
+    return resp
+
+
+# --- the installable, offline page (edge_demo/offline.py) -----------------------------
+def _page_digest() -> str:
+    state = current_app.extensions["edge_demo"]
+    if "page_digest" not in state:  # the page's files do not change while serving
+        state["page_digest"] = offline.page_digest()
+    return state["page_digest"]
+
+
+def _offline_version() -> str:
+    return offline.cache_version(_service(), current_app.config, _page_digest())
+
+
+@page.get("/sw.js")
+def service_worker():
+    """The service worker, at the root so that its scope is the whole page."""
+    cfg = offline.offline_config(_service(), current_app.config, url_for,
+                                 request.script_root + "/", _page_digest())
+    resp = current_app.response_class(
+        render_template("sw.js", offline=cfg, version_header=offline.VERSION_HEADER),
+        mimetype="text/javascript")
+    resp.headers["Cache-Control"] = "no-cache"  # a new bundle must reach the next visit
+    return resp
+
+
+@page.get("/manifest.webmanifest")
+def manifest():
+    resp = jsonify(offline.manifest(url_for, request.script_root + "/"))
+    resp.mimetype = offline.MANIFEST_TYPE
+    return resp
+
+
+def _case_settings() -> dict[str, Any]:
+    """What the page needs to know about the case log (never the token)."""
+    store, cfg = _cases(), current_app.config
+    return {"log": store.logged, "keep_photos": store.keep_photos,
+            "site_id": cfg["SITE_ID"], "tester_id": cfg["TESTER_ID"]}
 
 
 def _synthetic(svc) -> bool:
@@ -453,7 +633,9 @@ def _synthetic(svc) -> bool:
 # --- the in-browser device tier (edge_demo/browser.py) ---------------------------------
 @api.get("/policy")
 def policy():
-    return jsonify(browser.policy_body(_service()))
+    resp = jsonify(browser.policy_body(_service()))
+    resp.headers[offline.VERSION_HEADER] = _offline_version()
+    return resp
 
 
 @api.get("/device/model.tflite")
@@ -478,22 +660,38 @@ def decide():
     """The page's device answer (+ the photo only on fallback) -> the classify body."""
     svc = _service()
     meta = _metadata()
-    page_gate = parse_page_gate(request.form.get("gate")) if svc.gate.enabled else None
-    raw_answer = request.form.get("device_answer")
-    # a photo the page's gate refused comes without a device answer (the server re-checks)
-    device = (browser.parse_device_answer(raw_answer, svc.device.labels)
-              if raw_answer or page_gate is None else None)
-    f = request.files.get("image")
-    data = f.read() if f is not None else None
-    if data:
-        _maybe_save(data)
-    ask = request.form.get("ask_cloud", "").lower() in ("1", "true", "on", "yes")
-    body = browser.decide(svc, device, data, meta, ask_cloud=ask, page_gate=page_gate)
-    g.tier_path = body["tier_path"]
-    body["request_id"] = g.request_id
+    case = _case_fields()
+    store = _cases()
+    with store.claims.hold(case.id):
+        first = store.first_response(case.id)
+        if first is not None:
+            return _duplicate(first, case)
+        page_gate = parse_page_gate(request.form.get("gate")) if svc.gate.enabled else None
+        raw_answer = request.form.get("device_answer")
+        # a photo the page's gate refused comes without a device answer (the server re-checks)
+        device = (browser.parse_device_answer(raw_answer, svc.device.labels)
+                  if raw_answer or page_gate is None else None)
+        f = request.files.get("image")
+        data = f.read() if f is not None else None
+        ask = request.form.get("ask_cloud", "").lower() in _YES
+        raw: dict[str, Any] = {}
+        body = browser.decide(svc, device, data, meta, ask_cloud=ask, page_gate=page_gate,
+                              raw=raw)
+        g.tier_path = body["tier_path"]
+        body["request_id"] = g.request_id
+        if (body["fallback"]["wanted"] and not data and svc.cloud is not None
+                and case.consent_upload is not False):
+            # The policy wants the cloud (e.g. the patient fields moved the answer) but the
+            # photo stayed on the phone: the case stays open until the page sends the photo
+            # with the same case id, or says the tester declined the upload (consent_upload=0).
+            body["case"] = {**case.section(logged=False, duplicate=False),
+                            "awaiting_photo": True}
+        else:
+            _log_case(case, body, endpoint="decide", raw=raw, photo=data, meta=meta)
     if current_app.config["LOG_JSON"]:  # the study log: answers, never the photo
         request_log.info(json.dumps({
             "ts": round(time.time(), 3), "event": "result", "request_id": g.request_id,
+            "case_id": case.id,
             "tier_path": body["tier_path"], "photo_received": body["photo_received"],
             "device": body["device"] and {"melanoma": device["melanoma"],
                                           "top": device["top"],

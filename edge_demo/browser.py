@@ -21,7 +21,7 @@ from dermedge import quality
 
 from .calibrate import wilson
 from .errors import RequestError
-from .metadata import adjust, tables
+from .metadata import tables
 from .policy import gate_rules, rules
 
 WEB_DIR = Path(__file__).with_name("web")
@@ -96,6 +96,11 @@ def runtime_file(config: dict[str, Any], name: str, store, request):
     return store.respond(request, asset, asset.sha256 if version == current else None)
 
 
+def model_url(base: str, sha256: str) -> str:
+    """The device model's URL, versioned by its sha256 (a new model is a new URL)."""
+    return f"{base}api/v1/device/model.tflite?v={sha256[:16]}"
+
+
 def browser_config(service, config: dict[str, Any], base_url: str,
                    version: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the page's device.js needs: runtime URLs, the model URL and its tensor contract
@@ -103,12 +108,13 @@ def browser_config(service, config: dict[str, Any], base_url: str,
     dev = service.device
     status = runtime_status(config)
     rid = (version or {}).get("runtime", {}).get("id")
-    model_url = base_url + "api/v1/device/model.tflite"
     return {**status,
             "runtime": base_url + (f"runtime/{rid}/" if rid else "runtime/"),
-            "model": model_url + (f"?v={dev.sha256[:16]}" if version else ""),
+            "model": (model_url(base_url, dev.sha256) if version
+                      else base_url + "api/v1/device/model.tflite"),
             "policy_sha256": service.policy.sha256,
             "runtime_id": rid, "cache_key": (version or {}).get("cache_key"),
+            "keep_photos": bool(config.get("KEEP_PHOTOS")),
             "sha256": dev.sha256, "image_size": dev.image_size,
             "labels": list(dev.labels),
             "input": dev.input.to_dict(),
@@ -143,12 +149,21 @@ def operating_point(policy) -> dict[str, Any] | None:
 
 def policy_body(service) -> dict[str, Any]:
     """``GET /api/v1/policy``: thresholds, the rules both evaluators read, operating point."""
-    from .policy import DEFAULTS_NOTE
+    from .policy import DEFAULTS_NOTE, DISCLAIMER
 
     pol = service.policy
+    tiers = {"device": service.device, "cloud": service.cloud}
     return {"policy": pol.to_dict(), "sha256": pol.sha256, "rules": rules(),
             "gate": service.gate.describe(), "gate_rules": gate_rules(),
-            "device_threshold": service.device.melanoma_threshold,
+            "device_threshold": service._threshold(service.device, None),
+            # what static/answer.js needs to give the server's answer offline
+            "device_metadata": tables(service.device.card),
+            "metadata_tables": {k: tables(t.card) is not None for k, t in tiers.items()
+                                if t is not None},
+            "models": {"device": service.device.summary(),
+                       "cloud": service.cloud.summary() if service.cloud else None,
+                       "policy": pol.source, "policy_sha256": pol.sha256},
+            "disclaimer": DISCLAIMER,
             "note": DEFAULTS_NOTE if pol.source == "defaults" else None,
             "operating_point": operating_point(pol), "calibrate_note": NEW_SITE_NOTE}
 
@@ -185,10 +200,13 @@ def parse_device_answer(raw: str | None, labels: tuple[str, ...]) -> dict[str, A
 
 def decide(service, device: dict[str, Any] | None, data: bytes | None,
            meta: dict[str, Any] | None, *, ask_cloud: bool = False,
-           page_gate: dict[str, float | None] | None = None) -> dict[str, Any]:
-    """The ``/api/v1/classify`` body for a device answer computed in the browser; the cloud
-    tier runs only when the photo was sent and a fallback rule fired (or the tester asked:
-    then the cloud answer is shown, and the policy still decides on the device answer).
+           page_gate: dict[str, float | None] | None = None,
+           raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``/api/v1/classify`` body for a device answer computed in the browser (the model's
+    output: the policy's temperature and the patient fields are applied here, as for the
+    server tier); the cloud tier runs only when the photo was sent and a fallback rule fired
+    (or the tester asked: then the cloud answer is shown, and the policy still decides on the
+    device answer). ``raw`` (optional) receives the tiers' model outputs for the case log.
 
     The input gate is re-checked with the server's thresholds on what the server has: the
     page's measures (``page_gate``, the ``gate`` field), the measures of the photo itself
@@ -211,20 +229,21 @@ def decide(service, device: dict[str, Any] | None, data: bytes | None,
                                " computed (JSON with melanoma, diagnosis, latency_ms), or a"
                                " 'gate' whose measures refuse the photo.",
                                code="bad_device_answer")
+        if raw is not None and device is not None:
+            raw["device"] = {"melanoma": device["melanoma"],
+                             "diagnosis": dict(device["diagnosis"])}
         body = service.refuse(outcome, meta)
         timings["total"] = round((time.perf_counter() - t_all) * 1000.0, 3)
         return {**body, "photo_received": bool(data), "timings_ms": timings,
                 "tier_path": "browser", "device_computed_on": "browser"}
-    prior = tables(service.device.card) if meta else None
-    if prior is not None:
-        device, _ = adjust(device, prior, meta)
+    device = service.adjust(service.device, device, meta, raw)
     checks = service.policy.fallback_checks(device)
     wants = any(c.fired for c in checks)
     cloud = None
     if (wants or ask_cloud) and data and service.cloud is not None:
         image = image or service.decode(data, timings, gate=False)
         t0 = time.perf_counter()
-        cloud = service.run_tier(service.cloud, image, meta)
+        cloud = service.run_tier(service.cloud, image, meta, raw)
         timings["cloud"] = round((time.perf_counter() - t0) * 1000.0, 3)
     note = " The photo was not sent, so the device answer stands." if wants and not data else ""
     body = service.respond(device, cloud, meta, wanted=wants, note=note, gate=outcome)

@@ -110,7 +110,7 @@ def wilson(k: float, n: float, z: float = Z95) -> list[float] | None:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    return [0.0 if k <= 0 else max(0.0, centre - half), 1.0 if k >= n else min(1.0, centre + half)]
 
 
 def evaluate(policy: Policy, results: Sequence[dict[str, Any]], device: Tier,
@@ -172,15 +172,17 @@ def _within(values: np.ndarray, rate, target: float, k: int) -> list[float]:
     return ok
 
 
-def _search(results, device: Tier, cloud: Tier | None, target: float, base: Policy
-            ) -> tuple[Policy, dict[str, Any]]:
+def _search(results, device: Tier, cloud: Tier | None, target: float, base: Policy,
+            centre: float | None = None) -> tuple[Policy, dict[str, Any]]:
+    """The fallback rules for ``target``; the melanoma band is centred on ``centre`` (default:
+    the device card's threshold; a site's temperature moves it)."""
     ok = [r for r in results if "error" not in r]
     top = np.array([r["device"]["top"]["probability"] for r in ok])
     mel = np.array([r["device"]["melanoma"] for r in ok])
     y = np.array([r["sample"].dx for r in ok])
     dev_pred = np.array([r["device"]["top"]["label"] for r in ok])
     cl_pred = np.array([r["cloud"]["top"]["label"] for r in ok]) if cloud else dev_pred
-    t = device.melanoma_threshold
+    t = device.melanoma_threshold if centre is None else float(centre)
     # Data-driven candidates (quantized outputs tie a lot, so fixed quantiles would skip
     # reachable rates): every observed top probability / distance to t within the budget.
     conf_cands = [0.0] + _within(np.unique(top), lambda u: np.mean(top < u), target, 60)

@@ -1,4 +1,4 @@
-"""``edge-demo serve | predict | calibrate``: thin argparse over plain functions."""
+"""``edge-demo serve | predict | calibrate | cases | report``: thin argparse over functions."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from dermedge.cli import HelpFormatter
 from dermedge.errors import DermedgeError
 
+from .errors import EdgeDemoError
 from .server import CONNECTION_LIMIT, IDLE_TIMEOUT_S, REQUEST_TIMEOUT_S
 from .service import DEFAULT_DECODE_MIN_CROP
 
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the page and the JSON API with waitress",
         description="Serve the demo page and the JSON API (docs/SERVING.md: limits, timeouts,"
                     " what touches the disk). Uploads stay in memory; nothing is stored unless"
-                    " --save-uploads-dir is given.")
+                    " --cases is given (then one row per decision, and photos only with"
+                    " --keep-photos and the tester's consent).")
     s.add_argument("--device", required=True, help="on-device export bundle folder (int8)")
     s.add_argument("--cloud", help="cloud export bundle folder (e.g. float32), or a run"
                    " directory with model.keras when TensorFlow is installed")
@@ -138,8 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn the input gate off (research only): photos the gate would refuse as"
                         " blurry, badly lit, too small or not dermoscopy get a diagnosis too;"
                         " every answer records gate.enabled=false")
-    s.add_argument("--save-uploads-dir", help="OPT-IN: store every upload in this folder,"
-                   " under server-made names (default: nothing is written to disk)")
+    s.add_argument("--cases", metavar="DIR", help="keep the site's case log (SQLite, one row"
+                   " per decision: answers, rules, advice, latencies, patient fields; private"
+                   " folder) in DIR; /cases shows it behind the token printed at start")
+    s.add_argument("--keep-photos", action="store_true",
+                   help="with --cases: keep a case's photo beside the log when the tester"
+                        " recorded consent for it (never otherwise)")
+    s.add_argument("--site-id", help="the clinic's id for the case log, when the page sends"
+                   " none")
+    s.add_argument("--tester-id", help="the tester's id for the case log, when the page sends"
+                   " none")
     s.add_argument("--explain", metavar="RUN_DIR", help="enable Grad-CAM heatmaps (?explain=1)"
                    " from this `trainer fit` run directory's model.keras (needs TensorFlow)")
     t = s.add_argument_group(
@@ -191,9 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
                     " referral thresholds for a target fallback rate and melanoma sensitivity;"
                     " writes a policy file for `edge-demo serve --policy`.")
     c.add_argument("--device", required=True, help="on-device export bundle folder")
-    c.add_argument("--cloud", required=True, help="cloud export bundle folder or run directory")
-    c.add_argument("--data", required=True,
-                   help="a run's splits.csv or a folder with one sub-folder per class")
+    c.add_argument("--cloud", help="cloud export bundle folder or run directory (needed with"
+                   " --data; with --cases it lets both tiers re-run on the kept photos)")
+    where = c.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", help="a run's splits.csv or a folder with one sub-folder per"
+                       " class (the developers' validation split)")
+    where.add_argument("--cases", metavar="DIR", help="a site's case log (`edge-demo serve"
+                       " --cases DIR`): fit the site's operating point on its labelled cases")
+    c.add_argument("--policy", help="with --cases: the policy the cases were served under"
+                   " (default: the conservative defaults); it keeps its fallback rules when"
+                   " only device answers exist")
+    c.add_argument("--site-id", help="with --cases: only this site's cases")
+    c.add_argument("--no-temperature", dest="temperature", action="store_false",
+                   help="with --cases: do not fit temperatures")
     c.add_argument("--split", default="val", help="which split of splits.csv to use")
     c.add_argument("--target-fallback", type=float, default=0.2,
                    help="fall back to the cloud on at most this fraction of cases")
@@ -205,6 +225,40 @@ def build_parser() -> argparse.ArgumentParser:
                         " (default: not set)")
     c.add_argument("--limit", type=int, help="use only the first N images (quick runs)")
     c.add_argument("--out", required=True, type=Path, help="policy JSON to write")
+
+    k = sub.add_parser(
+        "cases", formatter_class=HelpFormatter, help="the site's case log: labels, export, delete",
+        description="Work on the case log of `edge-demo serve --cases DIR` (it may be serving:"
+                    " the log takes concurrent writers).")
+    ksub = k.add_subparsers(dest="cases_command", required=True, parser_class=_Parser)
+    ki = ksub.add_parser("import", formatter_class=HelpFormatter,
+                         help="import reference diagnoses from a CSV",
+                         description="Read labels.csv (columns case, diagnosis, other, source,"
+                                     " date; case is the XXXX-XXXX code the page showed) and"
+                                     " store every row, or none when a row is wrong.")
+    ki.add_argument("labels", type=Path, help="the labels CSV")
+    ke = ksub.add_parser("export", formatter_class=HelpFormatter,
+                         help="write the cases with labels and both tiers' answers as CSV")
+    ke.add_argument("--out", type=Path, help="CSV to write (default: standard output)")
+    kd = ksub.add_parser("delete", formatter_class=HelpFormatter,
+                         help="delete cases: their rows, labels and photos")
+    kd.add_argument("refs", nargs="+", metavar="CASE", help="case codes (XXXX-XXXX) or ids")
+    for sp in (ki, ke, kd):
+        sp.add_argument("--cases", required=True, metavar="DIR", help="the case log folder")
+
+    f = sub.add_parser(
+        "report", formatter_class=HelpFormatter, help="write the field report (HTML + JSON)",
+        description="Summarise a case log against the policy's promise: cases over time,"
+                    " fallback/referral/gate rates with prediction intervals (drift flags),"
+                    " device/cloud agreement, sensitivity and specificity on labelled cases,"
+                    " a reliability diagram and latency per phone build.")
+    f.add_argument("--cases", required=True, metavar="DIR", help="the case log folder")
+    f.add_argument("--out", required=True, type=Path, help="folder for report.html and"
+                   " report.json")
+    f.add_argument("--policy", help="the policy file being served (default: the conservative"
+                   " defaults, which promise nothing)")
+    f.add_argument("--device", help="the device bundle (for the default policy's threshold)")
+    f.add_argument("--site-id", help="only this site's cases")
     return p
 
 
@@ -289,9 +343,11 @@ def serve(args: argparse.Namespace) -> int:
               "MAX_CONTENT_LENGTH": int(args.max_mb * 1024 * 1024),
               "ALLOW_UNVALIDATED": args.allow_unvalidated,
               "DECODE_MIN_CROP": args.decode_min_crop, "FAST_DECODE": args.fast_decode,
-              "SAVE_UPLOADS_DIR": args.save_uploads_dir, "EXPLAIN_RUN": args.explain,
-              "BROWSER_INFERENCE": args.browser_inference, "STATE_DIR": str(state_dir),
-              "COMPRESS": args.compress, "TLS_MODE": mode, "GATE": args.gate}
+              "CASES_DIR": args.cases, "KEEP_PHOTOS": args.keep_photos,
+              "SITE_ID": args.site_id, "TESTER_ID": args.tester_id,
+              "EXPLAIN_RUN": args.explain, "BROWSER_INFERENCE": args.browser_inference,
+              "STATE_DIR": str(state_dir), "COMPRESS": args.compress, "TLS_MODE": mode,
+              "GATE": args.gate}
     holder: dict = {}
 
     def wsgi(environ, start_response):  # the app, once loaded
@@ -320,13 +376,19 @@ def serve(args: argparse.Namespace) -> int:
           f" explain={explainer.name if explainer else 'off'}"
           f" gate={'on' if svc.gate.enabled else 'OFF (--no-gate, research only)'}",
           file=sys.stderr)
-    if args.save_uploads_dir:
-        print(f"edge-demo: saving every upload to {args.save_uploads_dir} (opt-in)",
-              file=sys.stderr)
-    print("edge-demo: open " + "  or  ".join(urls(args.host, server.effective_port))
-          + "   (Ctrl-C stops)", file=sys.stderr, flush=True)
+    addresses = urls(args.host, server.effective_port)
+    print("edge-demo: open " + "  or  ".join(addresses) + "   (Ctrl-C stops)",
+          file=sys.stderr, flush=True)
     if files is not None:
         _print_https(args, mode, files, server.effective_port)
+    if args.cases:
+        state = app.extensions["edge_demo"]
+        lead = addresses[0] if files is None else addresses[0].replace("http://", "https://", 1)
+        print(f"edge-demo: case log {state['cases'].path}"
+              + (" (photos kept with the tester's consent)" if args.keep_photos else
+                 " (no photos kept)"), file=sys.stderr)
+        print(f"edge-demo: the site lead opens {lead}cases?token={state['cases_token']}"
+              "   (this token is new at every start; keep it private)", file=sys.stderr)
     _compress_in_background(app)
     sys.stderr.flush()
     server.serve_forever()
@@ -394,6 +456,10 @@ def calibrate_cmd(args: argparse.Namespace) -> int:
     from .keras_tier import load_cloud_tier
     from .tiers import Tier
 
+    if args.cases:
+        return calibrate_cases(args)
+    if not args.cloud:
+        raise EdgeDemoError("calibrate --data needs --cloud (both tiers run on every image).")
     device, cloud = Tier.from_bundle(args.device), load_cloud_tier(args.cloud)
     samples = read_samples(args.data, args.split)
     if args.limit:
@@ -417,7 +483,135 @@ def calibrate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve, "predict": predict, "calibrate": calibrate_cmd}
+def calibrate_cases(args: argparse.Namespace) -> int:
+    """``calibrate --cases``: the site's operating point; exit 3 when the sample is too small
+    (the conservative policy is written, with the reason in its provenance)."""
+    from .caselog import CaseLog
+    from .keras_tier import load_cloud_tier
+    from .policy import Policy
+    from .sitecal import calibrate_site, results_from_cases, site_data, site_policy, verification
+    from .tiers import Tier
+
+    if args.referral_budget is not None or args.limit or args.split != "val":
+        raise EdgeDemoError("--referral-budget, --limit and --split go with --data; with"
+                            " --cases the target is --target-sensitivity (and --site-id"
+                            " selects cases).")
+    log = CaseLog(args.cases, create=False)
+    device = Tier.from_bundle(args.device)
+    cloud = load_cloud_tier(args.cloud) if args.cloud else None
+    conservative = Policy.conservative((cloud or device).melanoma_threshold)
+    base = Policy.load(args.policy) if args.policy else conservative
+    data = site_data(log, args.site_id)
+    ver = verification(data)
+    results, mode = results_from_cases(data.cases, device, cloud)
+    excluded = {"without_photo": len(data.cases) - len(results)} if mode == "both tiers" \
+        else {}
+    other_policy = sum(1 for c in log.cases() if c["policy_sha256"] != base.sha256)
+    print(f"calibrate: {data.n_logged} cases logged, {len(data.cases)} labelled"
+          f" ({sum(c.dx == 'mel' for c in data.cases)} melanomas); mode: {mode}"
+          + (f" on the {len(results)} labelled cases with a kept photo" if mode == "both tiers"
+             else ""), file=sys.stderr)
+    if mode == "device only":
+        why = ("no --cloud given" if cloud is None else
+               "no labelled case has a kept photo (serve with --keep-photos and consent)")
+        print(f"calibrate: device answers only ({why}): refitting only the referral threshold;"
+              " the fallback rules and temperatures stay the base policy's.", file=sys.stderr)
+        if other_policy:
+            print(f"calibrate: warning: {other_policy} cases were logged under another policy"
+                  " than --policy; their fallback decisions are replayed under --policy.",
+                  file=sys.stderr)
+    print(f"calibrate: {ver['text']}", file=sys.stderr)
+    cal = calibrate_site(results, device_threshold=device.melanoma_threshold,
+                         conservative=conservative, base=base,
+                         target_fallback=args.target_fallback,
+                         target_sensitivity=args.target_sensitivity,
+                         refit_fallback=mode == "both tiers", fit_temperature=args.temperature)
+    policy = site_policy(cal, data, mode=mode, n_used=len(results),
+                         target_fallback=args.target_fallback,
+                         target_sensitivity=args.target_sensitivity, site_id=args.site_id,
+                         base=base, verification_info=ver, excluded=excluded)
+    out = policy.save(args.out)
+    if cal.refused:
+        print(f"calibrate: REFUSED. {cal.message}", file=sys.stderr)
+        print(f"wrote {out}: the conservative policy (the reason is in its provenance)")
+        return 3
+    pr = cal.promise
+
+    def rate(key):
+        ci = pr.get(key + "_ci")
+        return f"{pr[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    print(f"calibrate: {cal.message}")
+    print(f"promise on {pr['n']} cases (95 % intervals): fallback {rate('fallback_rate')},"
+          f" referral {rate('referral_rate')}, melanoma sensitivity"
+          f" {rate('melanoma_sensitivity')}, specificity {rate('melanoma_specificity')}")
+    if policy.temperature:
+        print(f"temperatures: {policy.temperature}")
+    print(f"wrote {out}: min_confidence={policy.min_confidence:.4f}"
+          f" band={policy.mel_band_low, policy.mel_band_high}"
+          f" second_opinion={policy.second_opinion}@{policy.second_opinion_above:.4f}"
+          f" refer_threshold={policy.refer_threshold}")
+    return 0
+
+
+def cases_cmd(args: argparse.Namespace) -> int:
+    from .caselog import CaseLog, export_csv, read_labels
+
+    log = CaseLog(args.cases, create=False)
+    if args.cases_command == "import":
+        items = read_labels(args.labels, log)
+        log.set_labels(items, via=f"csv:{args.labels.name}")
+        print(f"imported {len(items)} labels into {log.path}")
+    elif args.cases_command == "export":
+        if args.out is None:
+            n = export_csv(log, sys.stdout)
+        else:
+            import tempfile
+
+            out = args.out.expanduser()
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
+            try:
+                with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+                    n = export_csv(log, fh)
+                os.replace(tmp, out)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            print(f"wrote {n} cases to {out}", file=sys.stderr)
+    else:
+        ids = [log.resolve(ref) for ref in args.refs]  # every code checked before any delete
+        n = log.delete(ids)
+        print(f"deleted {n} cases (rows, labels and photos) from {log.path}")
+    return 0
+
+
+def report_cmd(args: argparse.Namespace) -> int:
+    from .caselog import CaseLog
+    from .policy import Policy
+    from .report import field_report, short_version, write_report
+
+    log = CaseLog(args.cases, create=False)
+    if args.policy:
+        policy = Policy.load(args.policy)
+    else:
+        threshold = 0.5
+        if args.device:
+            from .tiers import Tier
+
+            threshold = Tier.from_bundle(args.device).melanoma_threshold
+        policy = Policy.conservative(threshold)
+    rep = field_report(log, policy, args.site_id)
+    paths = write_report(rep, args.out)
+    short = short_version(rep)
+    print(short["headline"])
+    for line in short["lines"]:
+        print(("! " if line["flag"] else "  ") + line["text"])
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+COMMANDS = {"serve": serve, "predict": predict, "calibrate": calibrate_cmd,
+            "cases": cases_cmd, "report": report_cmd}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,8 @@ from .imaging import (
 from .keras_tier import load_cloud_tier
 from .metadata import adjust, tables
 from .policy import DEFAULTS_NOTE, DISCLAIMER, Policy
+from .temperature import apply as apply_temperature
+from .temperature import scale_probability
 from .tiers import Tier, validation_refusal
 
 log = logging.getLogger("edge_demo")
@@ -164,22 +166,37 @@ class DemoService:
             return upload.load().image
 
     def run_tier(self, tier: Tier, inputs: dict[int, Any],
-             meta: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The tier's answer, updated by the case's metadata when its card has the tables."""
-        answer = tier.predict(inputs[tier.image_size])
+                 meta: dict[str, Any] | None = None,
+                 raw: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The tier's answer: the model's output (kept in ``raw[role]`` when given), at the
+        policy's temperature, updated by the case's metadata when its card has the tables."""
+        return self.adjust(tier, tier.predict(inputs[tier.image_size]), meta, raw)
+
+    def role(self, tier: Tier) -> str:
+        return "device" if tier is self.device else "cloud"
+
+    def adjust(self, tier: Tier, answer: dict[str, Any], meta: dict[str, Any] | None,
+               raw: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A model output -> the answer the policy decides on (temperature, then metadata)."""
+        role = self.role(tier)
+        if raw is not None:
+            raw[role] = {"melanoma": answer["melanoma"], "diagnosis": dict(answer["diagnosis"])}
+        answer = apply_temperature(answer, self.policy.temperature.get(role))
         prior = tables(tier.card) if meta else None
         if prior is not None:
             answer, _ = adjust(answer, prior, meta)
         return answer
 
-    @staticmethod
-    def _threshold(tier, answer: dict[str, Any] | None) -> float | None:
-        """The melanoma threshold that fits the answer: the tables' own after metadata."""
+    def _threshold(self, tier, answer: dict[str, Any] | None) -> float | None:
+        """The melanoma threshold that fits the answer: the tables' own after metadata, at
+        the policy's temperature for the tier's melanoma head."""
         if tier is None:
             return None
         if answer is not None and answer.get("metadata_used"):
-            return float(tier.card["metadata_prior"]["melanoma_threshold"])
-        return tier.melanoma_threshold
+            t = float(tier.card["metadata_prior"]["melanoma_threshold"])
+        else:
+            t = tier.melanoma_threshold
+        return scale_probability(t, self.policy.temperature_of(self.role(tier), "melanoma"))
 
     @staticmethod
     def _metadata_section(meta, device, cloud, tiers) -> dict[str, Any]:
@@ -190,14 +207,16 @@ class DemoService:
                            if t is not None}}
 
     def classify(self, data: bytes, metadata: dict[str, Any] | None = None, *,
-                 what: str = "uploaded file") -> dict[str, Any]:
+                 what: str = "uploaded file",
+                 raw: dict[str, Any] | None = None) -> dict[str, Any]:
         """Image bytes (+ optional age/sex/site) -> the ``/api/v1/classify`` response body;
-        ``what`` names the image in error messages (a local file for ``edge-demo predict``)."""
+        ``what`` names the image in error messages (a local file for ``edge-demo predict``);
+        ``raw`` (optional) receives the tiers' model outputs for the case log."""
         t_all = time.perf_counter()
         timings: dict[str, float] = {"decode": 0.0, "device": 0.0, "cloud": 0.0}
         inputs = self.decode(data, timings, what)
         t0 = time.perf_counter()
-        device = self.run_tier(self.device, inputs, metadata)
+        device = self.run_tier(self.device, inputs, metadata, raw)
         timings["device"] = _ms(t0)
         outcome = self.gate.decide({**inputs.get("gate", {}), "ood": device.get("ood")})
         if not outcome.passed:
@@ -211,7 +230,7 @@ class DemoService:
         if wants and self.cloud is not None:
             t0 = time.perf_counter()
             try:
-                cloud = self.run_tier(self.cloud, inputs, metadata)
+                cloud = self.run_tier(self.cloud, inputs, metadata, raw)
             except Exception as exc:  # noqa: BLE001 - a cloud failure must not fail the request
                 log.exception("cloud tier failed")
                 cloud_error = f"{type(exc).__name__}: {exc}"
@@ -256,7 +275,7 @@ class DemoService:
     def _models_section(self) -> dict[str, Any]:
         return {"device": self.device.summary(),
                 "cloud": self.cloud.summary() if self.cloud else None,
-                "policy": self.policy.source}
+                "policy": self.policy.source, "policy_sha256": self.policy.sha256}
 
     def refuse(self, outcome: GateOutcome, metadata: dict[str, Any] | None) -> dict[str, Any]:
         """The body for a photo the input gate refused: ``retake``, what to change, and no

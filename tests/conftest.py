@@ -124,10 +124,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def demo_server(args: list[str], log: Path, timeout: float = 60):
-    """``python -m edge_demo serve ARGS`` (the real waitress server) on a free port; yields its
-    URL once /readyz answers 200, and fails with the server's log if it never does."""
-    port = free_port()
+def demo_server(args: list[str], log: Path, timeout: float = 60, port: int | None = None):
+    """``python -m edge_demo serve ARGS`` (the real waitress server) on a free port (or
+    ``port``: the same origin again, as a phone sees a restarted server); yields its URL once
+    /readyz answers 200, and fails with the server's log if it never does."""
+    port = port or free_port()
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "edge_demo", "serve", *args, "--port", str(port)],

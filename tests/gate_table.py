@@ -35,6 +35,8 @@ def photos() -> list[tuple[str, np.ndarray]]:
         ("colour ramps", np.stack(np.broadcast_arrays(
             (xx[:449, :451] % 256), (yy[:449, :451] % 256),
             ((xx[:449, :451] + yy[:449, :451]) % 256)), axis=2).astype(np.uint8)),
+        # the g k square sits one pixel off the centred square's own centre (602 x 451)
+        ("noise, odd margins", rng.integers(0, 256, (451, 602, 3), dtype=np.uint8)),
     ]
 
 

@@ -149,6 +149,51 @@ def test_decode_fidelity_compares_against_the_reference_and_the_yardsticks(bundl
     assert 0 <= rows["float32 bundle vs int8 bundle, reference input"]["top1_agreement"] <= 1
 
 
+def test_site_calibration_reports_the_promise_and_coverage_per_sample_size(bundles, tmp_path,
+                                                                          capsys):
+    """The site benchmark end to end on the tiny bundles and 63 synthetic photos."""
+    import csv
+
+    from demo_fixtures import LABELS, jpeg_bytes
+
+    rows = []
+    for ci, dx in enumerate(LABELS):
+        for k in range(9):
+            p = tmp_path / "img" / f"ISIC_{ci}{k:05d}.jpg"
+            p.parent.mkdir(exist_ok=True)
+            p.write_bytes(jpeg_bytes((48, 48), seed=ci * 20 + k))
+            rows.append({"image_id": p.stem, "lesion_id": f"L{ci}{k}", "dx": dx,
+                         "melanoma": int(dx == "mel"), "path": str(p), "split": "val"})
+    splits = tmp_path / "splits.csv"
+    with splits.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "site.json"
+    argv = ["--device", str(bundles["int8"]), "--cloud", str(bundles["float32"]),
+            "--splits", str(splits), "--raw", str(tmp_path / "none"), "--sizes", "20,120",
+            "--target-sensitivity", "0.8", "--resamples", "4", "--others", "50",
+            "--cache", str(tmp_path / "cache.json"), "--out", str(out)]
+    assert _script("site_calibration").main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["pool"] == 63 and [r["n"] for r in doc["samples"]] == [20, 120]
+    small, large = doc["samples"]
+    assert small["refused_share"] == 1.0  # ~4 melanomas cannot bound a sensitivity of 0.8
+    assert large["refused"] == 0 and large["melanomas_median"] >= 14
+    fitted = large["resamples"] - large["refused"]
+    for k, v in large["coverage_others"].items():
+        assert v is None or 0.0 <= v <= 1.0, k
+        above = large["above_others"][k]
+        assert v is None or 0.0 <= above <= 1.0 - v + 1e-9, k
+    assert fitted == 0 or large["sensitivity_bound_held"] is not None
+    assert "site B (camera B, site mix)" in doc["validation_policy_elsewhere"]
+    printed = capsys.readouterr().out
+    assert "validation policy" in printed and "refused" in printed
+    # a second run reuses the cached tier answers
+    assert _script("site_calibration").main(argv) == 0
+    assert "using cached tier answers" in capsys.readouterr().out
+
+
 @pytest.mark.shared
 def test_input_gate_benchmark_reports_every_set(chain_bundle, chain_run, shared_dir, tmp_path,
                                                 capsys):

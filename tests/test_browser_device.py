@@ -16,11 +16,12 @@ import base64
 import json
 import os
 import random
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
 import pytest
-from policy_table import BASE, CASES
+from policy_table import BASE, CASES, FORMS, answer_side, assert_same, form_side
 from test_browser_e2e import _photo, browser_bundles, chromium, demo_server, ensure_runtime
 
 from edge_demo.policy import Policy
@@ -49,11 +50,12 @@ def browser(tmp_path_factory):
         yield driver
 
 
-def _start(browser, url: str, state: str = "browser", timeout: float = 90) -> None:
+def _start(browser, url: str, state: str = "browser", timeout: float = 90,
+           query: str = "") -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(url + "/")
+    browser.get(url + "/" + query)
     WebDriverWait(browser, timeout).until(
         lambda d: d.find_element(By.ID, "device-status").get_attribute("data-state"))
     status = browser.find_element(By.ID, "device-status")
@@ -83,11 +85,18 @@ def _equality_bundles() -> list[Path]:
     return [b["int8"], b["float32"], *_extra_bundles()]
 
 
-@pytest.mark.parametrize("which", range(2 + len(_extra_bundles())))
-def test_outputs_equal_python_litert_on_the_same_pixels(browser, tmp_path, which):
+# (bundle, LiteRT.js build): the int8 model on the threaded build (the page on localhost is
+# cross-origin isolated: min(4, cores) threads) and on the single-threaded one (?threads=1)
+EQUALITY = [(0, "threaded"), (0, "single"), (1, None),
+            *((2 + i, None) for i in range(len(_extra_bundles())))]
+
+
+@pytest.mark.parametrize("which, build", EQUALITY)
+def test_outputs_equal_python_litert_on_the_same_pixels(browser, tmp_path, which, build):
     """40 inputs (real photos through the contract when ../shared is there, then random
-    pixels): both heads equal."""
+    pixels): both heads equal, on the build and thread count the page says it used."""
     from conftest import SHARED
+    from selenium.webdriver.common.by import By
 
     from dermedge.image import load_image
 
@@ -100,19 +109,42 @@ def test_outputs_equal_python_litert_on_the_same_pixels(browser, tmp_path, which
     inputs = [load_image(p, S) for p in photos] + [
         rng.integers(0, 256, (S, S, 3), dtype=np.uint8) for _ in range(40 - len(photos))]
     with demo_server(["--device", str(bundle), "--threads", "1"], tmp_path / "s.log") as url:
-        _start(browser, url)
+        _start(browser, url, query="?threads=1" if build == "single" else "")
+        status = browser.find_element(By.ID, "device-status")
+        if build == "threaded":
+            assert browser.execute_script("return crossOriginIsolated;"), (
+                "the page is not cross-origin isolated: the server must send COOP/COEP and"
+                " serve the threaded runtime (the server side of issue 35)")
+        if build is not None:
+            cores = browser.execute_script("return navigator.hardwareConcurrency;")
+            assert status.get_attribute("data-build") == build, status.text
+            assert status.get_attribute("data-threads") == str(
+                min(4, cores) if build == "threaded" else 1), status.text
+            assert f"{build} build" in status.text
         for x in inputs:
             _same(_run_pixels(browser, x), tier.predict(x),
                   0.0 if tier.mode == "int8" else 1e-6)
 
 
-def _upload(browser, photo: Path, timeout: float = 60) -> dict:
+def _upload(browser, photo: Path, timeout: float = 60, consent: bool = True,
+            keep: bool = False) -> dict:
+    """Take the photo, record (or not) the patient's consent to send it (and to keep it in
+    the case log), press Classify."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.execute_script("window.dermedgeLast = null;"
-                           " document.getElementById('result').hidden = true;")
+    browser.execute_script("window.dermedgeLast = null;"  # a new photo, even the same file
+                           " document.getElementById('result').hidden = true;"
+                           " document.getElementById('image-input').value = '';"
+                           " document.getElementById('case-code-value').textContent = '';")
     browser.find_element(By.ID, "image-input").send_keys(str(photo))
+    # the page's change handler (a new case, consent boxes cleared) runs first
+    WebDriverWait(browser, timeout).until(
+        lambda d: d.find_element(By.ID, "case-code-value").text)
+    if consent:
+        browser.find_element(By.ID, "consent-upload").click()
+    if keep:
+        browser.find_element(By.ID, "consent-keep").click()
     browser.find_element(By.ID, "submit").click()
     WebDriverWait(browser, timeout).until(
         lambda d: d.find_element(By.ID, "result").is_displayed()
@@ -188,8 +220,9 @@ def test_preprocessing_within_tolerance_of_pillow(browser, tmp_path, shared_dir)
 
 
 def test_browser_fallback_decision_equals_the_servers(browser, tmp_path):
-    """policy.js in Chromium vs Policy.decide on the table where every rule fires; and the
-    thresholds the page reads are the server's; the page states the operating point."""
+    """policy.js in Chromium vs Policy.decide on the table where every rule fires, and the
+    complete answer (answer.js + metadata.js) vs POST /api/v1/decide on the answer table;
+    the thresholds the page reads are the server's; the page states the operating point."""
     from selenium.webdriver.common.by import By
 
     b = browser_bundles()
@@ -217,6 +250,17 @@ def test_browser_fallback_decision_equals_the_servers(browser, tmp_path):
             "const rules = arguments[1];"
             "return arguments[0].map((c) => window.dermedgePolicy.fallbackChecks(rules,"
             " c.params, c.device));", cases, published["rules"])
+        # the complete answer (both stages, the card's tables) on the shared table
+        answers, forms = answer_side(), form_side()
+        got = browser.execute_script(
+            "const M = window.dermedgeMetadata;"
+            "return {bodies: arguments[0].map((c) => window.dermedgeAnswer.localDecide(c.doc,"
+            " c.answer, M.parse(c.form || {}), c.ask)), forms: arguments[1].map((f) => {"
+            " try { return {meta: M.parse(f)}; } catch (e) { return {error: e.message}; } })};",
+            answers, FORMS)
+    for case, body in zip(answers, got["bodies"], strict=True):
+        assert_same(body, case["body"], case["name"])
+    assert got["forms"] == forms
     fired = set()
     for (name, over, dev, cloud), got in zip(CASES, js, strict=True):
         d = Policy(**{**BASE, **over}).decide(dev, cloud)
@@ -235,24 +279,53 @@ def _log_records(log: Path) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("policy, photo_sent", [
+def _case_rows(folder: Path) -> list[dict]:
+    """The server's case log, read as any SQLite client would."""
+    import sqlite3
+
+    db = sqlite3.connect(folder / "cases.sqlite3")
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM cases ORDER BY created_at")]
+    finally:
+        db.close()
+
+
+def _kept(folder: Path) -> list[bytes]:
+    photos = folder / "photos"
+    return [p.read_bytes() for p in sorted(photos.iterdir())] if photos.is_dir() else []
+
+
+@pytest.mark.parametrize("policy, consent, photo_sent", [
     ({"min_confidence": 0.0, "mel_band_low": None, "mel_band_high": None,
-      "second_opinion": False}, False),
-    ({"min_confidence": 1.0}, True),
+      "second_opinion": False}, True, False),
+    ({"min_confidence": 1.0}, True, True),
+    ({"min_confidence": 1.0}, False, False),
 ])
-def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, photo_sent):
-    """What the server received: its saved uploads (opt-in folder) and its request log."""
+def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, consent,
+                                                 photo_sent):
+    """What the server received (its case log and its request log): the photo only when a
+    fallback rule fires and the tester recorded consent for the case; a fallback without
+    consent keeps the device answer, says so, and is logged at once (no consent to keep the
+    photo was given, so nothing is kept either way)."""
+    from selenium.webdriver.common.by import By
+
     b = browser_bundles()
-    saved = tmp_path / "received"
+    cases = tmp_path / "cases"
     pol = Policy(**policy).save(tmp_path / "policy.json")
     photo = _photo(tmp_path)
     log = tmp_path / "s.log"
     with demo_server(["--device", str(b["int8"]), "--cloud", str(b["float32"]),
-                      "--policy", str(pol), "--save-uploads-dir", str(saved),
+                      "--policy", str(pol), "--cases", str(cases), "--keep-photos",
                       "--threads", "1"], log) as url:
         _start(browser, url)
-        last = _upload(browser, photo)
-    received = sorted(saved.iterdir()) if saved.is_dir() else []
+        last = _upload(browser, photo, consent=consent)
+        case_note = browser.find_element(By.ID, "case-note").text
+    rows = _case_rows(cases)
+    assert len(rows) == 1 and rows[0]["photo_received"] == int(photo_sent)
+    assert rows[0]["consent_upload"] == int(consent)
+    assert not rows[0]["consent_keep"] and _kept(cases) == []  # no consent to keep
+    assert last["body"]["case"]["logged"] is True
     records = _log_records(log)
     posts = [r["path"] for r in records if r.get("method") == "POST"]
     results = [r for r in records if r.get("event") == "result"]
@@ -261,14 +334,19 @@ def test_photo_leaves_the_phone_only_on_fallback(browser, tmp_path, policy, phot
     assert results[0]["photo_received"] is photo_sent
     assert last["sentPhoto"] is photo_sent and last["body"]["photo_received"] is photo_sent
     if photo_sent:
-        assert [p.read_bytes() for p in received] == [photo.read_bytes()]
         assert last["body"]["cloud"] is not None
         assert "the photo left the phone" in last["where"] and "cloud answer: cloud" in \
             last["where"]
     else:
-        assert received == []
         assert last["body"]["cloud"] is None
         assert "the photo did not leave the phone" in last["where"]
+    if last["needCloud"] and not consent:
+        assert "no consent to send the photo" in case_note
+        assert "The photo was not sent, so the device answer stands." in \
+            last["body"]["fallback"]["reason"]
+        assert last["body"]["advice"]["rules_fired"][0] == "fallback_unavailable"
+    else:
+        assert case_note == ""
 
 
 def test_server_tier_when_the_browser_cannot_run_the_model(browser, tmp_path):
@@ -311,7 +389,7 @@ def test_server_tier_sends_the_photo_as_the_body_and_the_details_in_the_url(brow
 
     device = with_metadata_tables(browser_bundles()["int8"], tmp_path / "int8")
     photo = _photo(tmp_path)
-    saved = tmp_path / "received"
+    cases = tmp_path / "cases"
     watch = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
         window.__posts = [];
         const fetch0 = window.fetch;
@@ -323,25 +401,30 @@ def test_server_tier_sends_the_photo_as_the_body_and_the_details_in_the_url(brow
         };"""})
     try:
         with demo_server(["--device", str(device), "--no-browser-inference", "--threads", "1",
-                          "--save-uploads-dir", str(saved)], tmp_path / "s.log") as url:
+                          "--cases", str(cases), "--keep-photos"], tmp_path / "s.log") as url:
             _start(browser, url, state="server")
             browser.find_element(By.CSS_SELECTOR, "#patient summary").click()
             browser.find_element(By.ID, "age-input").send_keys("74")
             Select(browser.find_element(By.ID, "site-input")).select_by_value("face")
-            last = _upload(browser, photo)
+            last = _upload(browser, photo, keep=True)
             posts = browser.execute_script("return window.__posts;")
     finally:
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", watch)
-    assert posts == [{"url": "api/v1/classify?age=74&site=face", "type": "image/jpeg",
-                      "file": True, "form": False}]
+    assert len(posts) == 1 and posts[0]["url"].startswith("api/v1/classify?age=74&site=face&")
+    assert posts[0] | {"url": None} == {"url": None, "type": "image/jpeg", "file": True,
+                                        "form": False}
+    query = urllib.parse.parse_qs(posts[0]["url"].split("?", 1)[1])  # the case fields
+    assert query["consent_upload"] == ["1"] and query["case_id"] == [last["caseId"]]
+    assert query["consent_keep"] == ["1"] and last["body"]["case"]["id"] == last["caseId"]
+    assert json.loads(query["client"][0])["build"] == "server"
     assert last["body"]["metadata"]["received"] == {"age": 74.0, "site": "face"}
     assert last["body"]["device"]["metadata_used"] == ["age", "site"]
-    assert [p.read_bytes() for p in saved.iterdir()] == [photo.read_bytes()]
+    assert _kept(cases) == [photo.read_bytes()]  # the very bytes, kept with consent
 
 
 def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path):
-    """The browser's photo-only answer is confident; the card's tables (applied by the
-    server) move it into the second-opinion rule, so the page sends the photo after all."""
+    """The browser's photo-only answer is confident; the card's tables (applied on the phone
+    as on the server) move it into the second-opinion rule, so the page sends the photo."""
     from demo_fixtures import with_metadata_tables
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -360,10 +443,9 @@ def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path)
     above = (alone["melanoma"] + updated["melanoma"]) / 2
     pol = Policy(min_confidence=0.0, mel_band_low=None, mel_band_high=None,
                  second_opinion=True, second_opinion_above=above).save(tmp_path / "p.json")
-    saved, log = tmp_path / "received", tmp_path / "s.log"
+    cases, log = tmp_path / "cases", tmp_path / "s.log"
     with demo_server(["--device", str(device), "--cloud", str(b["float32"]), "--policy",
-                      str(pol), "--save-uploads-dir", str(saved), "--threads", "1"],
-                     log) as url:
+                      str(pol), "--cases", str(cases), "--threads", "1"], log) as url:
         _start(browser, url)
         browser.find_element(By.CSS_SELECTOR, "#patient summary").click()
         browser.find_element(By.ID, "age-input").send_keys("75")
@@ -371,8 +453,12 @@ def test_patient_details_that_trigger_fallback_send_the_photo(browser, tmp_path)
         Select(browser.find_element(By.ID, "site-input")).select_by_value("face")
         last = _upload(browser, photo)
     assert last["fallback"]["wanted"] is False  # the photo alone: no rule fired
+    # the page applied the card's tables itself (metadata.js), so one request sends the photo
+    assert last["local"]["fallback"]["rules_fired"] == ["second_opinion"]
     assert last["sentPhoto"] is True and last["body"]["fallback"]["used"] is True
     assert last["body"]["fallback"]["rules_fired"] == ["second_opinion"]
     results = [r for r in _log_records(log) if r.get("event") == "result"]
-    assert [r["photo_received"] for r in results] == [False, True]
-    assert [p.read_bytes() for p in sorted(saved.iterdir())] == [photo.read_bytes()]
+    assert [r["photo_received"] for r in results] == [True]
+    rows = _case_rows(cases)  # one case, logged with its photo (not kept: no --keep-photos)
+    assert len(rows) == 1 and rows[0]["id"] == results[0]["case_id"] == last["caseId"]
+    assert rows[0]["photo_received"] == 1 and rows[0]["fallback_used"] == 1

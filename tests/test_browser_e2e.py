@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -161,6 +162,9 @@ def test_upload_renders_result_without_reload(server, browser, tmp_path):
     browser.find_element(By.ID, "image-input").send_keys(str(_photo(tmp_path)))
     WebDriverWait(browser, 10).until(
         lambda d: d.find_element(By.ID, "preview").get_attribute("hidden") is None)
+    code = browser.find_element(By.ID, "case-code-value").text  # made when the photo is taken
+    assert re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}", code), code
+    browser.find_element(By.ID, "consent-upload").click()  # the photo may leave the phone
     browser.find_element(By.ID, "submit").click()
     WebDriverWait(browser, 30).until(ec.visibility_of_element_located((By.ID, "advice")))
     advice = browser.find_element(By.ID, "advice").text

@@ -43,8 +43,19 @@ def test_shared_table_in_chromium(page):
     got = page.execute_script("""
         const [ims, decisions, rules, params] = arguments;
         const px = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const square = (rgba, w, h) => {  // the centred square, as pixels.js draws it
+          const s = Math.min(w, h), x0 = (w - s) >> 1, y0 = (h - s) >> 1;
+          const out = new Uint8Array(s * s * 4);
+          for (let y = 0; y < s; y++) {
+            const i = ((y + y0) * w + x0) * 4;
+            out.set(rgba.subarray(i, i + s * 4), y * s * 4);
+          }
+          return out;
+        };
         return {measures: ims.map((p) => window.dermedgeGate.measureRgba(px(p.rgba), p.w, p.h,
                                                                            params)),
+                squares: ims.map((p) => window.dermedgeGate.measureSquare(
+                    square(px(p.rgba), p.w, p.h), Math.min(p.w, p.h), p.w, p.h, params)),
                 decisions: decisions.map((d) => window.dermedgeGate.decide(rules, d.gate,
                                                                             d.values))};""",
         [{"rgba": base64.b64encode(rgba(a).tobytes()).decode(), "w": a.shape[1],
@@ -52,8 +63,9 @@ def test_shared_table_in_chromium(page):
         [{"values": values, "gate": js_gate(over, on, values.get("ood") is not None)}
          for _, values, over, on in DECISIONS],
         rules, quality.params())
-    for (name, a), js in zip(cases, got["measures"], strict=True):
+    for (name, a), js, sq in zip(cases, got["measures"], got["squares"], strict=True):
         assert js == quality.measure_image(Image.fromarray(a)), name
+        assert sq == js, name  # what the page measures: the centred square it decodes
     for (name, *_), py, js in zip(DECISIONS, python_decisions(), got["decisions"], strict=True):
         assert js == py, name
 

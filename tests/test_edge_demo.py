@@ -532,13 +532,13 @@ def test_request_log_is_structured_without_image_data(bundles):
     assert all(len(r) < 400 for r in records)
 
 
-def test_uploads_saved_only_on_opt_in(bundles, tmp_path):
-    assert make_app(bundles).config["SAVE_UPLOADS_DIR"] is None
-    folder = tmp_path / "uploads"
-    client = make_app(bundles, SAVE_UPLOADS_DIR=str(folder)).test_client()
-    rid = post_image(client, jpeg_bytes()).get_json()["request_id"]
-    names = [p.name for p in folder.iterdir()]
-    assert len(names) == 1 and names[0].endswith(".jpg") and rid not in names[0]
+def test_nothing_is_written_without_a_case_log(bundles, tmp_path, monkeypatch):
+    app = make_app(bundles)
+    assert app.config["CASES_DIR"] is None and app.config["KEEP_PHOTOS"] is False
+    monkeypatch.chdir(tmp_path)
+    body = post_image(app.test_client(), jpeg_bytes()).get_json()
+    assert body["case"]["logged"] is False
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_env_config(bundles, monkeypatch):

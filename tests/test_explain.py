@@ -490,7 +490,8 @@ def test_demo_without_tensorflow(bundles, corner):
 
 @pytest.mark.browser
 def test_page_shows_the_heatmap_next_to_the_answer(bundles, corner, tmp_path):
-    """The real server (--explain) in headless Chromium: tick "show heatmap", see the overlay."""
+    """The real server (--explain) in headless Chromium: tick "show heatmap" (and the consent
+    the upload needs), see the overlay."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -505,6 +506,10 @@ def test_page_shows_the_heatmap_next_to_the_answer(bundles, corner, tmp_path):
         driver.get(url + "/")
         driver.find_element(By.ID, "image-input").send_keys(str(photo))
         driver.find_element(By.ID, "explain-input").click()
+        driver.find_element(By.ID, "submit").click()  # the heatmap needs the photo: consent
+        WebDriverWait(driver, 30).until(ec.visibility_of_element_located((By.ID, "error")))
+        assert "tick the consent box" in driver.find_element(By.ID, "error").text
+        driver.find_element(By.ID, "consent-upload").click()
         driver.find_element(By.ID, "submit").click()
         WebDriverWait(driver, 30).until(ec.visibility_of_element_located((By.ID, "heatmap")))
         shown = driver.execute_script(

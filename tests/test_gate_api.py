@@ -161,6 +161,25 @@ def test_decide_rechecks_the_pages_gate(client):
     assert "'gate' must be JSON with 'values'" in bad.get_json()["error"]["message"]
 
 
+def test_a_refused_case_is_logged_once_with_its_gate_outcome(bundles, tmp_path):
+    """The case log (i38) holds a retake like any decision: the gate's outcome, no diagnosis,
+    no photo; a repeat of the case id is the first answer, not a second row."""
+    app = create_app({"DEVICE_BUNDLE": str(bundles["int8"]), "INTERPRETERS": 1,
+                      "LOG_JSON": False, "CASES_DIR": str(tmp_path / "cases")})
+    client, case_id = app.test_client(), str(uuid.uuid4())
+    fields = {"case_id": case_id, "consent_upload": "0",
+              "gate": json.dumps({"values": {**GOOD, "mean_luma": 3.0}})}
+    first = _decide(client, **fields).get_json()
+    assert_retake(first, ["too_dark"])
+    assert first["case"]["logged"] is True and first["case"]["duplicate"] is False
+    again = _decide(client, **fields).get_json()
+    assert again["case"]["duplicate"] is True and again["advice"]["decision"] == "retake"
+    rows = app.extensions["edge_demo"]["cases"].cases()
+    assert len(rows) == 1 and rows[0]["id"] == case_id
+    assert rows[0]["decision"] == "retake" and rows[0]["gate_passed"] == 0
+    assert rows[0]["gate"]["codes"] == ["too_dark"] and rows[0]["device_raw"] is None
+
+
 def test_predict_answers_retake_and_no_gate_answers(bundles, tmp_path, capsys):
     photo = tmp_path / "black.jpg"
     photo.write_bytes(jpeg(BLACK))

@@ -61,10 +61,21 @@ const G = require(process.argv[1]);
 const rules = JSON.parse(require("fs").readFileSync(process.argv[2], "utf8"));
 const doc = JSON.parse(require("fs").readFileSync(0, "utf8"));
 const px = (b64) => Uint8Array.from(Buffer.from(b64, "base64"));
+// the centred square alone, as pixels.js decodeSquare draws it for the page
+const square = (rgba, w, h) => {
+  const s = Math.min(w, h), x0 = (w - s) >> 1, y0 = (h - s) >> 1;
+  const out = new Uint8Array(s * s * 4);
+  for (let y = 0; y < s; y++) {
+    const i = ((y + y0) * w + x0) * 4;
+    out.set(rgba.subarray(i, i + s * 4), y * s * 4);
+  }
+  return out;
+};
 const photos = doc.photos.map((p) => {
-  const img = G.gateImage(px(p.rgba), p.w, p.h, doc.params);
+  const rgba = px(p.rgba), img = G.gateImage(rgba, p.w, p.h, doc.params);
   return { plane: Buffer.from(img.plane).toString("base64"),
-    measures: G.measure(img.plane, img.g, img.side, doc.params) };
+    measures: G.measure(img.plane, img.g, img.side, doc.params),
+    square: G.measureSquare(square(rgba, p.w, p.h), Math.min(p.w, p.h), p.w, p.h, doc.params) };
 });
 const geometry = doc.sizes.map(([w, h]) => G.geometry(w, h, doc.params));
 const decisions = doc.decisions.map((d) => G.decide(rules, d.gate, d.values));
@@ -99,6 +110,7 @@ def test_measures_are_bit_identical_in_node(node_side):
         assert base64.b64decode(js["plane"]) == plane.tobytes(), name
         assert js["measures"] == quality.measure(plane, min(im.size)), name
         assert js["measures"] == quality.measure_image(im), name
+        assert js["square"] == js["measures"], name  # the page measures the centred square
 
 
 def test_gate_geometry_is_the_same_and_never_enlarges(node_side):

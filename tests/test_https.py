@@ -491,6 +491,16 @@ def test_https_page_at_a_lan_name_is_secure_and_cross_origin_isolated(https_serv
                                               "scheme": "https:"}
     assert phone.find_element(By.ID, "http-notice").get_attribute("hidden") is not None
     assert "runs in this browser" in _classify(phone, tmp_path)
+    stored = phone.execute_async_script(  # the service worker registered and stored the page
+        "const cb = arguments[0]; window.dermedgeOffline.ready.then(cb, () => cb(null));")
+    cores = phone.execute_script("return navigator.hardwareConcurrency;")
+    assert stored and stored["build"] == ("threaded" if cores > 1 else "single"), stored
+    assert phone.find_element(By.ID, "offline-status").get_attribute("data-state") == "ready"
+    worker = phone.execute_async_script(
+        "const cb = arguments[0]; navigator.serviceWorker.getRegistration().then((r) => cb(r &&"
+        " r.active ? {scope: r.scope, script: r.active.scriptURL} : null));")
+    origin = f"https://{TEST_NAME}:{port}/"
+    assert worker == {"scope": origin, "script": f"{origin}sw.js?build={stored['build']}"}
     advice = phone.find_element(By.ID, "advice").text
     assert "Refer to a dermatologist" in advice or "No action suggested" in advice
 
@@ -508,6 +518,10 @@ def test_same_name_over_plain_http_is_not_secure_and_still_classifies(https_serv
     assert notice.is_displayed() and "cannot work offline" in notice.text
     assert notice.find_element(By.TAG_NAME, "a").get_attribute("href").endswith("/trust")
     assert "runs in this browser" in _classify(phone, tmp_path)
+    offline = phone.find_element(By.ID, "offline-status")  # no service worker here
+    assert offline.get_attribute("data-state") == "insecure" and "Offline use is off" in \
+        offline.text
+    assert phone.execute_script("return navigator.serviceWorker === undefined;")
 
 
 # --- ETags and versions follow the content (Flask test client) -----------------------------

@@ -11,12 +11,23 @@ import subprocess
 
 import pytest
 from ci import unavailable
-from policy_table import BASE, CASES, contexts
+from policy_table import (
+    ANSWER_CASES,
+    BASE,
+    CASES,
+    FORMS,
+    answer_side,
+    assert_same,
+    contexts,
+    form_side,
+)
 
 from edge_demo.errors import PolicyError
 from edge_demo.policy import RULES_FILE, Policy, evaluate, rules
 
 POLICY_JS = RULES_FILE.with_name("policy.js")
+ANSWER_JS = RULES_FILE.with_name("answer.js")
+METADATA_JS = RULES_FILE.with_name("metadata.js")
 
 
 def _node() -> str:
@@ -80,6 +91,57 @@ def test_js_evaluator_equals_python_on_the_table():
     for p, j in zip(py, js, strict=True):
         for key in ("fallback", "wanted", "advice_checks"):
             assert j[key] == p[key], (p["name"], key)
+
+
+ANSWER_DRIVER = r"""
+require(process.argv[1]);  // policy.js and metadata.js first, as the page loads them
+require(process.argv[2]);
+const A = require(process.argv[3]);
+const M = globalThis.dermedgeMetadata;
+const table = JSON.parse(require("fs").readFileSync(0, "utf8"));
+const parsed = table.forms.map((f) => {
+  try { return { meta: M.parse(f) }; } catch (e) { return { error: e.message }; }
+});
+const bodies = table.cases.map((c) => A.localDecide(c.doc, c.answer, M.parse(c.form || {}),
+  c.ask));
+process.stdout.write(JSON.stringify({ forms: parsed, bodies: bodies }));
+"""
+
+
+def node_answers(cases: list[dict], forms: list[dict]) -> dict:
+    proc = subprocess.run([_node(), "-e", ANSWER_DRIVER, str(POLICY_JS), str(METADATA_JS),
+                           str(ANSWER_JS)], input=json.dumps({"cases": cases, "forms": forms}),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_the_answer_table_covers_every_path():
+    """Tables used and not, a fallback with and without a cloud tier, both advices, the
+    tables' threshold and the card's, a parse error for each field."""
+    bodies = [c["body"] for c in answer_side()]
+    assert len(bodies) == len(ANSWER_CASES)
+    assert {b["advice"]["decision"] for b in bodies} == {"refer", "no_action"}
+    used = [b["device"].get("metadata_used") for b in bodies]
+    assert ["age", "sex", "site"] in used and None in used
+    reasons = " ".join(b["fallback"]["reason"] for b in bodies)
+    assert "The photo was not sent" in reasons and "No cloud tier is configured" in reasons
+    assert any(b["fallback"]["wanted"] for b in bodies if b["device"].get("metadata_used")) and \
+        not any(c[2]["melanoma"] >= 0.5 for c in ANSWER_CASES[2:4])  # details moved it there
+    assert any("0.42" in b["advice"]["message"] for b in bodies)  # the tables' threshold
+    errors = [f["error"] for f in form_side() if "error" in f]
+    assert {e.split("'")[1] for e in errors} == {"age", "sex", "site"}
+
+
+def test_answer_js_equals_the_servers_decide_on_the_table():
+    """answer.js + metadata.js in Node give the body of POST /api/v1/decide (no photo):
+    texts to the character, probabilities within PROB_TOL; parse() keeps the same fields and
+    gives the same 400 messages."""
+    py = answer_side()
+    js = node_answers(py, FORMS)
+    for case, body in zip(py, js["bodies"], strict=True):
+        assert_same(body, case["body"], case["name"])
+    assert js["forms"] == form_side()
 
 
 def test_check_texts_say_what_happened():

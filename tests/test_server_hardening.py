@@ -701,16 +701,22 @@ def test_form_parser_limits_say_so(bundles, fields):
     assert "form parser" in msg and "10 MB" not in msg
 
 
-def test_saved_uploads_get_server_made_names(bundles, tmp_path):
-    folder = tmp_path / "uploads"
-    client = app_for(bundles, SAVE_UPLOADS_DIR=str(folder)).test_client()
-    for rid in ("same-id", "same-id", ".."):
-        body, ctype = multipart(jpeg_bytes())
+def test_kept_photos_get_server_made_names(bundles, tmp_path):
+    """A kept photo is named by its sha256: no client value (request id, file name) is part
+    of the name, so a client can neither choose nor overwrite a file."""
+    import hashlib
+
+    folder = tmp_path / "cases"
+    app = app_for(bundles, CASES_DIR=str(folder), KEEP_PHOTOS=True)
+    client = app.test_client()
+    photos = [jpeg_bytes(seed=s) for s in range(3)]
+    for rid, data in zip(("same-id", "same-id", ".."), photos, strict=True):
+        body, ctype = multipart(data, {"consent_keep": "1"})
         assert client.post("/api/v1/classify", data=body, content_type=ctype,
                            headers={"X-Request-ID": rid}).status_code == 200
-    names = sorted(p.name for p in folder.iterdir())
-    assert len(names) == 3 and all(n.endswith(".jpg") and "same-id" not in n
-                                   and not n.startswith(".") for n in names)
+    app.extensions["edge_demo"]["cases"].close()
+    names = sorted(p.name for p in (folder / "photos").iterdir())
+    assert names == sorted(hashlib.sha256(d).hexdigest() + ".jpg" for d in photos)
 
 
 def test_a_truncated_model_keras_is_not_reported_as_missing(bundles, tmp_path):

@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true",
                    help="continue an interrupted run for --out from its last epoch")
     f.add_argument("--quiet", action="store_true", help="no epoch log")
+    r = f.add_argument_group("reproducing a run", "train a finished run again from its "
+                             "config.yaml (data path, config, seeds) into --out, then compare "
+                             "each figure; exit 3 when one moved by more than --tolerance")
+    r.add_argument("--reproduce", metavar="RUN", help="the run directory to reproduce (no "
+                   "--config, --set or overrides; --data only to point at the same dataset "
+                   "elsewhere)")
+    r.add_argument("--tolerance", type=float, default=None, metavar="T",
+                   help="largest allowed |difference| per figure (default 0: the same figures "
+                   "to the last digit, what the same code, data, packages and machine give)")
 
     e = add("evaluate", help="score a run on its val/test split or another dataset")
     e.add_argument("run", help="run directory written by `trainer fit`")
@@ -216,7 +225,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"\nrun written to {result.run_dir} ({result.epochs_run} epochs, best "
           f"{result.best_epoch}, {result.wall_time_s:.0f}s); validation:")
     print(summary_table(m))
+    if args.reproduce:
+        return _report_reproduction(args.reproduce, result.run_dir, args.tolerance or 0.0)
     return 0
+
+
+def _report_reproduction(recorded: str, new: Path, tolerance: float) -> int:
+    from trainer.reproduce import EXIT_DIFFERS, REPORT_FILE, compare, format_report
+    from trainer.run import write_json_atomic
+
+    report = compare(recorded, new, tolerance)
+    write_json_atomic(Path(new) / REPORT_FILE, report)
+    print(f"\n{new} against the recorded run {recorded}:")
+    print(format_report(report))
+    return 0 if report["reproduced"] else EXIT_DIFFERS
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -409,7 +431,9 @@ def _need_path(path: str, what: str, fix: str) -> None:
 def precheck(args: argparse.Namespace) -> None:
     """The checks that need no Keras: paths and flag combinations, refused in milliseconds."""
     c = args.command
-    if c == "fit":
+    if c == "fit" and (args.reproduce or args.tolerance is not None):
+        _precheck_reproduce(args)
+    elif c == "fit":
         if args.config:
             _need_path(args.config, "Config file", "Pass an existing YAML file (see configs/).")
         if args.distill_from:
@@ -435,6 +459,41 @@ def precheck(args: argparse.Namespace) -> None:
         for run in args.runs:
             _need_run(run)
         _need_new_out(args.out, overwrite=args.overwrite)
+
+
+def _precheck_reproduce(args: argparse.Namespace) -> None:
+    """--reproduce RUN: the recorded config, and nothing on the command line that changes it."""
+    if not args.reproduce:
+        raise DermedgeError("--tolerance applies to --reproduce RUN only.")
+    if args.tolerance is not None and not args.tolerance >= 0:
+        raise DermedgeError(f"--tolerance must be >= 0; received {args.tolerance}.")
+    changed = [flag for flag, value in (
+        ("--config", args.config), ("--set", args.overrides), ("--images", args.images),
+        ("--layout", args.layout), ("--backbone", args.backbone), ("--weights", args.weights),
+        ("--input-size", args.input_size), ("--epochs", args.epochs),
+        ("--head-epochs", args.head_epochs), ("--batch-size", args.batch_size),
+        ("--distribute", args.distribute), ("--lr", args.lr), ("--seed", args.seed),
+        ("--name", args.name), ("--distill-from", args.distill_from),
+        ("--distill-weight", args.distill_weight), ("--resume", args.resume))
+        if value not in (None, False, [])]
+    if changed:
+        raise DermedgeError(f"--reproduce trains {args.reproduce} again with its own recorded "
+                            f"config; drop {', '.join(changed)} (only --data, to point at the "
+                            "same dataset elsewhere, --out, --overwrite and --quiet apply).")
+    _need_run(args.reproduce, option="--reproduce")
+    if Path(args.out).expanduser().resolve() == Path(args.reproduce).expanduser().resolve():
+        raise DermedgeError("--out must be a new folder: --reproduce compares the new run with "
+                            f"the recorded one in {args.reproduce}.")
+    _need_new_out(args.out, overwrite=args.overwrite)
+    if args.data:
+        _need_path(args.data, "--data", "Pass the dataset the recorded run trained on.")
+    from trainer.reproduce import recorded_config
+
+    args.fit_config = recorded_config(args.reproduce, args.data)
+    from trainer.backbones import get_backbone
+
+    cfg = args.fit_config
+    get_backbone(cfg.model.backbone).resolve_weights(cfg.model.weights)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ import pandas as pd
 
 from dermedge.card import build_card
 from trainer import distribute as dist
+from trainer import provenance
 from trainer.backbones import get_backbone
 from trainer.calibration import calibrate
 from trainer.config import ConfigError, RunConfig
@@ -423,11 +424,13 @@ def _train_and_write(config, out, work, spec, size, records, layout, state, *, p
                       callbacks=callbacks, verbose=verbose, t_start=t_start)
         final = _finalize(config, model, data, state, work)
         _save_model(config, size, model, work, mixed=mixed)
+        kept = provenance.weights_sha256(model)
     finally:
         scope.close()
         keras.mixed_precision.set_global_policy(previous_policy)
+    repro = provenance.record(config, work, data.train_images, data.val_images, kept)
     return _write_run(config, out, work, spec, size, records, layout, state, final, plan=plan,
-                      mixed=mixed, overwrite=overwrite, t_start=t_start)
+                      mixed=mixed, overwrite=overwrite, t_start=t_start, repro=repro)
 
 
 @dataclass(frozen=True)
@@ -605,7 +608,7 @@ def _save_model(config: RunConfig, size: int, model, work: Path, *, mixed: bool)
 
 
 def _write_run(config, out, work, spec, size, records, layout, state, final: _Final, *, plan,
-               mixed, overwrite, t_start) -> RunResult:
+               mixed, overwrite, t_start, repro: dict | None = None) -> RunResult:
     """The card (with the metadata tables), then ``<out>.partial`` renamed to ``<out>``."""
 
     t = config.train
@@ -614,7 +617,7 @@ def _write_run(config, out, work, spec, size, records, layout, state, final: _Fi
     prior = metadata_for_run(records, final.p_mel, final.probs, final.threshold,
                              t.melanoma_threshold)
     card = _card(config, spec, size, records, layout, state, final.metrics, final.threshold,
-                 wall, mixed, plan=plan, prior=prior).to_dict()
+                 wall, mixed, plan=plan, prior=prior, repro=repro).to_dict()
     write_json_atomic(work / "model_card.json", card)
     if not t.keep_checkpoints:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
@@ -625,7 +628,7 @@ def _write_run(config, out, work, spec, size, records, layout, state, final: _Fi
 
 
 def _card(config, spec, size, records, layout, state, metrics, threshold, wall, mixed, *,
-          plan, prior):
+          plan, prior, repro=None):
     """The run's typed card (dermedge.card), from what training measured."""
     import keras
 
@@ -653,4 +656,5 @@ def _card(config, spec, size, records, layout, state, metrics, threshold, wall, 
                   "device": "gpu" if _gpu_visible() else "cpu", "mixed_precision": mixed,
                   "distribution": dist.card_section(plan, config.train)},
         calibration=state.get("calibration"), distillation=state.get("distillation"),
-        metrics_val=card_metrics(metrics), versions=versions(), metadata_prior=prior)
+        metrics_val=card_metrics(metrics), versions=versions(), metadata_prior=prior,
+        reproducibility=repro)

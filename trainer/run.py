@@ -133,7 +133,9 @@ def versions() -> dict[str, str]:
             out["torch"] = torch.__version__
     except ImportError:
         pass
-    return out
+    from trainer.provenance import package_versions
+
+    return {**out, **package_versions()}
 
 
 def move_into_place(work: Path, out: Path, *, overwrite: bool) -> None:

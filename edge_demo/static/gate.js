@@ -12,13 +12,16 @@
     return { s: s, k: k, g: g, left: (w - g * k) >> 1, top: (h - g * k) >> 1 };
   }
 
-  /** Decoded RGBA (w x h, upright) -> {plane: g x g luma, g, side} (quality.gate_image). */
-  function gateImage(rgba, w, h, params) {
+  /** Decoded RGBA (w x h, upright) -> {plane: g x g luma, g, side} (quality.gate_image).
+   * `view` (optional): `rgba` holds only a window of the photo, {x, y, stride} (its origin in
+   * the photo and its row length), that contains the g k square. */
+  function gateImage(rgba, w, h, params, view) {
     const { s, k, g, left, top } = geometry(w, h, params);
+    const ox = view ? view.x : 0, oy = view ? view.y : 0, stride = view ? view.stride : w;
     const n = g * k, sums = new Uint32Array(g * g);
     for (let y = 0; y < n; y++) {
       const dst = ((y / k) | 0) * g;
-      let i = ((y + top) * w + left) * 4;
+      let i = ((y + top - oy) * stride + left - ox) * 4;
       for (let bx = 0; bx < g; bx++) {
         let acc = 0;
         for (let x = 0; x < k; x++, i += 4) {
@@ -60,6 +63,14 @@
   /** Decoded RGBA -> the photo's measures (quality.measure_image). */
   function measureRgba(rgba, w, h, params) {
     const img = gateImage(rgba, w, h, params);
+    return measure(img.plane, img.g, img.side, params);
+  }
+
+  /** The same measures from the photo's centred `side` x `side` square only (what
+   * pixels.js decodeSquare draws: offsets (w - side) >> 1, (h - side) >> 1). */
+  function measureSquare(rgba, side, w, h, params) {
+    const view = { x: (w - side) >> 1, y: (h - side) >> 1, stride: side };
+    const img = gateImage(rgba, w, h, params, view);
     return measure(img.plane, img.g, img.side, params);
   }
 
@@ -123,9 +134,9 @@
     return out;
   }
 
-  const api = { geometry: geometry, gateImage: gateImage,
-    measure: measure, measureRgba: measureRgba, evaluate: evaluate, message: message,
-    decide: decide, fmt: fmt, VALUES: VALUES };
+  const api = { geometry: geometry, gateImage: gateImage, measure: measure,
+    measureRgba: measureRgba, measureSquare: measureSquare, evaluate: evaluate,
+    message: message, decide: decide, fmt: fmt, VALUES: VALUES };
   if (typeof module !== "undefined" && module.exports) module.exports = api;
   root.dermedgeGate = api;
 })(typeof globalThis !== "undefined" ? globalThis : this);

@@ -1,9 +1,10 @@
 "use strict";
 // The input gate on the page (issue 36): app.js calls these at two marked hooks. The gate
 // runs before any diagnosis is shown: a refused photo is not uploaded, only the gate's
-// measures go to POST api/v1/decide (which re-checks them with the server's thresholds and
-// answers "retake"), and the page shows what to change instead of a diagnosis.
-// Sets window.dermedgeGatePage = {outcome, refuse, field, render}.
+// measures go to POST api/v1/decide with the case fields (the server re-checks them with its
+// thresholds, answers "retake" and logs the case), and the page shows what to change instead
+// of a diagnosis.
+// Sets window.dermedgeGatePage = {outcome, field, localRetake, render, reset}.
 (function () {
   const $ = (id) => document.getElementById(id);
   const el = (tag, cls, text) => {
@@ -25,19 +26,16 @@
       codes: result.codes, values: result.values });
   }
 
-  /** A refused photo -> the server's retake body (no photo, no device answer sent);
-   * a passed one -> null. ``data``: app.js's form fields without the photo. */
-  async function refuse(answer, policyDoc, data) {
-    const result = outcome(answer, policyDoc);
-    answer.gate = result;
-    if (result.passed) return null;
-    data.append("gate", field(result));
-    const resp = await fetch("api/v1/decide", { method: "POST", body: data });
-    const body = await resp.json().catch(() => null);
-    if (!resp.ok) {
-      throw new Error(body && body.error ? body.error.message : "HTTP " + resp.status);
-    }
-    return body;
+  /** A refused photo's answer computed on the phone (no network): the shape of the server's
+   * retake body (edge_demo/service.py refuse), with no diagnosis. */
+  function localRetake(result) {
+    const fired = result.checks.filter((c) => c.fired).map((c) => c.id);
+    return { device: null, cloud: null, gate: result, photo_received: false,
+      device_computed_on: "browser", tier_path: "browser",
+      fallback: { used: false, wanted: false, rules_fired: [], checks: [],
+        reason: "Not considered: the input gate refused the photo." },
+      advice: { decision: "retake", message: result.message, rules_fired: fired,
+        decided_by: "gate", checks: [] } };
   }
 
   /** Show a retake answer: what to change, and no diagnosis. */
@@ -59,7 +57,8 @@
       ? "Checked on this phone: the photo did not leave the phone."
       : "Checked on the server.";
     $("where").dataset.photoLeft = String(!onPhone || Boolean(body.photo_received));
-    $("timings").textContent = "request " + body.request_id;
+    $("timings").textContent = body.request_id ? "request " + body.request_id
+      : "Checked on this phone (no network).";
     $("result").hidden = false;
     $("result").scrollIntoView({ block: "start" });
   }
@@ -71,5 +70,5 @@
     delete $("advice").dataset.decision;
   }
 
-  window.dermedgeGatePage = { outcome, refuse, field, render, reset };
+  window.dermedgeGatePage = { outcome, field, localRetake, render, reset };
 })();

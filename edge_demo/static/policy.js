@@ -1,7 +1,8 @@
 "use strict";
 // The fallback/referral rules of policy_rules.json, evaluated in the browser: a line-by-line
-// mirror of evaluate() in edge_demo/policy.py (tests/test_policy_table.py runs both on one
-// table of cases). Loaded as a classic script (window.dermedgePolicy) and by Node (require).
+// mirror of evaluate() and Policy.decide in edge_demo/policy.py (tests/test_policy_table.py
+// runs both on one table of cases). Loaded as a classic script (window.dermedgePolicy) and
+// by Node (require).
 (function (root) {
   const fmt = (x, d) => Number(x).toFixed(d === undefined ? 2 : d);  // Python's _f
   // Python's _digits: more decimals when a value and a different threshold print the same
@@ -52,7 +53,52 @@
       wanted: checks.some((c) => c.fired) };
   }
 
-  const api = { evaluate: evaluate, fallbackChecks: fallbackChecks, fmt: fmt };
+  const repr = (s) => (s.includes("'") && !s.includes('"') ? '"' + s + '"' : "'" + s + "'");
+
+  /** Both stages, as Policy.decide: every check, the advice and its sentences. ``policy`` is
+   * the thresholds; ``deviceThreshold``/``cloudThreshold`` are the tiers' card thresholds,
+   * used when refer_threshold is unset. */
+  function decide(rules, policy, device, cloud, deviceThreshold, cloudThreshold) {
+    const fb = fallbackChecks(rules, policy, device);
+    let reason;
+    if (fb.wanted) {
+      reason = "Sent to the cloud model: " + fb.checks.filter((c) => c.fired).map((c) => c.text)
+        .join("; ") + ".";
+    } else {
+      reason = "The device model is confident enough (top " + repr(device.top.label) + " at " +
+        fmt(device.top.probability) + "); no fallback rule fired.";
+    }
+    const useCloud = fb.wanted && cloud !== null && cloud !== undefined;
+    const final = useCloud ? cloud : device;
+    const by = useCloud ? "cloud" : "device";
+    let thr = policy.refer_threshold;
+    if (thr === null || thr === undefined) {
+      thr = useCloud && cloudThreshold !== null && cloudThreshold !== undefined ? cloudThreshold
+        : (deviceThreshold === undefined ? 0.5 : deviceThreshold);
+    }
+    const params = Object.assign({}, policy, { refer_threshold: Number(thr),
+      cloud_used: useCloud, fallback_unanswered: fb.wanted && !useCloud });
+    const checks = rules.advice.map((r) => evaluate(r, final, params)).filter((c) => c);
+    const fired = checks.filter((c) => c.fired);
+    let decision, message;
+    if (fired.length) {
+      decision = "refer";
+      message = "Refer to a dermatologist (" + by + " model): " + fired.map((c) => c.text)
+        .join("; ") + ".";
+    } else {
+      decision = "no_action";
+      const mel = Number(final.melanoma), d = digits(mel, [Number(thr)]);
+      message = "No action suggested by the model (" + by + " model: melanoma risk " +
+        fmt(mel, d) + " < " + fmt(thr, d) + ", top diagnosis " + repr(final.top.label) +
+        " at " + fmt(final.top.probability) + ").";
+    }
+    return { fallback_checks: fb.checks, fallback_rules: fb.rules_fired, wants_fallback: fb.wanted,
+      advice_checks: checks, advice_rules: fired.length ? fired.map((c) => c.id)
+        : ["no_referral_rule"], decision: decision, message: message, fallback_reason: reason,
+      decided_by: by };
+  }
+
+  const api = { evaluate: evaluate, fallbackChecks: fallbackChecks, decide: decide, fmt: fmt };
   if (typeof module !== "undefined" && module.exports) module.exports = api;
   root.dermedgePolicy = api;
 })(typeof globalThis !== "undefined" ? globalThis : this);
