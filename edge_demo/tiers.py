@@ -29,6 +29,9 @@ CARD_FILE = "model_card.json"
 LABELS_FILE = "labels_diagnosis.txt"
 INPUT_NAME = "image"
 HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
+# Optional named outputs a bundle may add (docs/ARTIFACTS.md): "ood", the input gate's
+# atypicality score in [0, 1]; bundles without it load, and the gate then checks quality only.
+OPTIONAL_OUTPUTS: tuple[str, ...] = ("ood",)
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,8 @@ class Tier:
                 f" {sorted(out_details)}; missing {missing}. Outputs must be named"
                 " 'melanoma' and 'diagnosis' (docs/ARTIFACTS.md); re-export the bundle.")
         self.input = TensorContract.from_details(INPUT_NAME, in_details[INPUT_NAME])
-        self.outputs = {h: TensorContract.from_details(h, out_details[h]) for h in HEADS}
+        self.outputs = {h: TensorContract.from_details(h, out_details[h])
+                        for h in (*HEADS, *OPTIONAL_OUTPUTS) if h in out_details}
         if self.input.shape[1:] != (self.image_size, self.image_size, 3):
             raise BundleError(
                 f"{bundle}: the card says input.shape {shape} but model.tflite takes"
@@ -282,7 +286,15 @@ class Tier:
         latency = (time.perf_counter() - t0) * 1000.0
         mel = float(self._read("melanoma", out["melanoma"])[0])
         probs = self._read("diagnosis", out["diagnosis"])
-        return tier_answer(self.labels, mel, probs, latency)
+        answer = tier_answer(self.labels, mel, probs, latency)
+        if self.has_ood:
+            answer["ood"] = float(self._read("ood", out["ood"])[0])
+        return answer
+
+    @property
+    def has_ood(self) -> bool:
+        """Whether the model has the input gate's ``ood`` output."""
+        return "ood" in self.outputs
 
     def warm_up(self) -> None:
         """Run every pooled interpreter once so the first request is not the slow one."""

@@ -13,6 +13,8 @@ from export.errors import BundleError
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 OUTPUT_NAMES: tuple[str, ...] = ("melanoma", "diagnosis")
+# Named outputs a model may add (docs/ARTIFACTS.md): the input gate's atypicality score.
+OPTIONAL_OUTPUTS: tuple[str, ...] = ("ood",)
 
 
 def make_interpreter(model: bytes | str | Path, threads: int | None = None):
@@ -48,12 +50,14 @@ def signature_io(interpreter) -> dict:
 
 
 def check_signature(io: dict) -> None:
-    """Input ``image`` and outputs ``melanoma``/``diagnosis``, by name."""
-    if set(io["inputs"]) != {INPUT_NAME} or set(io["outputs"]) != set(OUTPUT_NAMES):
+    """Input ``image`` and outputs ``melanoma``/``diagnosis`` (and optionally ``ood``), by name."""
+    outs = set(io["outputs"])
+    if (set(io["inputs"]) != {INPUT_NAME} or not set(OUTPUT_NAMES) <= outs
+            or not outs <= set(OUTPUT_NAMES) | set(OPTIONAL_OUTPUTS)):
         raise BundleError(f"The {SIGNATURE} signature has inputs {sorted(io['inputs'])} and "
                           "outputs "
                           f"{sorted(io['outputs'])}; the contract needs input 'image' and outputs "
-                          "'melanoma' and 'diagnosis'.")
+                          "'melanoma' and 'diagnosis' (and optionally 'ood').")
 
 
 def quantize_input(images: np.ndarray, info: dict) -> np.ndarray:
@@ -92,7 +96,8 @@ class LiteModel:
         return cls(interp, io)
 
     def predict(self, images: np.ndarray, batch_size: int = 1) -> dict[str, np.ndarray]:
-        """uint8/float RGB 0–255 ``(N, S, S, 3)`` → ``{"melanoma": (N,1), "diagnosis": (N,K)}``."""
+        """uint8/float RGB 0–255 ``(N, S, S, 3)`` → ``{"melanoma": (N,1), "diagnosis": (N,K)}``
+        (and ``"ood": (N,1)`` when the model has the input gate's output)."""
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[None]
@@ -101,11 +106,11 @@ class LiteModel:
             raise ValueError(f"The model takes images of shape {size}; received "
                              f"{list(images.shape[1:])}. Resize with the card's input.resize.")
         runner = self.interpreter.get_signature_runner(SIGNATURE)
-        out = {k: [] for k in OUTPUT_NAMES}
+        out = {k: [] for k in (*OUTPUT_NAMES, *OPTIONAL_OUTPUTS) if k in self.io["outputs"]}
         for i in range(0, len(images), batch_size):
             x = quantize_input(images[i:i + batch_size], self.io["inputs"][INPUT_NAME])
             res = runner(**{INPUT_NAME: x})
-            for k in OUTPUT_NAMES:
+            for k in out:
                 out[k].append(dequantize(res[k], self.io["outputs"][k]))
         return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for k, v in out.items()}
 

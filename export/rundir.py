@@ -13,6 +13,8 @@ from dermedge.image import load_image
 from export.errors import ExportError, RunDirError
 
 HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
+# Outputs a model may have beside the heads: the input gate's ``ood`` (the export adds it).
+OPTIONAL_OUTPUTS: tuple[str, ...] = ("ood",)
 
 
 @dataclass(frozen=True)
@@ -112,15 +114,18 @@ def _check_model(model, run: Run, path: Path) -> None:
         if shape != (run.input_size, run.input_size, 3):
             problems.append(f"its input shape {shape} differs from the card's "
                             f"{[run.input_size, run.input_size, 3]}")
-    if not isinstance(outputs, dict) or set(outputs) != set(HEADS):
+    if not isinstance(outputs, dict) or not set(HEADS) <= set(outputs) <= {*HEADS,
+                                                                          *OPTIONAL_OUTPUTS}:
         got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
-        problems.append(f"its outputs must be a dict with keys melanoma and diagnosis; received "
-                        f"{got}")
+        problems.append(f"its outputs must be a dict with keys melanoma and diagnosis (and"
+                        f" optionally ood); received {got}")
     else:
         n = len(run.diagnosis_labels)
         if tuple(outputs["melanoma"].shape[1:]) != (1,):
             problems.append(f"melanoma has shape {tuple(outputs['melanoma'].shape)}, expected "
                             "(N, 1)")
+        if "ood" in outputs and tuple(outputs["ood"].shape[1:]) != (1,):
+            problems.append(f"ood has shape {tuple(outputs['ood'].shape)}, expected (N, 1)")
         if tuple(outputs["diagnosis"].shape[1:]) != (n,):
             problems.append(f"diagnosis has shape {tuple(outputs['diagnosis'].shape)}, expected "
                             f"(N, {n}) for the card's {n} labels")
