@@ -32,8 +32,9 @@ KEY_ORDER: tuple[str, ...] = (
     "schema_version", "name", "created", "backbone", "backbone_layer", "weights", "input",
     "preprocessing",
     "heads", "ensemble", "data", "config", "training", "calibration", "distillation",
-    "metrics", "versions", "reproducibility", "metadata_prior", "export")
-OPTIONAL_KEYS: tuple[str, ...] = ("ensemble", "metadata_prior", "export")
+    "metrics", "versions", "reproducibility", "metadata_prior", "export", "gate")
+# "gate": a bundle's input gate (export/gate.py: thresholds, measured refusal rates).
+OPTIONAL_KEYS: tuple[str, ...] = ("ensemble", "metadata_prior", "export", "gate")
 # What read_card checks (docs/ARTIFACTS.md lists the same; tests hold the two together).
 REQUIRED_FIELDS: tuple[str, ...] = (
     "schema_version", "input.shape", "heads.melanoma.threshold", "heads.diagnosis.labels")

@@ -91,15 +91,24 @@ def center_crop_resize(im: Image.Image, size: int, *, scale: int = 1,
     if full_size is None:
         raise ValueError("full_size (the photo's upright full-resolution size) is needed with"
                          " scale > 1.")
-    left, top, right, bottom = crop_box(*full_size)
-    # a reversed axis starts with the partial decoded pixel that held the far edge
-    pad_x = im.width * scale - int(full_size[0]) if flipped[0] else 0
-    pad_y = im.height * scale - int(full_size[1]) if flipped[1] else 0
-    box = ((left + pad_x) / scale, (top + pad_y) / scale,
-           min((right + pad_x) / scale, im.width), min((bottom + pad_y) / scale, im.height))
+    box = decoded_box(crop_box(*full_size), im.size, scale, full_size, flipped)
     im = im.resize((int(size), int(size)), Image.BILINEAR, box=box,
                    reducing_gap=None)
     return np.asarray(im, dtype=np.uint8).copy()
+
+
+def decoded_box(box: tuple[int, int, int, int], decoded_size: tuple[int, int], scale: int,
+                full_size: tuple[int, int], flipped: tuple[bool, bool] = (False, False)
+                ) -> tuple[float, float, float, float]:
+    """A box in the upright full-resolution photo, in fractional pixels of its decode at
+    1/``scale`` (see :func:`center_crop_resize`)."""
+    left, top, right, bottom = box
+    # a reversed axis starts with the partial decoded pixel that held the far edge
+    pad_x = decoded_size[0] * scale - int(full_size[0]) if flipped[0] else 0
+    pad_y = decoded_size[1] * scale - int(full_size[1]) if flipped[1] else 0
+    return ((left + pad_x) / scale, (top + pad_y) / scale,
+            min((right + pad_x) / scale, decoded_size[0]),
+            min((bottom + pad_y) / scale, decoded_size[1]))
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
@@ -142,14 +151,19 @@ def draft_scale(width: int, height: int, size: int, min_crop: float = DRAFT_MIN_
     return 1
 
 
-def draft_for_size(im: Image.Image, size: int, min_crop: float = DRAFT_MIN_CROP) -> int:
+def draft_for_size(im: Image.Image, size: int, min_crop: float = DRAFT_MIN_CROP, *,
+                   keep: int = 0) -> int:
     """Ask an opened (not yet loaded) JPEG/MPO to decode at a reduced scale for a model of
     ``size`` pixels (EXIF rotation does not matter: the crop side is min(w, h) either way).
-    Returns the scale applied; other formats are left alone (1)."""
+    ``keep``: the decoded crop must also keep at least ``keep`` pixels where a reduced scale
+    allows it (the input gate's image, dermedge.quality). Returns the scale applied; other
+    formats are left alone (1)."""
     if im.format not in DRAFT_FORMATS:
         return 1
     w, h = im.size
     scale = draft_scale(w, h, size, min_crop)
+    if keep:
+        scale = min(scale, draft_scale(w, h, keep, 1.0))
     if scale > 1:
         im.draft("RGB", (w // scale, h // scale))
     return scale

@@ -29,3 +29,9 @@ DX_TO_ISIC: dict[str, str] = {v: k for k, v in ISIC_TO_DX.items()}
 INPUT_NAME = "image"
 HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
 SIGNATURE = "serving_default"
+# A named output a model may add beside the heads (docs/ARTIFACTS.md): the input gate's
+# atypicality score in [0, 1], "this does not look like a dermoscopy photo" (export/gate.py).
+# Bundles without it load; the gate then checks photo quality only.
+OOD = "ood"
+OOD_LABELS: tuple[str, ...] = ("not_dermoscopy",)
+OPTIONAL_OUTPUTS: tuple[str, ...] = (OOD,)

@@ -15,7 +15,7 @@ import numpy as np
 
 from dermedge.artifacts import Bundle, read_bundle
 from dermedge.errors import BundleError
-from dermedge.labels import HEADS, INPUT_NAME, SIGNATURE
+from dermedge.labels import HEADS, INPUT_NAME, OPTIONAL_OUTPUTS, SIGNATURE
 
 
 def make_interpreter(model: bytes | str | Path, threads: int | None = None, *,
@@ -59,12 +59,14 @@ def signature_io(interpreter) -> dict:
 
 
 def check_signature(io: dict) -> None:
-    """Input ``image`` and outputs ``melanoma``/``diagnosis``, by name."""
-    if set(io["inputs"]) != {INPUT_NAME} or set(io["outputs"]) != set(HEADS):
+    """Input ``image`` and outputs ``melanoma``/``diagnosis`` (and optionally ``ood``), by name."""
+    outs = set(io["outputs"])
+    if (set(io["inputs"]) != {INPUT_NAME} or not set(HEADS) <= outs
+            or not outs <= {*HEADS, *OPTIONAL_OUTPUTS}):
         raise BundleError(f"The {SIGNATURE} signature has inputs {sorted(io['inputs'])} and "
                           "outputs "
                           f"{sorted(io['outputs'])}; the contract needs input 'image' and outputs "
-                          "'melanoma' and 'diagnosis'.")
+                          "'melanoma' and 'diagnosis' (and optionally 'ood').")
 
 
 def quantize_input(images: np.ndarray, info: dict) -> np.ndarray:
@@ -122,12 +124,18 @@ class LiteModel:
         """One run of the signature on a batch :meth:`feed` prepared; raw outputs by name."""
         return self.runner(**{INPUT_NAME: x})
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The model's output names: the heads, then the optional ones it has (``ood``)."""
+        return tuple(k for k in (*HEADS, *OPTIONAL_OUTPUTS) if k in self.io["outputs"])
+
     def read(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The raw outputs of :meth:`invoke` dequantized, by head name."""
-        return {k: dequantize(raw[k], self.io["outputs"][k]) for k in HEADS}
+        """The raw outputs of :meth:`invoke` dequantized, by output name."""
+        return {k: dequantize(raw[k], self.io["outputs"][k]) for k in self.outputs}
 
     def predict(self, images: np.ndarray, batch_size: int = 1) -> dict[str, np.ndarray]:
-        """uint8/float RGB 0–255 ``(N, S, S, 3)`` → ``{"melanoma": (N,1), "diagnosis": (N,K)}``."""
+        """uint8/float RGB 0–255 ``(N, S, S, 3)`` → ``{"melanoma": (N,1), "diagnosis": (N,K)}``
+        (and ``"ood": (N,1)`` when the model has the input gate's output)."""
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[None]
@@ -135,10 +143,10 @@ class LiteModel:
         if list(images.shape[1:]) != list(size):
             raise ValueError(f"The model takes images of shape {size}; received "
                              f"{list(images.shape[1:])}. Resize with the card's input.resize.")
-        out = {k: [] for k in HEADS}
+        out = {k: [] for k in self.outputs}
         for i in range(0, len(images), batch_size):
             res = self.read(self.invoke(self.feed(images[i:i + batch_size])))
-            for k in HEADS:
+            for k in out:
                 out[k].append(res[k])
         return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32)) for k, v in out.items()}
 

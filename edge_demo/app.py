@@ -38,6 +38,8 @@ Config keys (defaults < ``EDGE_DEMO_<KEY>`` environment variables < the ``config
 ``TLS_MODE``          set by ``edge-demo serve``: ``off``, ``local-ca`` or ``own``; the trust
                       page and ``/ca.crt`` follow it
 ``TLS_CA_CERT``       set by ``edge-demo serve``: the local CA's certificate (PEM) it offers
+``GATE``              default on: the input gate refuses blurry, badly lit, too small and
+                      non-dermoscopy photos (``retake``); off (``--no-gate``) for research only
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ from .caselog import CaseFields, CaseLog, RecentCases
 from .cases_api import case_pages
 from .errors import EdgeDemoError, RequestError
 from .explain import NOT_ENABLED, explain_head
+from .gate import parse_page_gate
 from .imaging import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_PIXELS
 from .metadata import FIELDS as METADATA_FIELDS
 from .metadata import choices as site_choices
@@ -106,11 +109,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "COMPRESS": "best",
     "TLS_MODE": "off",
     "TLS_CA_CERT": None,
+    "GATE": True,
 }
 _INT_KEYS = ("MAX_CONTENT_LENGTH", "MAX_PIXELS", "MAX_DECODED_PIXELS", "DECODE_BUDGET",
              "INTERPRETERS", "RECENT_CASES")
 _BOOL_KEYS = ("LOG_JSON", "FAST_DECODE", "ALLOW_UNVALIDATED", "BROWSER_INFERENCE",
-              "KEEP_PHOTOS")
+              "KEEP_PHOTOS", "GATE")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 request_log = logging.getLogger("edge_demo.request")
@@ -173,7 +177,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         decode_budget=app.config["DECODE_BUDGET"], pool_size=app.config["INTERPRETERS"],
         allow_unvalidated=bool(app.config["ALLOW_UNVALIDATED"]),
         fast_decode=bool(app.config["FAST_DECODE"]),
-        decode_min_crop=float(app.config["DECODE_MIN_CROP"]))
+        decode_min_crop=float(app.config["DECODE_MIN_CROP"]), gate=bool(app.config["GATE"]))
     if app.config["KEEP_PHOTOS"] and not app.config["CASES_DIR"]:
         raise EdgeDemoError("--keep-photos needs a case log to keep them in: add --cases DIR.")
     cases = (CaseLog(app.config["CASES_DIR"], keep_photos=bool(app.config["KEEP_PHOTOS"]))
@@ -527,7 +531,7 @@ def classify():
         data = _upload_bytes()
         raw: dict[str, Any] = {}
         body = _service().classify(data, meta, raw=raw)
-        if head is not None:
+        if head is not None and body["device"] is not None:  # no heatmap for a refused photo
             _add_explanation(body, data, head, body["cloud"] or body["device"])
         g.tier_path = body["tier_path"]
         body["request_id"] = g.request_id
@@ -660,13 +664,17 @@ def decide():
         first = store.first_response(case.id)
         if first is not None:
             return _duplicate(first, case)
-        device = browser.parse_device_answer(request.form.get("device_answer"),
-                                             svc.device.labels)
+        page_gate = parse_page_gate(request.form.get("gate")) if svc.gate.enabled else None
+        raw_answer = request.form.get("device_answer")
+        # a photo the page's gate refused comes without a device answer (the server re-checks)
+        device = (browser.parse_device_answer(raw_answer, svc.device.labels)
+                  if raw_answer or page_gate is None else None)
         f = request.files.get("image")
         data = f.read() if f is not None else None
         ask = request.form.get("ask_cloud", "").lower() in _YES
         raw: dict[str, Any] = {}
-        body = browser.decide(svc, device, data, meta, ask_cloud=ask, raw=raw)
+        body = browser.decide(svc, device, data, meta, ask_cloud=ask, page_gate=page_gate,
+                              raw=raw)
         g.tier_path = body["tier_path"]
         body["request_id"] = g.request_id
         if (body["fallback"]["wanted"] and not data and svc.cloud is not None
@@ -683,8 +691,10 @@ def decide():
             "ts": round(time.time(), 3), "event": "result", "request_id": g.request_id,
             "case_id": case.id,
             "tier_path": body["tier_path"], "photo_received": body["photo_received"],
-            "device": {"melanoma": device["melanoma"], "top": device["top"],
-                       "latency_ms": device["latency_ms"]},
+            "device": body["device"] and {"melanoma": device["melanoma"],
+                                          "top": device["top"],
+                                          "latency_ms": device["latency_ms"]},
+            "gate": {"passed": body["gate"]["passed"], "codes": body["gate"]["codes"]},
             "cloud": body["cloud"] and {"melanoma": body["cloud"]["melanoma"],
                                         "top": body["cloud"]["top"]},
             "fallback_rules": body["fallback"]["rules_fired"],

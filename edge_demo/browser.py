@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dermedge import quality
+
 from .calibrate import wilson
 from .errors import RequestError
 from .metadata import tables
-from .policy import rules
+from .policy import gate_rules, rules
 
 WEB_DIR = Path(__file__).with_name("web")
 # The runtime files the page may load (LiteRT.js picks one .js/.wasm pair at run time: the
@@ -118,7 +120,8 @@ def browser_config(service, config: dict[str, Any], base_url: str,
             "input": dev.input.to_dict(),
             "outputs": {h: c.to_dict() for h, c in dev.outputs.items()},
             "metadata_tables": tables(dev.card) is not None,
-            "cloud": service.cloud is not None}
+            "cloud": service.cloud is not None,
+            "gate": {"enabled": service.gate.enabled, "params": quality.params()}}
 
 
 OPERATING_KEYS = (("fallback_rate", "n"), ("referral_rate", "n"),
@@ -151,6 +154,7 @@ def policy_body(service) -> dict[str, Any]:
     pol = service.policy
     tiers = {"device": service.device, "cloud": service.cloud}
     return {"policy": pol.to_dict(), "sha256": pol.sha256, "rules": rules(),
+            "gate": service.gate.describe(), "gate_rules": gate_rules(),
             "device_threshold": service._threshold(service.device, None),
             # what static/answer.js needs to give the server's answer offline
             "device_metadata": tables(service.device.card),
@@ -175,43 +179,74 @@ def parse_device_answer(raw: str | None, labels: tuple[str, ...]) -> dict[str, A
         mel = float(doc["melanoma"])
         diag = {lab: float(doc["diagnosis"][lab]) for lab in labels}
         latency = float(doc.get("latency_ms", 0.0))
+        ood = None if doc.get("ood") is None else float(doc["ood"])
     except (ValueError, TypeError, KeyError) as exc:
         raise RequestError(
             f"The field 'device_answer' must be JSON with 'melanoma' (0-1), 'diagnosis' (a"
             f" probability for each of {list(labels)}) and 'latency_ms'; {type(exc).__name__}:"
             f" {exc}.", code="bad_device_answer") from exc
-    values = [mel, *diag.values()]
+    values = [mel, *diag.values(), *([] if ood is None else [ood])]
     if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values) or not (
             math.isfinite(latency) and latency >= 0):
         raise RequestError("The device answer's probabilities must be numbers in [0, 1] and"
                            " latency_ms >= 0.", code="bad_device_answer")
     top = max(diag, key=diag.__getitem__)
-    return {"melanoma": mel, "diagnosis": diag, "top": {"label": top,
-                                                         "probability": diag[top]},
-            "latency_ms": round(latency, 3), "computed_on": "browser"}
+    out = {"melanoma": mel, "diagnosis": diag, "top": {"label": top, "probability": diag[top]},
+           "latency_ms": round(latency, 3), "computed_on": "browser"}
+    if ood is not None:
+        out["ood"] = ood
+    return out
 
 
-def decide(service, device: dict[str, Any], data: bytes | None,
+def decide(service, device: dict[str, Any] | None, data: bytes | None,
            meta: dict[str, Any] | None, *, ask_cloud: bool = False,
+           page_gate: dict[str, float | None] | None = None,
            raw: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``/api/v1/classify`` body for a device answer computed in the browser (the model's
     output: the policy's temperature and the patient fields are applied here, as for the
     server tier); the cloud tier runs only when the photo was sent and a fallback rule fired
     (or the tester asked: then the cloud answer is shown, and the policy still decides on the
-    device answer). ``raw`` (optional) receives the tiers' model outputs for the case log."""
+    device answer). ``raw`` (optional) receives the tiers' model outputs for the case log.
+
+    The input gate is re-checked with the server's thresholds on what the server has: the
+    page's measures (``page_gate``, the ``gate`` field), the measures of the photo itself
+    when it was sent, and the device answer's ``ood``. A refused photo needs no device answer.
+    """
     t_all = time.perf_counter()
-    timings = {"decode": 0.0, "device": float(device["latency_ms"]), "cloud": 0.0}
+    timings = {"decode": 0.0, "device": float(device["latency_ms"]) if device else 0.0,
+               "cloud": 0.0}
+    image = None
+    values = dict(page_gate or {})
+    if data and service.gate.enabled:  # the photo's own measures, not the page's word
+        image = service.decode(data, timings)
+        values.update(image["gate"])
+    if device is not None and device.get("ood") is not None:
+        values["ood"] = device["ood"]
+    outcome = service.gate.decide(values)
+    if not outcome.passed or device is None:
+        if outcome.passed:
+            raise RequestError("The field 'device_answer' is missing: POST the answer the page"
+                               " computed (JSON with melanoma, diagnosis, latency_ms), or a"
+                               " 'gate' whose measures refuse the photo.",
+                               code="bad_device_answer")
+        if raw is not None and device is not None:
+            raw["device"] = {"melanoma": device["melanoma"],
+                             "diagnosis": dict(device["diagnosis"])}
+        body = service.refuse(outcome, meta)
+        timings["total"] = round((time.perf_counter() - t_all) * 1000.0, 3)
+        return {**body, "photo_received": bool(data), "timings_ms": timings,
+                "tier_path": "browser", "device_computed_on": "browser"}
     device = service.adjust(service.device, device, meta, raw)
     checks = service.policy.fallback_checks(device)
     wants = any(c.fired for c in checks)
     cloud = None
     if (wants or ask_cloud) and data and service.cloud is not None:
-        image = service.decode(data, timings)
+        image = image or service.decode(data, timings, gate=False)
         t0 = time.perf_counter()
         cloud = service.run_tier(service.cloud, image, meta, raw)
         timings["cloud"] = round((time.perf_counter() - t0) * 1000.0, 3)
     note = " The photo was not sent, so the device answer stands." if wants and not data else ""
-    body = service.respond(device, cloud, meta, wanted=wants, note=note)
+    body = service.respond(device, cloud, meta, wanted=wants, note=note, gate=outcome)
     body["fallback"]["asked"] = bool(ask_cloud)
     timings["total"] = round((time.perf_counter() - t_all) * 1000.0, 3)
     return {**body, "photo_received": bool(data), "timings_ms": timings,

@@ -382,7 +382,9 @@ class CaseLog:
             "client_model_sha256": case.model_sha256,
             "client_policy_sha256": case.policy_sha256,
             "device_computed_on": (device or {}).get("computed_on", "server"),
-            "device_raw": _json(raw.get("device")), "cloud_raw": _json(raw.get("cloud")),
+            # JSON null when there is no device output: a photo the page's input gate refused
+            # comes without one, and OR IGNORE would silently drop a row with a NULL here
+            "device_raw": _json(raw.get("device")) or "null", "cloud_raw": _json(raw.get("cloud")),
             "device_top": _top(device)[0], "device_melanoma": _top(device)[1],
             "cloud_top": _top(cloud)[0], "cloud_melanoma": _top(cloud)[1],
             "fallback_wanted": int(bool(fallback.get("wanted"))),

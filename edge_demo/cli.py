@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the device model on the server for every photo (default: the"
                         " page runs it in the browser with LiteRT.js and uploads the photo"
                         " only on fallback)")
+    s.add_argument("--no-gate", dest="gate", action="store_false",
+                   help="turn the input gate off (research only): photos the gate would refuse as"
+                        " blurry, badly lit, too small or not dermoscopy get a diagnosis too;"
+                        " every answer records gate.enabled=false")
     s.add_argument("--cases", metavar="DIR", help="keep the site's case log (SQLite, one row"
                    " per decision: answers, rules, advice, latencies, patient fields; private"
                    " folder) in DIR; /cases shows it behind the token printed at start")
@@ -176,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--site", help="body site, e.g. back (optional metadata)")
     r.add_argument("--allow-unvalidated", action="store_true",
                    help="use a bundle whose card says it failed its export validation")
+    r.add_argument("--no-gate", dest="gate", action="store_false",
+                   help="turn the input gate off (research only): photos the gate would refuse as"
+                        " blurry, badly lit, too small or not dermoscopy get a diagnosis too;"
+                        " every answer records gate.enabled=false")
     r.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP)")
 
     c = sub.add_parser(
@@ -330,7 +338,8 @@ def serve(args: argparse.Namespace) -> int:
               "CASES_DIR": args.cases, "KEEP_PHOTOS": args.keep_photos,
               "SITE_ID": args.site_id, "TESTER_ID": args.tester_id,
               "EXPLAIN_RUN": args.explain, "BROWSER_INFERENCE": args.browser_inference,
-              "STATE_DIR": str(state_dir), "COMPRESS": args.compress, "TLS_MODE": mode}
+              "STATE_DIR": str(state_dir), "COMPRESS": args.compress, "TLS_MODE": mode,
+              "GATE": args.gate}
     holder: dict = {}
 
     def wsgi(environ, start_response):  # the app, once loaded
@@ -356,7 +365,9 @@ def serve(args: argparse.Namespace) -> int:
     explainer = app.extensions["edge_demo"]["explainer"]
     print(f"edge-demo: device={svc.device.name} ({svc.device.mode})"
           f" cloud={svc.cloud.name if svc.cloud else 'none'} policy={svc.policy.source}"
-          f" explain={explainer.name if explainer else 'off'}", file=sys.stderr)
+          f" explain={explainer.name if explainer else 'off'}"
+          f" gate={'on' if svc.gate.enabled else 'OFF (--no-gate, research only)'}",
+          file=sys.stderr)
     addresses = urls(args.host, server.effective_port)
     print("edge-demo: open " + "  or  ".join(addresses) + "   (Ctrl-C stops)",
           file=sys.stderr, flush=True)
@@ -407,7 +418,7 @@ def predict(args: argparse.Namespace) -> int:
 
     meta = parse_metadata({"age": args.age, "sex": args.sex, "site": args.site})
     svc = DemoService.from_paths(args.device, args.cloud, args.policy,
-                                 allow_unvalidated=args.allow_unvalidated)
+                                 allow_unvalidated=args.allow_unvalidated, gate=args.gate)
     failed = 0
     for path in args.images:
         try:

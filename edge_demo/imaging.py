@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dermedge import quality
 from dermedge.image import (
     DRAFT_MIN_CROP,
     RESIZE,
@@ -99,6 +100,14 @@ class Photo:
     full_size: tuple[int, int] | None = None  # upright, full resolution
     flipped: tuple[bool, bool] = (False, False)  # upright axes EXIF reversed
 
+    def gate_input(self) -> tuple[np.ndarray, int]:
+        """The input gate's luma image (dermedge.quality: the centred square at its own side
+        capped at ``SIDE_CAP``, mapped onto a reduced-scale decode as :meth:`model_input`
+        does) and the square's side at full resolution."""
+        full = self.full_size or self.image.size
+        return (quality.gate_image(self.image, scale=self.scale, full_size=self.full_size,
+                                   flipped=self.flipped), min(full))
+
     def model_input(self, size: int) -> np.ndarray:
         """The ``(size, size, 3)`` uint8 model input: the contract's crop and resize, with the
         crop box mapped onto a reduced-scale decode (dermedge.image.center_crop_resize)."""
@@ -155,8 +164,9 @@ def decode_upload(data: bytes, *, max_pixels: int, size: int | None = None,
 
 def open_upload(data: bytes, *, max_pixels: int, size: int | None = None,
                 max_decoded_pixels: int | None = None, min_crop: float = DRAFT_MIN_CROP,
-                what: str = "uploaded file") -> Upload:
-    """Identify and check an upload without decoding its pixels (see :func:`decode_upload`)."""
+                what: str = "uploaded file", gate: bool = False) -> Upload:
+    """Identify and check an upload without decoding its pixels (see :func:`decode_upload`);
+    ``gate``: a reduced-scale decode also keeps the input gate's image side (dermedge.quality)."""
     if not data:
         raise RequestError(
             f"The {what} is empty (0 bytes). Send a JPEG, PNG or WebP photo in the"
@@ -185,7 +195,8 @@ def open_upload(data: bytes, *, max_pixels: int, size: int | None = None,
                            code="bad_image")
     if w * h > max_pixels:
         raise _too_many_pixels((w, h), max_pixels)
-    scale = draft_for_size(im, size, min_crop) if size is not None else 1
+    keep = quality.gate_side(w, h) if gate else 0
+    scale = draft_for_size(im, size, min_crop, keep=keep) if size is not None else 1
     if max_decoded_pixels is not None and im.size[0] * im.size[1] > max_decoded_pixels:
         dw, dh = im.size
         raise RequestError(

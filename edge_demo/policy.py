@@ -102,9 +102,18 @@ def rules() -> dict[str, Any]:
     return json.loads(RULES_FILE.read_text(encoding="utf-8"))
 
 
+GATE_RULES_FILE = RULES_FILE.with_name("gate_rules.json")
+
+
+@functools.cache
+def gate_rules() -> dict[str, Any]:
+    """The input gate's checks (``static/gate_rules.json``: edge_demo/gate.py and gate.js)."""
+    return json.loads(GATE_RULES_FILE.read_text(encoding="utf-8"))
+
+
 def rule_tables() -> dict[str, Any]:
     """Every rule table the policy's identity covers, by name."""
-    return {"policy_rules": rules()}
+    return {"policy_rules": rules(), "gate_rules": gate_rules()}
 
 
 def _gate_overrides(value: Any) -> dict[str, float]:

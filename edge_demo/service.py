@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dermedge import quality
 from dermedge.image import DRAFT_MIN_CROP
 
 from .errors import EdgeDemoError
+from .gate import RETAKE, Gate, GateOutcome
 from .imaging import (
     DEFAULT_MAX_DECODED_PIXELS,
     DEFAULT_MAX_PIXELS,
@@ -53,6 +55,7 @@ class DemoService:
     budget: DecodeBudget | None = None
     fast_decode: bool = True
     decode_min_crop: float = DEFAULT_DECODE_MIN_CROP
+    gate: Gate = Gate(enabled=False)  # from_paths builds the device bundle's gate
 
     @classmethod
     def from_paths(cls, device: str | Path, cloud: str | Path | None = None,
@@ -61,8 +64,10 @@ class DemoService:
                    decode_budget: int = DEFAULT_DECODE_BUDGET, pool_size: int = 1,
                    num_threads: int = 1, allow_unvalidated: bool = False,
                    fast_decode: bool = True,
-                   decode_min_crop: float = DEFAULT_DECODE_MIN_CROP) -> DemoService:
-        """Load the bundles (and the policy file, else conservative defaults)."""
+                   decode_min_crop: float = DEFAULT_DECODE_MIN_CROP,
+                   gate: bool = True) -> DemoService:
+        """Load the bundles (and the policy file, else conservative defaults); ``gate=False``
+        turns the input gate off (research: every photo gets a diagnosis, and says so)."""
         if not device:
             raise EdgeDemoError("No device bundle given. Pass --device BUNDLE_DIR (or set"
                                 " DEVICE_BUNDLE / EDGE_DEMO_DEVICE_BUNDLE).")
@@ -85,8 +90,11 @@ class DemoService:
             pol = Policy.load(policy)
         else:
             pol = Policy.conservative((cl or dev).melanoma_threshold)
+        gate_ = Gate.for_tier(dev.card, pol.gate, has_ood=dev.has_ood, enabled=gate,
+                              image_size=dev.image_size)
         return cls(dev, cl, pol, int(max_pixels), int(max_decoded_pixels),
-                   DecodeBudget(decode_budget), bool(fast_decode), float(decode_min_crop))
+                   DecodeBudget(decode_budget), bool(fast_decode), float(decode_min_crop),
+                   gate_)
 
     def warm_up(self) -> None:
         self.device.warm_up()
@@ -99,7 +107,7 @@ class DemoService:
             pol["note"] = DEFAULTS_NOTE
         out = {"device": self.device.describe(),
                "cloud": self.cloud.describe() if self.cloud else None,
-               "policy": pol}
+               "policy": pol, "gate": self.gate.describe()}
         for name in ("device", "cloud"):
             tier = getattr(self, name)
             if tier is None:
@@ -114,26 +122,37 @@ class DemoService:
     def _tiers(self) -> list:
         return [t for t in (self.device, self.cloud) if t is not None]
 
-    def decode(self, data: bytes, timings: dict[str, float],
-                what: str = "uploaded file") -> dict[int, Any]:
-        """Upload bytes -> ``{side: (side, side, 3) uint8}`` for every loaded tier's size.
+    def decode(self, data: bytes, timings: dict[str, float], what: str = "uploaded file",
+               *, gate: bool | None = None) -> dict[Any, Any]:
+        """Upload bytes -> ``{side: (side, side, 3) uint8}`` for every loaded tier's size,
+        and with the gate on (``gate``: default the service's) ``"gate"``: the photo's
+        measures (dermedge.quality; ``timings["gate"]`` is their cost).
 
-        JPEGs are decoded at reduced scale (crop >= the largest model side); the decoded
-        pixels are held against the decode budget until every model input is cut from them,
-        so concurrent large images cannot pile up in memory.
+        JPEGs are decoded at reduced scale (crop >= the largest model side, and >= the gate
+        image's side); the decoded pixels are held against the decode budget until every input
+        is cut from them, so concurrent large images cannot pile up in memory.
         """
         t0 = time.perf_counter()
+        gate = self.gate.enabled if gate is None else gate
         sizes = sorted({t.image_size for t in self._tiers()})
         upload = open_upload(data, max_pixels=self.max_pixels,
                              size=max(sizes) if self.fast_decode else None,
                              min_crop=self.decode_min_crop,
-                             max_decoded_pixels=self.max_decoded_pixels, what=what)
+                             max_decoded_pixels=self.max_decoded_pixels, what=what,
+                             gate=gate)
         budget = self.budget or DecodeBudget(self.max_decoded_pixels)
+        inputs: dict[Any, Any] = {}
         with budget.hold(upload.decoded_pixels):
             photo = upload.load()
-            inputs = {s: photo.model_input(s) for s in sizes}
+            inputs.update({s: photo.model_input(s) for s in sizes})
+            if gate:
+                t1 = time.perf_counter()
+                pixels, side = photo.gate_input()
             del photo, upload
-        timings["decode"] = _ms(t0)
+        if gate:
+            inputs["gate"] = quality.measure(pixels, side)
+            timings["gate"] = _ms(t1)
+        timings["decode"] = round(_ms(t0) - timings.get("gate", 0.0), 3)
         return inputs
 
     def decode_image(self, data: bytes, size: int | None = None):
@@ -199,6 +218,11 @@ class DemoService:
         t0 = time.perf_counter()
         device = self.run_tier(self.device, inputs, metadata, raw)
         timings["device"] = _ms(t0)
+        outcome = self.gate.decide({**inputs.get("gate", {}), "ood": device.get("ood")})
+        if not outcome.passed:
+            body = self.refuse(outcome, metadata)
+            timings["total"] = _ms(t_all)
+            return {**body, "timings_ms": timings, "tier_path": "device"}
         checks = self.policy.fallback_checks(device)
         wants = any(c.fired for c in checks)
         cloud = None
@@ -213,16 +237,17 @@ class DemoService:
             timings["cloud"] = _ms(t0)
         note = (f" The cloud tier failed ({cloud_error}); the device answer stands."
                 if cloud_error else "")
-        body = self.respond(device, cloud, metadata, wanted=wants, note=note)
+        body = self.respond(device, cloud, metadata, wanted=wants, note=note, gate=outcome)
         timings["total"] = _ms(t_all)
         return {**body, "timings_ms": timings,
                 "tier_path": "device+cloud" if cloud is not None else "device"}
 
     def respond(self, device: dict[str, Any], cloud: dict[str, Any] | None,
                 metadata: dict[str, Any] | None, *, wanted: bool,
-                note: str = "") -> dict[str, Any]:
+                note: str = "", gate: GateOutcome | None = None) -> dict[str, Any]:
         """The policy's decision on the tiers' answers, as the classify response body (less
-        timings and path): shared by the server tier and the browser tier's /decide."""
+        timings and path): shared by the server tier and the browser tier's /decide.
+        ``gate``: the input gate's outcome on the photo (it passed)."""
         d = self.policy.decide(
             device, cloud, device_threshold=self._threshold(self.device, device),
             cloud_threshold=self._threshold(self.cloud, cloud))
@@ -240,13 +265,35 @@ class DemoService:
             "advice": {"decision": d.decision, "message": d.message,
                        "rules_fired": d.advice_rules, "decided_by": d.decided_by,
                        "checks": [c.to_dict() for c in d.advice_checks]},
+            "gate": (gate or self.gate.decide({})).to_dict(),
             "disclaimer": DISCLAIMER,
             "metadata": self._metadata_section(metadata, device, cloud,
                                                {"device": self.device, "cloud": self.cloud}),
-            "models": {"device": self.device.summary(),
-                       "cloud": self.cloud.summary() if self.cloud else None,
-                       "policy": self.policy.source,
-                       "policy_sha256": self.policy.sha256},
+            "models": self._models_section(),
+        }
+
+    def _models_section(self) -> dict[str, Any]:
+        return {"device": self.device.summary(),
+                "cloud": self.cloud.summary() if self.cloud else None,
+                "policy": self.policy.source, "policy_sha256": self.policy.sha256}
+
+    def refuse(self, outcome: GateOutcome, metadata: dict[str, Any] | None) -> dict[str, Any]:
+        """The body for a photo the input gate refused: ``retake``, what to change, and no
+        diagnosis (``device``/``cloud`` are null) and no cloud fallback."""
+        fired = [c.id for c in outcome.checks if c.fired]
+        return {
+            "device": None,
+            "fallback": {"used": False, "wanted": False, "rules_fired": [],
+                         "reason": "Not considered: the input gate refused the photo.",
+                         "checks": []},
+            "cloud": None,
+            "advice": {"decision": RETAKE, "message": outcome.message, "rules_fired": fired,
+                       "decided_by": "gate", "checks": []},
+            "gate": outcome.to_dict(),
+            "disclaimer": DISCLAIMER,
+            "metadata": self._metadata_section(metadata, None, None,
+                                               {"device": self.device, "cloud": self.cloud}),
+            "models": self._models_section(),
         }
 
     def classify_cloud(self, data: bytes,

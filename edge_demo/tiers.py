@@ -23,7 +23,7 @@ import numpy as np
 
 from dermedge.artifacts import TFLITE_FILE, read_bundle
 from dermedge.card import CARD_FILE, ModelCard
-from dermedge.labels import HEADS, INPUT_NAME
+from dermedge.labels import INPUT_NAME, OOD
 from dermedge.litert import LiteModel, dequantize
 
 from .errors import BundleError
@@ -124,7 +124,8 @@ class Tier:
 
         first = self._new_model()
         self.input = TensorContract.from_io(INPUT_NAME, first.io["inputs"][INPUT_NAME])
-        self.outputs = {h: TensorContract.from_io(h, first.io["outputs"][h]) for h in HEADS}
+        self.outputs = {h: TensorContract.from_io(h, first.io["outputs"][h])
+                        for h in first.outputs}  # the heads, and ``ood`` when present
         if self.input.shape[1:] != (self.image_size, self.image_size, 3):
             raise BundleError(
                 f"{bundle}: the card says input.shape {list(card.input.shape)} but model.tflite"
@@ -206,7 +207,15 @@ class Tier:
             latency = (time.perf_counter() - t0) * 1000.0
         mel = float(self._read("melanoma", out["melanoma"])[0])
         probs = self._read("diagnosis", out["diagnosis"])
-        return tier_answer(self.labels, mel, probs, latency)
+        answer = tier_answer(self.labels, mel, probs, latency)
+        if self.has_ood:
+            answer[OOD] = float(self._read(OOD, out[OOD])[0])
+        return answer
+
+    @property
+    def has_ood(self) -> bool:
+        """Whether the model has the input gate's ``ood`` output."""
+        return OOD in self.outputs
 
     def warm_up(self) -> None:
         """Run every pooled interpreter once so the first request is not the slow one."""

@@ -14,13 +14,20 @@ from typing import Any
 
 import numpy as np
 
-from dermedge.card import ModelCard, with_export
-from dermedge.labels import SIGNATURE
+from dermedge.card import ModelCard, with_export, with_section
+from dermedge.labels import HEADS, OOD, SIGNATURE
 from dermedge.litert import LiteModel
 from export.bundle import BUNDLE_FILES, dumps, sha256_bytes, usage_md, write_bundle
 from export.config import QuantizationConfig, Tolerances
 from export.refused import REFUSED_NOTICE, refused_notice
-from export.rundir import Run, load_images, open_run, representative_records, validation_records
+from export.rundir import (
+    Run,
+    load_images,
+    open_run,
+    representative_records,
+    stratified_sample,
+    validation_records,
+)
 from export.tflite_metadata import mediapipe_python, with_metadata
 from export.validate import to_markdown
 
@@ -66,8 +73,10 @@ def _summary(v: dict, where: str | None) -> dict:
 
 
 def keras_predict(model, images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
-    """The float model's outputs by name, in batches, no progress bar."""
-    outs: dict[str, list] = {"melanoma": [], "diagnosis": []}
+    """The float model's outputs by name (the heads, and ``ood`` when it has one), in
+    batches, no progress bar."""
+    names = [*HEADS] + ([OOD] if OOD in model.output else [])
+    outs: dict[str, list] = {k: [] for k in names}
     for i in range(0, len(images), batch_size):
         res = model(np.asarray(images[i:i + batch_size], np.float32), training=False)
         for k in outs:
@@ -79,8 +88,13 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
                out: str | Path | None = None, *, data: str | Path | None = None,
                split: str = "val", tolerances: Tolerances | None = None, debug: bool = False,
                validate: bool = True, log=None,
-               qat_python: str | Path | None = None) -> BundleResult:
+               qat_python: str | Path | None = None, gate: bool = True) -> BundleResult:
     """Convert ``run_dir``'s model per ``config``, validate it with LiteRT, write the bundle.
+
+    ``gate`` (the default): add the input gate's ``ood`` output and measure the gate's
+    thresholds on the validation images (export/gate.py; the card's ``gate`` section). A QAT
+    export, or one without validation, measures the quality thresholds only when it can and
+    has no ``ood`` output; the card says why.
 
     With ``config.qat`` (``QuantizationConfig.int8_qat``) the model is fine-tuned with fake
     quantization in the QAT interpreter (``qat_python``, see export/qat.py) and the
@@ -101,17 +115,40 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     md_python = mediapipe_python(log=say)  # the metadata writer's venv, built on first use
     rep, val_rows, where = _read_inputs(run, config, data, split, validate, say)
     model = run.load_model()
+    fit, gate_note = None, None
+    if gate:
+        fit, gate_note = _fit_ood(run, model, config, val_rows, say)
+    load = run.load_model
+    if fit is not None:
+        from export.gate import with_ood_output
+
+        int8 = config.mode == "int8"
+        model = with_ood_output(model, fit, int8=int8)
+
+        def load():
+            return with_ood_output(run.load_model(), fit, int8=int8)
     shipped, ptq, qat_info = _convert(run, model, config, rep, debug=debug, qat_exe=qat_exe,
-                                      say=say)
+                                      say=say, load=load)
     check = rep[:COMPACT_CHECK_IMAGES] if rep is not None else _noise(run.input_size)
-    shipped = _finish_file(shipped, config, run.card, check, say, md_python)
-    ptq = _finish_file(ptq, config, run.card, check, say, md_python) if ptq is not None else None
+    shipped = _file_steps(shipped, config, check, say)
+    ptq = _file_steps(ptq, config, check, say) if ptq is not None else None
+    gate_section, gate_check = None, None
+    if gate:
+        gate_section, gate_check = _measure_gate(run, model, shipped, fit, val_rows, where,
+                                                 tolerances, gate_note, say)
+    meta_card = run.card if gate_section is None else with_section(run.card, "gate", gate_section)
+    shipped = _metadata_step(shipped, meta_card, check, say, md_python)
+    ptq = _metadata_step(ptq, meta_card, check, say, md_python) if ptq is not None else None
     report = _report(run, config, where, shipped)
     passed = _validate(report, run, model, shipped, ptq, val_rows, tolerances,
                        data=data, split=split, validate=validate, say=say)
+    if gate_check is not None and validate:
+        passed = _add_gate_check(report, gate_check)
     section = _card_section(config, shipped, ptq, qat_info, report, where, validate=validate,
                             passed=passed)
     card = with_export(run.card, section)  # validated by dermedge.card
+    if gate_section is not None:
+        card = with_section(card, "gate", gate_section)
     files = {
         "model.tflite": shipped.conv.tflite,
         "labels_diagnosis.txt": "\n".join(run.diagnosis_labels) + "\n",
@@ -172,9 +209,10 @@ def _read_inputs(run: Run, config: QuantizationConfig, data, split: str, validat
 
 
 def _convert(run: Run, model, config: QuantizationConfig, rep, *, debug: bool, qat_exe,
-             say) -> tuple[_Candidate, _Candidate | None, dict | None]:
+             say, load=None) -> tuple[_Candidate, _Candidate | None, dict | None]:
     """The conversion steps: post-training conversion, then bias correction (int8), then QAT.
 
+    ``load``: a fresh copy of ``model`` (bias correction edits one); default the run's model.
     Returns ``(shipped, ptq, qat_info)``. Without QAT ``ptq`` and ``qat_info`` are None; with
     it the QAT model ships (not bias-corrected) and the PTQ model stays for the comparison.
     """
@@ -188,7 +226,8 @@ def _convert(run: Run, model, config: QuantizationConfig, rep, *, debug: bool, q
     conv, bias = (convert_model(model, config, rep, debug=debug)
                   if config.bias_correction not in ("on", "kernel") else None), None
     if config.bias_correction != "off":  # on a second copy: validation compares with float
-        conv, bias = _bias_corrected(run, model, config, rep, conv, debug, say)
+        conv, bias = _bias_corrected(run, model, config, rep, conv, debug, say,
+                                     load or run.load_model)
     if config.qat is None:
         return _Candidate(conv, bias), None, None
     from export.qat import run_qat
@@ -197,15 +236,96 @@ def _convert(run: Run, model, config: QuantizationConfig, rep, *, debug: bool, q
     return _Candidate(qat_conv), _Candidate(conv, bias), qat_info
 
 
-def _finish_file(c: _Candidate, config: QuantizationConfig, card: dict, check: np.ndarray,
-                 say, md_python) -> _Candidate:
-    """The file steps, each output-preserving: batch 1 -> compaction -> metadata."""
+def _file_steps(c: _Candidate, config: QuantizationConfig, check: np.ndarray,
+                say) -> _Candidate:
+    """The file steps, each output-preserving: batch 1 -> compaction (then the gate's
+    thresholds are measured on it, then :func:`_metadata_step`)."""
     conv = _batch_fixed(c.conv, check)  # the file phones and browsers run: [1, S, S, 3]
     if config.compact:  # lossless: identical quantization vectors stored once
         conv = _compacted(conv, config, check, say)
-    # TFLite Model Metadata (export/tflite_metadata.py), after compaction, before validation
-    conv = with_metadata(conv, card, check, say, python=md_python)
     return _Candidate(conv, c.bias)
+
+
+def _metadata_step(c: _Candidate, card: dict, check: np.ndarray, say, md_python) -> _Candidate:
+    """TFLite Model Metadata (export/tflite_metadata.py), after compaction, before validation;
+    ``card`` holds the gate's thresholds when they were measured."""
+    return _Candidate(with_metadata(c.conv, card, check, say, python=md_python), c.bias)
+
+
+def _fit_ood(run: Run, model, config: QuantizationConfig, val_rows, say):
+    """``(OodFit or None, why not)``: the ood density on the train split's pooled features,
+    centred on the validation split (export/gate.py)."""
+    from export import gate
+
+    if OOD in model.output:
+        return None, None  # the run's model computes it itself: measured as it is
+    if config.mode == "dynamic":
+        return None, ("No 'ood' output: dynamic-range quantization quantizes the ood head's"
+                      " inputs on the fly and loses its residual term; export int8, float16 or"
+                      " float32 for it. The quality thresholds were measured.")
+    if config.qat is not None:
+        return None, ("No 'ood' output: QAT exports do not carry it yet (export without --qat"
+                      " for the full gate); the quality thresholds were measured.")
+    if val_rows is None:
+        return None, ("No 'ood' output and no measured thresholds: the gate is measured on"
+                      " the validation images (drop --no-validate).")
+    if gate.feature_model(model) is None:
+        return None, (f"No 'ood' output: the model has no '{gate.POOL_LAYER}' layer (an"
+                      " ensemble); the quality thresholds were measured.")
+    budget = next(c["budget"] for c in gate.rules()["checks"] if c["value"] == gate.OOD)
+    splits = run.splits()
+    train = splits[splits["split"] == "train"]
+    rows = stratified_sample(train, min(gate.FIT_IMAGES, len(train)), seed=config.seed)
+    say(f"input gate: fitting the ood density on {len(rows)} train images"
+        f" ({gate.COMPONENTS} components)")
+    feats = np.concatenate([gate.features(model, load_images(rows["path"].iloc[i:i + 256]
+                                                             .tolist(), run.input_size))
+                            for i in range(0, len(rows), 256)])
+    val = gate.features(model, load_images(val_rows["path"].tolist(), run.input_size))
+    return gate.fit_ood(feats, val, budget), None
+
+
+def _measure_gate(run: Run, model, shipped: _Candidate, fit, val_rows, where,
+                  tolerances: Tolerances, note, say):
+    """``(the card's gate section, the validation's gate check or None)``: thresholds and
+    refusal rates on the validation images, with the shipped model's own ``ood``."""
+    from export import gate
+
+    if val_rows is None:
+        return gate.section(thresholds={}, measured={}, fit=None, where=None, agreement=None,
+                            note=note), None
+    paths = val_rows["path"].tolist()
+    measures = gate.photo_measures(paths)
+    ood_lite = ood_float = None
+    if OOD in model.output:
+        images = load_images(paths, run.input_size)
+        ood_float = keras_predict(model, images)[OOD].reshape(-1)
+        ood_lite = LiteModel.load(shipped.conv.tflite).predict(
+            images, batch_size=VALIDATION_BATCH)[OOD].reshape(-1)
+    thresholds = gate.choose_thresholds(measures, ood_lite, run.input_size)
+    measured = gate.rates(gate.refusals(measures, ood_lite, thresholds))
+    check = (None if ood_lite is None else
+             gate.agreement(measures, ood_float, ood_lite, thresholds, tolerances.gate_agreement))
+    say(f"input gate: thresholds {thresholds}; refuses {measured['total']['refused']} of"
+        f" {measured['n']} validation images")
+    return gate.section(thresholds=thresholds, measured=measured, fit=fit, where=where,
+                        agreement=check, note=note), check
+
+
+def _add_gate_check(report: dict, check: dict) -> bool:
+    """The gate's decision agreement as one more validation gate; the new verdict."""
+    from export.validate import describe_gate
+
+    v = report["validation"]
+    if check["limit"] is not None and check["decision_agreement"] is not None:
+        g = {"name": "gate_agreement", "value": check["decision_agreement"],
+             "limit": check["limit"], "passed": check["passed"], "kind": "min"}
+        v["gates"].append(g)
+        if not g["passed"]:
+            v["failed"].append(describe_gate(g))
+    v["gate"] = check
+    v["passed"] = not v["failed"]
+    return v["passed"]
 
 
 def _report(run: Run, config: QuantizationConfig, where, shipped: _Candidate) -> dict:
@@ -309,7 +429,7 @@ def offsets_fitted_on(run: Run, data, split: str) -> np.ndarray | None:
     return np.array([offsets[c] for c in run.diagnosis_labels], dtype=np.float64)
 
 
-def _bias_corrected(run, model, config, rep, plain, debug, say):
+def _bias_corrected(run, model, config, rep, plain, debug, say, load):
     """Convert a bias-corrected copy; with a ``plain`` conversion ("auto"), keep the better.
 
     "Better" is judged against the float model on the calibration images (train split), never
@@ -319,7 +439,7 @@ def _bias_corrected(run, model, config, rep, plain, debug, say):
     from export.convert import convert_model
     from export.errors import ExportError
 
-    corrected = run.load_model()
+    corrected = load()
     n_bc = min(len(rep), DEFAULT_IMAGES)
     say(f"bias correction: rounding kernels to int8, correcting on {n_bc} train images")
     try:

@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "2020; the default) or round kernels to the nearest grid point (nearest: "
                    "faster on wide backbones such as ResNet50)")
     t.add_argument("--no-validate", action="store_true", help="skip validation (not advised)")
+    t.add_argument("--no-gate", dest="gate", action="store_false",
+                   help="leave out the input gate: no 'ood' output (\"not a dermoscopy photo\")"
+                   " and no measured gate thresholds in the card (the demo then checks photo"
+                   " quality with default thresholds only)")
     t.add_argument("--no-compact", action="store_true",
                    help="ship the converter's bytes as they are: do not store identical "
                    "quantization vectors once (the compacted file is lossless and smaller)")
@@ -265,7 +269,7 @@ def cmd_tflite(args) -> int:
     res = export_run(args.run, config, args.out, data=args.data, split=args.split,
                      tolerances=tol, debug=args.debug, validate=not args.no_validate,
                      log=lambda m: print(f"[export] {m}", file=sys.stderr),
-                     qat_python=args.qat_python)
+                     qat_python=args.qat_python, gate=args.gate)
     v = res.report["validation"]
     ex = res.card["export"]
     print(f"{res.mode} bundle: {res.path} ({res.tflite_bytes:,} bytes, sha256 "

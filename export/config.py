@@ -224,6 +224,8 @@ class Tolerances:
     melanoma_auc_drop: float | None = 0.01
     melanoma_sensitivity_drop: float | None = None
     max_abs_diff: float | None = None
+    # The input gate's refuse/accept decisions, converted vs float ``ood`` (export/gate.py).
+    gate_agreement: float | None = 0.98
 
     @classmethod
     def for_mode(cls, mode: str) -> Tolerances:

@@ -9,7 +9,7 @@ import numpy as np
 
 from dermedge.artifacts import RunDir, read_run
 from dermedge.image import load_image
-from dermedge.labels import HEADS, INPUT_NAME, MELANOMA_DX
+from dermedge.labels import HEADS, INPUT_NAME, MELANOMA_DX, OOD, OPTIONAL_OUTPUTS
 from dermedge.splits import EXTRA_COLUMNS, SPLIT_COLUMNS, read_labelled, read_splits
 from export.errors import ExportError, RunDirError
 
@@ -76,15 +76,18 @@ def _check_model(model, run: Run, path: Path) -> None:
         if shape != (run.input_size, run.input_size, 3):
             problems.append(f"its input shape {shape} differs from the card's "
                             f"{[run.input_size, run.input_size, 3]}")
-    if not isinstance(outputs, dict) or set(outputs) != set(HEADS):
+    if not isinstance(outputs, dict) or not set(HEADS) <= set(outputs) <= {*HEADS,
+                                                                          *OPTIONAL_OUTPUTS}:
         got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
-        problems.append(f"its outputs must be a dict with keys melanoma and diagnosis; received "
-                        f"{got}")
+        problems.append(f"its outputs must be a dict with keys melanoma and diagnosis (and"
+                        f" optionally ood); received {got}")
     else:
         n = len(run.diagnosis_labels)
         if tuple(outputs["melanoma"].shape[1:]) != (1,):
             problems.append(f"melanoma has shape {tuple(outputs['melanoma'].shape)}, expected "
                             "(N, 1)")
+        if OOD in outputs and tuple(outputs[OOD].shape[1:]) != (1,):
+            problems.append(f"ood has shape {tuple(outputs[OOD].shape)}, expected (N, 1)")
         if tuple(outputs["diagnosis"].shape[1:]) != (n,):
             problems.append(f"diagnosis has shape {tuple(outputs['diagnosis'].shape)}, expected "
                             f"(N, {n}) for the card's {n} labels")

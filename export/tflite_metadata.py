@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge.labels import HEADS, OOD, OOD_LABELS
 from export.errors import ExportError
 from export.venvs import PinnedVenv
 
@@ -46,7 +47,7 @@ MEDIAPIPE_REQUIREMENTS: tuple[str, ...] = (
     "python-dateutil==4.0.0", "tzdata==2026.6")
 METADATA_NAME = "TFLITE_METADATA"
 CUSTOM_NAME = "dermedge"  # the subgraph's custom metadata entry: threshold + preprocessing
-LABEL_FILES = {"melanoma": "labels_melanoma.txt", "diagnosis": "labels_diagnosis.txt"}
+LABEL_FILES = {name: f"labels_{name}.txt" for name in (*HEADS, OOD)}
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: reproducible bytes
 NORM_MEAN, NORM_STD = [0.0], [1.0]  # the model takes RGB 0-255; normalisation is in the graph
 WORKER = Path(__file__).with_name("tflite_metadata_worker.py")
@@ -145,11 +146,31 @@ def metadata_spec(card: dict, mode: str, order: list[str]) -> dict:
         "attribution" if "ham10000" in f"{data.get('layout')} {data.get('source')}".lower()
         else "See model_card.json")
     versions = card.get("versions") or {}
+    gate = card.get("gate") or {}
+    ood_max = (gate.get("thresholds") or {}).get("ood_max")
     desc = {"melanoma": f"P(melanoma). MediaPipe applies one global score threshold: the app "
                         f"calls it positive when score >= {round(thr, 4):g} (the model's "
                         f"threshold, custom metadata '{CUSTOM_NAME}').",
             "diagnosis": f"{len(heads['diagnosis']['labels'])} diagnosis probabilities: "
-                         + ", ".join(heads["diagnosis"]["labels"]) + "."}
+                         + ", ".join(heads["diagnosis"]["labels"]) + ".",
+            "ood": "The input gate's atypicality in [0, 1]: how far the photo's features lie "
+                   "from the dermoscopy photos the model was trained on. Not a diagnosis: "
+                   "refuse the photo (ask for a retake, show no diagnosis) when it is > "
+                   + (f"{ood_max:g}" if ood_max is not None else "the card's gate.thresholds."
+                      "ood_max") + f" (custom metadata '{CUSTOM_NAME}' -> gate, with the photo"
+                   " quality checks)."}
+    labels = {"melanoma": list(heads["melanoma"]["labels"]),
+              "diagnosis": list(heads["diagnosis"]["labels"]),
+              "ood": list((gate.get("ood") or {}).get("labels") or OOD_LABELS)}
+    custom = {"melanoma_threshold": round(thr, 6), "heads": order, "input_size": size,
+              "preprocessing": preprocessing(size)}
+    if gate.get("thresholds"):
+        custom["gate"] = {"thresholds": gate["thresholds"], "params": gate.get("params"),
+                          "output": OOD if OOD in order else None,
+                          "rules": "a photo is refused when side < min_side, mean_luma <"
+                                   " mean_luma_min, dark_share > dark_share_max,"
+                                   " clipped_share > clipped_share_max, sharpness <"
+                                   " sharpness_min or ood > ood_max (dermedge docs/MOBILE.md)"}
     return {
         "general": {
             "name": str(card.get("name") or "dermedge"),
@@ -164,11 +185,9 @@ def metadata_spec(card: dict, mode: str, order: list[str]) -> dict:
                   "description": f"RGB photo: the centred square, resized to {size}x{size}; "
                                  "pixels 0-255."},
         "outputs": [{"name": name, "description": desc[name],
-                     "labels": list(heads[name]["labels"]), "label_file": LABEL_FILES[name]}
+                     "labels": labels[name], "label_file": LABEL_FILES[name]}
                     for name in order],
-        "custom": {"name": CUSTOM_NAME, "data": {
-            "melanoma_threshold": round(thr, 6), "heads": order,
-            "input_size": size, "preprocessing": preprocessing(size)}},
+        "custom": {"name": CUSTOM_NAME, "data": custom},
     }
 
 
@@ -246,7 +265,7 @@ def embed(tflite: bytes, card: dict, mode: str, images: np.ndarray, *, compacted
         meta_json = json.loads((work / "out.json").read_text())
     metadata = metadata_buffer(written)
     _, files = split_file(written)
-    if metadata is None or sorted(n for n, _ in files) != sorted(LABEL_FILES.values()):
+    if metadata is None or sorted(n for n, _ in files) != sorted(LABEL_FILES[o] for o in order):
         raise MetadataError(f"MediaPipe's writer returned no {METADATA_NAME} or other label files "
                             f"({[n for n, _ in files]}); this is a bug in dermedge's export.")
     files = sorted(files, key=lambda f: [o["label_file"] for o in spec["outputs"]].index(f[0]))

@@ -112,11 +112,13 @@ def chain_bundle(chain_run, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("chain_bundle") / "int8"
     # 38 val images: one flipped answer is 2.6 points of agreement and up to 3.6 of balanced
-    # accuracy, so the gates allow one (the defaults are for real validation sets).
+    # accuracy, so the gates allow one (the defaults are for real validation sets); the input
+    # gate's ood threshold sits at the top of these 38 and the tiny CNN's int8 features are
+    # coarse, so its decisions may flip on up to three.
     _cli_ok(main, ["tflite", str(chain_run), "--int8", "--representative", "40",
                    "--out", str(out), "--tolerance", "diagnosis_agreement=0.95",
                    "melanoma_agreement=0.95", "balanced_accuracy_drop=0.05",
-                   "melanoma_auc_drop=0.05"], "python -m export tflite")
+                   "melanoma_auc_drop=0.05", "gate_agreement=0.9"], "python -m export tflite")
     return out
 
 

@@ -192,3 +192,40 @@ def test_site_calibration_reports_the_promise_and_coverage_per_sample_size(bundl
     # a second run reuses the cached tier answers
     assert _script("site_calibration").main(argv) == 0
     assert "using cached tier answers" in capsys.readouterr().out
+
+
+@pytest.mark.shared
+def test_input_gate_benchmark_reports_every_set(chain_bundle, chain_run, shared_dir, tmp_path,
+                                                capsys):
+    out = tmp_path / "gate.json"
+    rc = _script("input_gate").main([str(chain_bundle), "--run", str(chain_run), "--shared",
+                                     str(shared_dir), "--limit", "3", "--synthetic", "3",
+                                     "--cost-photos", "1", "--cost-runs", "1", "--out", str(out)])
+    assert rc == 0, capsys.readouterr()
+    doc = json.loads(out.read_text())
+    assert [r["set"] for r in doc["real"]] == ["validation split", "600x450 originals"]
+    kinds = {d["kind"] for d in doc["detection"]}
+    assert kinds == {"everyday", "blur", "dark"}
+    for d in doc["detection"]:
+        assert d["n"] == 3 and 0 <= d["rate"] <= 1 and d["ci95"][0] <= d["rate"] <= d["ci95"][1]
+    assert doc["black_frame"]["refused"] is True
+    assert doc["cost"]["server"]["600x450"]["ratio"] > 0
+    assert "AUROC" in capsys.readouterr().out
+
+
+@pytest.mark.shared
+def test_ood_choice_benchmark_scores_every_method(chain_run, shared_dir, tmp_path, capsys):
+    out = tmp_path / "ood.json"
+    rc = _script("ood_choice").main([str(chain_run), "--shared", str(shared_dir),
+                                     "--fit-images", "40", "--out", str(out)])
+    assert rc == 0, capsys.readouterr()
+    doc = json.loads(out.read_text())
+    scores = [r["score"] for r in doc["rows"]]
+    assert scores[0] == "1 - top softmax probability"
+    assert "PPCA 32 components + residual" in scores and len(scores) == 1 + 2 * 5
+    for r in doc["rows"]:
+        assert 0 <= r["auroc_everyday"] <= 1 and 0 <= r["detected_at_0.01"] <= 1
+        assert r["detected_at_0.01"] <= r["detected_at_0.03"]
+    assert all(0 < r["components"] <= 20 for r in doc["rows"][1:])  # at most half of 40
+    assert doc["everyday_choose"] == "the first 150 by file name" and doc["fit_images"] == 40
+    assert "AUROC" in capsys.readouterr().out

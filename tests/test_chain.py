@@ -72,7 +72,10 @@ def test_the_card_flows_from_run_to_bundle_to_server(chain_run, chain_bundle, ch
     assert run.synthetic is True and bundle.synthetic is True  # trained on `trainer toy-data`
     without_export = bundle.to_dict()
     without_export.pop("export")
+    gate = without_export.pop("gate")  # the input gate, measured by the export
     assert without_export == run.to_dict()
+    assert gate["ood"]["output"] == "ood" and "ood" in bundle.export["outputs"]
+    assert gate["thresholds"]["min_side"] == run.input_size
     with urllib.request.urlopen(chain_server + "/api/v1/models", timeout=10) as r:
         models = json.loads(r.read())
     served = models["device"]["card"]

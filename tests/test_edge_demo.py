@@ -102,7 +102,7 @@ def test_classify_response_shape(client, bundles):
     assert abs(sum(dev["diagnosis"].values()) - 1.0) < 7 / 256 + 1e-6
     assert 0.0 <= dev["melanoma"] <= 1.0
     assert dev["top"]["label"] == max(dev["diagnosis"], key=dev["diagnosis"].get)
-    assert set(body["timings_ms"]) == {"decode", "device", "cloud", "total"}
+    assert set(body["timings_ms"]) == {"decode", "gate", "device", "cloud", "total"}
     assert body["timings_ms"]["total"] >= body["timings_ms"]["device"]
     assert body["advice"]["decision"] in ("refer", "no_action") and body["advice"]["rules_fired"]
     assert "not a diagnosis" in body["disclaimer"]

@@ -33,7 +33,10 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundles(run_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("exports")
-    return {m: export_run(run_dir, cfg, out / m) for m, cfg in MODES.items()}
+    # 28 val images: the input gate's ood threshold sits at their top, where one of them may
+    # flip between the float and the converted model (the default is for real validation sets)
+    tol = {m: Tolerances.for_mode(m).with_overrides({"gate_agreement": 0.95}) for m in MODES}
+    return {m: export_run(run_dir, cfg, out / m, tolerances=tol[m]) for m, cfg in MODES.items()}
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -57,9 +60,20 @@ def test_every_mode_converts_and_bundle_matches_contract(bundles, mode):
     # The card's tensor details are the model's, by name.
     lite = LiteModel.load(res.path / "model.tflite")
     sig = lite.interpreter.get_signature_list()["serving_default"]
-    assert sig["inputs"] == ["image"] and set(sig["outputs"]) == {"melanoma", "diagnosis"}
+    # the heads, and the input gate's ood score (export/gate.py), by name; dynamic-range
+    # quantization would lose the score's residual term, so it ships none and says why
+    heads = {"melanoma", "diagnosis"} | ({"ood"} if mode != "dynamic" else set())
+    assert sig["inputs"] == ["image"] and set(sig["outputs"]) == heads
     assert lite.io == {"inputs": ex["inputs"], "outputs": ex["outputs"]}
     assert ex["outputs"]["melanoma"]["shape"] == [1, 1]
+    if mode == "dynamic":
+        assert card["gate"]["thresholds"]["ood_max"] is None and card["gate"]["ood"] is None
+        assert card["gate"]["validation"] is None and "dynamic-range" in card["gate"]["note"]
+        assert card["gate"]["thresholds"]["sharpness_min"] is not None  # quality: measured
+    else:
+        assert ex["outputs"]["ood"]["shape"] == [1, 1]
+        assert card["gate"]["thresholds"]["ood_max"] is not None
+        assert card["gate"]["validation"]["passed"] is True
     assert ex["outputs"]["diagnosis"]["shape"] == [1, 7]
     # Mobile-ready: the signature's batch is fixed to 1 (LiteRT.js refuses a dynamic batch).
     detail = lite.interpreter.get_signature_runner("serving_default").get_input_details()
@@ -382,3 +396,23 @@ def test_bench_cli(bundles, tmp_path, capsys):
         assert r["size_bytes"] == Path(r["model"]).stat().st_size
     assert main(["bench", str(tmp_path / "missing")]) == 2
     assert "neither a bundle" in capsys.readouterr().err
+
+
+def test_no_gate_exports_the_two_heads_only_and_the_demo_checks_quality(run_dir, bundles,
+                                                                        tmp_path):
+    from edge_demo.tiers import Tier
+
+    res = export_run(run_dir, QuantizationConfig.float32(), tmp_path / "nogate", gate=False)
+    assert res.passed is True and "gate" not in res.card
+    assert set(res.card["export"]["outputs"]) == {"melanoma", "diagnosis"}
+    assert res.card["export"]["metadata"]["output_order"] == ["melanoma", "diagnosis"]
+    assert Tier.from_bundle(res.path).has_ood is False
+    gated = bundles["float32"]
+    assert Tier.from_bundle(gated.path).has_ood is True
+    # the ood head: the same heads' outputs, a few kB more (2 x components x features)
+    assert 0 < gated.tflite_bytes - res.tflite_bytes < 4 * 3 * gated.card["gate"]["ood"][
+        "head_weights"]
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    a, b = run_tflite(res.path, images), run_tflite(gated.path, images)
+    np.testing.assert_allclose(a["diagnosis"], b["diagnosis"], atol=1e-6)
+    assert b["ood"].shape == (4, 1) and ((0 <= b["ood"]) & (b["ood"] <= 1)).all()

@@ -52,12 +52,18 @@ def test_image_classifier_names_heads_and_matches_litert(bundles, mode):
     got = mediapipe_classify(bundle / "model.tflite", list(images))
     ref = run_tflite(bundle, images)
     order = card["export"]["metadata"]["output_order"]
-    assert sorted(order) == ["diagnosis", "melanoma"]
+    assert sorted(order) == ["diagnosis", "melanoma", "ood"]  # ood: the input gate's score
     for i, heads in enumerate(got):
         assert list(heads) == order  # by name, in the subgraph's output order
-        assert [heads[n]["index"] for n in order] == [0, 1]
+        assert [heads[n]["index"] for n in order] == [0, 1, 2]
         assert heads["melanoma"]["labels"] == ["melanoma"]
         assert heads["diagnosis"]["labels"] == card["heads"]["diagnosis"]["labels"]
+        assert heads["ood"]["labels"] == ["not_dermoscopy"]
+        ood = heads["ood"]["scores"]
+        if mode == "int8":
+            assert np.array_equal(ood, ref["ood"][i])
+        else:
+            np.testing.assert_allclose(ood, ref["ood"][i], atol=FLOAT_TOLERANCE, rtol=0)
         mel, dx = heads["melanoma"]["scores"], heads["diagnosis"]["scores"]
         if mode == "int8":  # MediaPipe dequantizes the uint8 outputs exactly as LiteRT does
             assert np.array_equal(mel, ref["melanoma"][i]) and np.array_equal(dx,

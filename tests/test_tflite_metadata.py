@@ -97,6 +97,11 @@ def test_metadata_fields_read_back_with_mediapipe(exported):
     payload = json.loads(bytes(custom["data"]).decode())
     assert payload["melanoma_threshold"] == pytest.approx(card["heads"]["melanoma"]["threshold"])
     assert payload["heads"] == order and "centred square" in payload["preprocessing"]["crop"]
+    # the input gate: its thresholds as the card has them, and the ood output described
+    assert payload["gate"]["thresholds"] == card["gate"]["thresholds"]
+    assert payload["gate"]["params"]["side_cap"] == 448 and payload["gate"]["output"] == "ood"
+    ood = outs[order.index("ood")]
+    assert "atypicality" in ood["description"] and "retake" in ood["description"]
 
 
 def test_metadata_spec_rounds_the_threshold_for_people():
@@ -152,7 +157,7 @@ def test_inspect_prints_what_a_mobile_developer_needs(exported, capsys, tmp_path
     assert f"{i} diagnosis: uint8 [1, 7]" in text and f"labels_diagnosis.txt: {labels}" in text
     assert "TFLITE_METADATA" in text and "'dermedge'" in text and "0.37" in text
     assert "loads: yes; heads " + ", ".join(
-        f"{n} ({1 if n == 'melanoma' else 7} labels)" for n in order) in text
+        f"{n} ({7 if n == 'diagnosis' else 1} labels)" for n in order) in text
     assert main(["inspect", str(first.path / "model.tflite"), "--json", "--no-mediapipe"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [o["name"] for o in info["outputs"]] == order

@@ -8,6 +8,7 @@
   const P = root.dermedgePolicy || require("./policy.js");
   const M = root.dermedgeMetadata || require("./metadata.js");
   const T = root.dermedgeTemperature || require("./temperature.js");
+  const G = root.dermedgeGate || require("./gate.js");
   const NOT_SENT = " The photo was not sent, so the device answer stands.";
   const NO_CLOUD = " No cloud tier is configured, so the device answer stands.";
 
@@ -45,6 +46,14 @@
     };
   }
 
+  /** The input gate's section: gate.js on the page's measures of the photo and the device
+   * answer's ood, as the server re-checks them (edge_demo/browser.py decide). */
+  function gateSection(doc, answer) {
+    const values = Object.assign({}, answer.gate_values || {});
+    if (answer.ood !== undefined && answer.ood !== null) values.ood = answer.ood;
+    return G.decide(doc.gate_rules, doc.gate, values);
+  }
+
   /** The page's device answer (photo alone) + patient details -> the body the server would
    * return with no photo: the policy's temperature, then the tables, both policy stages,
    * every check and sentence (DemoService.adjust's order). */
@@ -55,11 +64,13 @@
     const wants = P.fallbackChecks(doc.rules, doc.policy.policy, device).wanted;
     const body = respond(doc, device, meta, wants, wants ? NOT_SENT : "");
     body.fallback.asked = Boolean(askCloud);
+    body.gate = gateSection(doc, answer);
     return Object.assign(body, { photo_received: false, tier_path: "browser",
       device_computed_on: "browser" });
   }
 
-  const api = { localDecide: localDecide, respond: respond, threshold: threshold };
+  const api = { localDecide: localDecide, respond: respond, threshold: threshold,
+    gateSection: gateSection };
   if (typeof module !== "undefined" && module.exports) module.exports = api;
   root.dermedgeAnswer = api;
 })(typeof globalThis !== "undefined" ? globalThis : this);

@@ -101,6 +101,14 @@
   }
 
   function render(body) {
+    // --- input gate hook (issue 36, gate_page.js): a retake answer shows no diagnosis ---
+    if (body.advice.decision === "retake") {
+      window.dermedgeGatePage.render(body);
+      renderCase(body);
+      return;
+    }
+    window.dermedgeGatePage.reset();
+    // --- end of the input gate hook ---
     const adv = $("advice");
     adv.className = "advice " + body.advice.decision;
     adv.replaceChildren(el("strong", "", body.advice.decision === "refer"
@@ -242,6 +250,41 @@
       }
       throw err;
     }
+    const build = deviceInfo && deviceInfo.build === "threaded" ? "threaded" : "single";
+    // --- input gate hook (issue 36, gate_page.js): a refused photo is not uploaded and gets
+    // no diagnosis; only the gate's measures go up, the server re-checks them and answers
+    // "retake" (offline: the phone's own retake answer, queued without the photo) ---
+    answer.gate = window.dermedgeGatePage.outcome(answer, policyDoc);
+    const gateField = ["gate", window.dermedgeGatePage.field(answer.gate)];
+    if (!answer.gate.passed) {
+      const fields = [...caseFields(c, build), ...patientFields(), gateField];
+      const retake = window.dermedgeGatePage.localRetake(answer.gate);
+      const item = { case_id: c.case_id, code: c.code, created_at: c.created_at,
+        fields: Object.fromEntries(fields), photo: null, photo_name: file.name || "photo.jpg",
+        local: retake };
+      window.dermedgeLast = { answer: answer, local: retake, caseId: item.case_id,
+        fallback: null, sentPhoto: false, needCloud: false, queued: false };
+      const data = new FormData();
+      fields.forEach(([k, v]) => data.append(k, v));
+      let body;
+      try {
+        if (navigator.onLine === false) throw Object.assign(new Error("offline"), { offline: true });
+        body = await post("api/v1/decide", data);
+      } catch (err) {
+        if (!err.offline || !window.dermedgeCases) throw err;
+        await window.dermedgeCases.enqueue(item);
+        window.dermedgeLast.queued = true;
+        window.dermedgeLast.body = retake;
+        note("No network: the photo was checked on this phone. The case is queued (without" +
+          " the photo) and is sent when the network is back.");
+        return retake;
+      }
+      window.dermedgeLast.body = body;
+      note("");
+      if (window.dermedgeCases) window.dermedgeCases.record(item, body).catch(() => {});
+      return body;
+    }
+    // --- end of the input gate hook ---
     const meta = window.dermedgeMetadata.parse(patientForm());  // the server's 400 messages
     const ask = Boolean($("ask-cloud-input") && $("ask-cloud-input").checked);
     const local = window.dermedgeAnswer.localDecide(policyDoc, answer, meta, ask);
@@ -250,9 +293,8 @@
     // runs only when needed); the keep box can be ticked only with the upload box
     const keep = consented("consent-upload") && consented("consent-keep");
     const send = (needCloud && consented("consent-upload")) || keep;
-    const build = deviceInfo && deviceInfo.build === "threaded" ? "threaded" : "single";
     const fields = [...caseFields(c, build), ...patientFields(),
-      ["device_answer", JSON.stringify(answer)]];
+      ["device_answer", JSON.stringify(answer)], gateField];
     if (ask) fields.push(["ask_cloud", "1"]);
     const item = { case_id: c.case_id, code: c.code, created_at: c.created_at,
       fields: Object.fromEntries(fields), photo: send ? file : null,

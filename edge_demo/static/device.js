@@ -3,7 +3,7 @@
 // (WebAssembly, served by the demo server) in the build runtime.js picks for this browser.
 // Sets window.dermedgeDevice = {ready, classifyFile, runPixels, ...}.
 
-import { cropResize, preprocess } from "./pixels.js";
+import { cropResize, decodeSquare, preprocess, squareResize } from "./pixels.js";
 import { chooseBuild } from "./runtime.js";
 
 const config = JSON.parse(document.getElementById("browser-config").textContent);
@@ -54,6 +54,7 @@ export async function runPixels(pixels) {
   const t0 = performance.now();
   const out = await model.run({ image: input });
   const mel = out.melanoma.toTypedArray(), diag = out.diagnosis.toTypedArray();
+  const oodValues = out.ood ? out.ood.toTypedArray() : null;  // input gate hook (issue 36)
   const latency = performance.now() - t0;
   input.delete();
   Object.values(out).forEach((t) => t.delete());
@@ -64,18 +65,29 @@ export async function runPixels(pixels) {
     diagnosis[lab] = probs[i];
     if (top === null || probs[i] > diagnosis[top]) top = lab;
   });
-  return { melanoma: read("melanoma", mel)[0], diagnosis, top: { label: top,
+  const answer = { melanoma: read("melanoma", mel)[0], diagnosis, top: { label: top,
     probability: diagnosis[top] }, latency_ms: Math.round(latency * 1000) / 1000,
   computed_on: "browser" };
+  if (oodValues) answer.ood = read("ood", oodValues)[0];  // input gate hook (issue 36)
+  return answer;
 }
 
 let lastPixels = null, lastPrepMs = null;
 
 export async function classifyFile(file) {
   const t0 = performance.now();
-  lastPixels = await preprocess(file, config.image_size);
+  const sq = await decodeSquare(file);
+  lastPixels = squareResize(sq.rgba, sq.side, 0, 0, sq.side, config.image_size);
   lastPrepMs = performance.now() - t0;
+  // --- input gate hook (issue 36, gate.js): the photo's measures on the decoded pixels ---
+  const t1 = performance.now();
+  const measures = config.gate.enabled ? window.dermedgeGate.measureSquare(
+    sq.rgba, sq.side, sq.width, sq.height, config.gate.params) : {};
+  const gateMs = performance.now() - t1;
   const answer = await runPixels(lastPixels);
+  answer.gate_values = { ...measures, ood: answer.ood === undefined ? null : answer.ood };
+  answer.gate_ms = Math.round(gateMs * 1000) / 1000;
+  // --- end of the input gate hook ---
   return answer;
 }
 

@@ -126,17 +126,18 @@ export function cropResize(rgba, w, h, size) {
   return squareResize(rgba, w, (w - s) >> 1, (h - s) >> 1, s, size);
 }
 
-/** A photo file -> the upright centred square's RGBA (no canvas resampling: drawn 1:1). */
+/** A photo file -> the upright centred square's RGBA (no canvas resampling: drawn 1:1), its
+ * side, and the upright photo's width and height. */
 export async function decodeSquare(file) {
   const bmp = await createImageBitmap(file, { imageOrientation: "from-image",
     colorSpaceConversion: "none", premultiplyAlpha: "none" });
-  const s = Math.min(bmp.width, bmp.height);
+  const s = Math.min(bmp.width, bmp.height), width = bmp.width, height = bmp.height;
   const canvas = typeof OffscreenCanvas === "function" ? new OffscreenCanvas(s, s)
     : Object.assign(document.createElement("canvas"), { width: s, height: s });
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.drawImage(bmp, (bmp.width - s) >> 1, (bmp.height - s) >> 1, s, s, 0, 0, s, s);
   bmp.close();
-  return { rgba: ctx.getImageData(0, 0, s, s).data, side: s };
+  return { rgba: ctx.getImageData(0, 0, s, s).data, side: s, width, height };
 }
 
 /** A photo file -> the model's (size, size, 3) uint8 pixels. */
