@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from dermedge.files import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -104,7 +106,7 @@ def _int8_bal(q: dict | None) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    from trainer.labels import DIAGNOSIS_LABELS
+    from dermedge.labels import DIAGNOSIS_LABELS
 
     lines = [
         "| run | backbone | input | params | float32 MB | int8 MB | bal. acc "
@@ -182,10 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = args.results / f"accuracy-{stamp}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
-                               "rows": rows}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows},
+               allow_nan=True)
     print(f"wrote {path}")
     if args.md:
         args.md.write_text(table)

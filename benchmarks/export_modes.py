@@ -15,7 +15,6 @@ benchmarks/results/export_modes-<run>-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dermedge.files import write_json  # noqa: E402
 from export.api import QuantizationConfig, export_run  # noqa: E402
 from export.bench import bench, table  # noqa: E402
 from export.errors import DermedgeError  # noqa: E402
@@ -94,11 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = args.results / f"export_modes-{Path(args.run).name}-{stamp}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"run": str(Path(args.run).resolve()), "machine": platform.platform(),
-                               "processor": platform.processor(), "cpus": os.cpu_count(),
-                               "threads": args.threads, "rows": rows}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {"run": str(Path(args.run).resolve()), "machine": platform.platform(),
+                      "processor": platform.processor(), "cpus": os.cpu_count(),
+                      "threads": args.threads, "rows": rows}, allow_nan=True)
     print(f"wrote {path}")
     return 0 if all(r["passed"] for r in rows) else 3
 

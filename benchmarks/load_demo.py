@@ -39,6 +39,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from dermedge.files import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SHARED = Path(os.environ.get("DERMEDGE_SHARED", REPO.parent / "shared"))
@@ -54,10 +56,7 @@ def write_result(doc: dict, out: Path | None, stem: str) -> Path:
     """Write ``doc`` as JSON to ``out`` (default ``results/<stem>_<time>.json``) atomically
     (temp file, then rename) and say where."""
     out = out or RESULTS / f"{stem}_{dt.datetime.now():%Y%m%d_%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, doc, allow_nan=True)
     print(f"wrote {out}")
     return out
 

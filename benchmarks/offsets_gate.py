@@ -12,7 +12,7 @@ and scores each copy against the float model three ways:
 * **in-sample**: both with the run's offsets, on the split they were fitted on (the old gate);
 * **without offsets**: both with the offsets taken out (a model that never saw these labels);
 * **cross-fitted**: offsets refitted from the float model on one half, both scored on the other
-  (trainer.calibration.crossfit_pair, what the export's gate uses now; 5 halvings per copy).
+  (dermedge.metrics.crossfit_pair, what the export's gate uses now; 5 halvings per copy).
 
 It prints the mean ± SD of each drop over the copies and the share of copies a 0.01 gate would
 refuse, and, with `--int8 BUNDLE`, the same three figures for a real int8 file of the run.
@@ -41,8 +41,8 @@ GATE = Tolerances().balanced_accuracy_drop  # the export's default
 def drops(pf: np.ndarray, pl: np.ndarray, y: np.ndarray, offsets: np.ndarray,
           repeats: int = 5) -> dict:
     """The three drops (float minus copy) of one copy ``pl`` of ``pf``."""
-    from dermedge.numerics import balanced_accuracy
-    from trainer.calibration import crossfit_pair, log_probs
+    from dermedge.metrics import crossfit_pair
+    from dermedge.numerics import balanced_accuracy, log_probs
 
     def bacc(scores):
         return balanced_accuracy(y, scores.argmax(axis=-1))
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                       "refused": float(np.mean(v > GATE))}
         records.append(rec)
     if args.int8 is not None:
-        from export.litert import LiteModel
+        from dermedge.litert import LiteModel
 
         pl = LiteModel.load(args.int8 / "model.tflite").predict(images, batch_size=16)
         g = drops(pf, np.asarray(pl["diagnosis"], np.float64), y, offsets, repeats=10)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge.files import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "pipeline_throughput.json"
@@ -125,9 +127,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results[f"{r['backbone']}@{r['input_size']}"] = r
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(out, results, allow_nan=True)
     print(f"written to {out}")
     return 0 if r["ratio"] >= 0.9 else 1
 

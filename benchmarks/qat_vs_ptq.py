@@ -12,7 +12,6 @@ JSON to benchmarks/results/qat_vs_ptq-<run>-<timestamp>.json. Needs the QAT envi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dermedge.files import write_json  # noqa: E402
 from export.api import QuantizationConfig, export_run  # noqa: E402
 from export.bench import table  # noqa: E402
 from export.config import DEFAULT_QAT_EPOCHS, DEFAULT_QAT_LR  # noqa: E402
@@ -103,11 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = args.results / f"qat_vs_ptq-{Path(args.run).name}-{stamp}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**res, "machine": platform.platform(),
-                               "processor": platform.processor(), "cpus": os.cpu_count()},
-                              indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {**res, "machine": platform.platform(), "processor": platform.processor(),
+                      "cpus": os.cpu_count()}, allow_nan=True)
     print(f"wrote {path}")
     return 0 if res["rows"][2]["gates"] == "passed" else 3
 

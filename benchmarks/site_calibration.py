@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dermedge.files import write_text
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load_demo import write_result  # noqa: E402
 
@@ -110,10 +112,7 @@ def build_cache(device, cloud, splits: Path, split: str, raw: Path | None, cache
                                    "clean": {"device": _answers(device, im),
                                              "cloud": _answers(cloud, im)}})
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, cache)
+    write_text(cache, json.dumps(out))
     return out
 
 

@@ -10,11 +10,12 @@ Takes bundle folders or .tflite files; prints a table and writes JSON to benchma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from dermedge.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 9: "int8", 7: "int16"}
@@ -99,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['tensor_names']:>7,} {r['other']:>8,}")
     out = args.json or REPO / "benchmarks" / "results" / \
         f"tflite_bytes-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(out, rows, allow_nan=True)
     print(f"wrote {out}")
     return 0
 

@@ -30,13 +30,14 @@ SHARED = Path(os.environ.get("DERMEDGE_SHARED", REPO.parent / "shared"))
 def measure(bundle: Path, photos: list[Path]) -> dict:
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: F401 - an export has it loaded
 
+    from dermedge.artifacts import read_bundle
     from dermedge.image import load_image
-    from export.litert import run_tflite
+    from dermedge.litert import run_tflite
     from export.tflite_metadata import embed, mediapipe_classify, split_file
 
-    card = json.loads((bundle / "model_card.json").read_text())
+    card = read_bundle(bundle).card
     src = split_file((bundle / "model.tflite").read_bytes())[0]
-    s = int(card["input"]["shape"][0])
+    s = card.input_size
     compacted = bool((card["export"].get("compaction") or {}).get("applied"))
     rng = np.random.default_rng(0)
     check = rng.integers(0, 256, (2, s, s, 3), dtype=np.uint8)

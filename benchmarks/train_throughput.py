@@ -17,7 +17,6 @@ layer can be fine-tuned within the CPU budget.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from dermedge.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -91,12 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / (f"train_throughput-{args.backbone}-"
                            f"{time.strftime('%Y%m%d-%H%M%S')}.json")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"backbone": args.backbone, "size": args.size,
-                               "batch_size": args.batch_size, "steps": args.steps,
-                               "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                               "rows": rows}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {"backbone": args.backbone, "size": args.size,
+                      "batch_size": args.batch_size, "steps": args.steps,
+                      "cpu_count": os.cpu_count(), "machine": platform.machine(),
+                      "rows": rows}, allow_nan=True)
     print(f"wrote {path}")
     return 0
 

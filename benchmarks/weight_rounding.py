@@ -13,7 +13,6 @@ table and writes JSON to benchmarks/results/weight_rounding-<run>-<timestamp>.js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dermedge.files import write_json  # noqa: E402
 from export.api import keras_predict  # noqa: E402
 from export.bench import table  # noqa: E402
 from export.biascorr import DEFAULT_IMAGES, channel_axis, correct_biases, round_to_int8_grid  # noqa: E402
@@ -84,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     path = (args.results /
             f"weight_rounding-{Path(args.run).name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    tmp = path.with_name(f".{path.name}.tmp")
-    run = str(Path(args.run).resolve())
-    tmp.write_text(json.dumps({"run": run, "rows": rows}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {"run": str(Path(args.run).resolve()), "rows": rows}, allow_nan=True)
     print(f"wrote {path}")
     return 0
 

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dermedge import image as image_contract
 from dermedge.errors import DermedgeError
+from dermedge.labels import INPUT_NAME
 
 CARD_SCHEMA_VERSION = 1
 READABLE_VERSIONS: tuple[int, ...] = (1,)
 CARD_FILE = "model_card.json"
-HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
 # The feature-extractor sub-model's name in cards written before ``backbone_layer`` existed.
 V1_BACKBONE_LAYER = "backbone"
 RESIZE_MODES: tuple[str, ...] = (image_contract.RESIZE,)
@@ -32,8 +32,9 @@ KEY_ORDER: tuple[str, ...] = (
     "schema_version", "name", "created", "backbone", "backbone_layer", "weights", "input",
     "preprocessing",
     "heads", "ensemble", "data", "config", "training", "calibration", "distillation",
-    "metrics", "versions", "reproducibility", "metadata_prior", "export")
-OPTIONAL_KEYS: tuple[str, ...] = ("ensemble", "metadata_prior", "export")
+    "metrics", "versions", "reproducibility", "metadata_prior", "export", "gate")
+# "gate": a bundle's input gate (export/gate.py: thresholds, measured refusal rates).
+OPTIONAL_KEYS: tuple[str, ...] = ("ensemble", "metadata_prior", "export", "gate")
 # What read_card checks (docs/ARTIFACTS.md lists the same; tests hold the two together).
 REQUIRED_FIELDS: tuple[str, ...] = (
     "schema_version", "input.shape", "heads.melanoma.threshold", "heads.diagnosis.labels")
@@ -70,9 +71,12 @@ class HeadSpec:
 
 
 @dataclass(frozen=True)
-class ModelCard:
-    """A validated card. Build with :func:`build_card`, read with :func:`read_card`;
-    :meth:`to_dict` is the JSON written to ``model_card.json``."""
+class ModelCard(Mapping):
+    """A validated card. Build with :func:`build_card`, read with :func:`read_card`.
+
+    The typed fields are what every stage reads; the card is also a read-only mapping of its
+    top-level sections (``card["export"]``, ``card.get("calibration")``: copies, so the card
+    cannot be changed through them). :meth:`to_dict` / :meth:`to_json` serialise it."""
 
     schema_version: int
     name: str | None
@@ -107,9 +111,15 @@ class ModelCard:
         section = self.raw.get("export")
         return copy.deepcopy(section) if isinstance(section, dict) else None
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """A top-level section as JSON (a copy), e.g. ``card.get("calibration")``."""
-        return copy.deepcopy(self.raw.get(key, default))
+    def __getitem__(self, key: str) -> Any:
+        """A top-level section as JSON (a copy), e.g. ``card["heads"]``."""
+        return copy.deepcopy(self.raw[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(dict(self.raw))
@@ -192,6 +202,15 @@ def with_section(card: ModelCard, key: str, value: Any) -> ModelCard:
     return card_from_dict(_ordered(d), where="the card being written")
 
 
+def without_section(card: ModelCard, key: str) -> ModelCard:
+    """``card`` without the optional top-level section ``key``."""
+    if key not in OPTIONAL_KEYS:
+        raise ValueError(f"{key!r} is not an optional card section ({', '.join(OPTIONAL_KEYS)}).")
+    d = card.to_dict()
+    d.pop(key, None)
+    return card_from_dict(d, where="the card being written")
+
+
 def _ordered(d: dict) -> dict:
     known = {k: d[k] for k in KEY_ORDER if k in d}
     return {**known, **{k: v for k, v in d.items() if k not in known}}
@@ -237,7 +256,7 @@ def card_from_dict(d: Any, *, where: str = "the model card",
         schema_version=int(d["schema_version"]),
         name=None if d.get("name") is None else str(d["name"]),
         backbone=None if d.get("backbone") is None else str(d["backbone"]),
-        input=InputSpec(name=str(_get(d, "input.name") or "image"), size=int(shape[0]),
+        input=InputSpec(name=str(_get(d, "input.name") or INPUT_NAME), size=int(shape[0]),
                         dtype=str(_get(d, "input.dtype") or "float32"),
                         resize=str(_get(d, "input.resize") or image_contract.RESIZE)),
         melanoma=HeadSpec(mel.get("activation"), tuple(mel.get("labels") or ["melanoma"]),
@@ -260,8 +279,8 @@ def card_problems(d: dict, *, need_export: bool = False) -> list[str]:
             and shape[0] == shape[1] and isinstance(shape[0], int)
             and not isinstance(shape[0], bool) and shape[0] > 0):
         problems.append(f"input.shape must be [S, S, 3]; received {shape!r}")
-    if _get(d, "input.name") not in (None, "image"):
-        problems.append(f"input.name must be 'image'; received {_get(d, 'input.name')!r}")
+    if _get(d, "input.name") not in (None, INPUT_NAME):
+        problems.append(f"input.name must be {INPUT_NAME!r}; received {_get(d, 'input.name')!r}")
     resize = _get(d, "input.resize")
     if resize is not None and resize not in RESIZE_MODES:
         problems.append(f"input.resize={resize!r} is not supported (known: "

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
-import textwrap
 from collections.abc import Iterator
 
 # TensorFlow's C++ start-up lines ("oneDNN custom operations are on", the absl preamble) are
@@ -17,14 +17,9 @@ from collections.abc import Iterator
 TF_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "ABSL_MIN_LOG_LEVEL": "2", "GRPC_VERBOSITY": "ERROR"}
 
 
-def error_text(prog: str, message: object, width: int = 100) -> str:
-    """``PROG: error: MESSAGE`` as one wrapped paragraph (argparse's style)."""
-    words = f"{prog}: error: {' '.join(str(message).split())}".split(" ")
-    head = len(prog.split(" ")) + 2  # "PROG: error: FIRST-WORD" stays on the first line
-    glued = "\0".join(words[:head])
-    text = " ".join([glued, *words[head:]])
-    return textwrap.fill(text, width=width, break_long_words=False,
-                         break_on_hyphens=False).replace("\0", " ")
+def error_text(prog: str, message: object) -> str:
+    """``PROG: error: MESSAGE`` as one line (the terminal wraps it; a log keeps it whole)."""
+    return f"{prog}: error: {' '.join(str(message).split())}"
 
 
 def print_error(prog: str, message: object) -> None:
@@ -46,15 +41,22 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with the project's formatter; usage errors stay argparse's (exit 2)."""
+    """The one argument parser of every dermedge CLI (``trainer``, ``python -m export``,
+    ``edge-demo``): the project's help formatter, and a usage error printed like any other
+    error, ``ROOT: error: MESSAGE. See `PROG --help`.`` (``ROOT`` the program, ``PROG`` the
+    subcommand), then exit 2. Sub-parsers from :meth:`add_subparsers` are Parsers too."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, root: str | None = None, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.root = root or self.prog
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", functools.partial(Parser, root=self.root))
+        return super().add_subparsers(**kwargs)
 
     def error(self, message: str):
-        self.print_usage(sys.stderr)
-        print_error(self.prog, f"{message}. See `{self.prog} --help`.")
+        print_error(self.root, f"{message.rstrip('.')}. See `{self.prog} --help`.")
         sys.exit(2)
 
 

@@ -5,6 +5,10 @@ class DermedgeError(ValueError):
     """A problem with the user's input that they can fix; the message says how."""
 
 
+class RunDirError(DermedgeError):
+    """A run directory is missing, incomplete or corrupt."""
+
+
 class BundleError(DermedgeError):
     """A bundle directory or .tflite file is missing, incomplete or corrupt."""
 

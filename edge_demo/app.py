@@ -187,13 +187,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         from .explain import Explainer
 
         explainer = Explainer(app.config["EXPLAIN_RUN"])
-    app.extensions["edge_demo"] = {
-        "service": service, "ready": False, "explainer": explainer, "cases": cases,
-        "cases_token": app.config["CASES_TOKEN"] or secrets.token_urlsafe(24)}
     service.warm_up()
     if explainer is not None:
         explainer.warm_up()
-    app.extensions["edge_demo"]["ready"] = True
+    app.extensions["edge_demo"] = {
+        "service": service, "explainer": explainer, "cases": cases,
+        "cases_token": app.config["CASES_TOKEN"] or secrets.token_urlsafe(24)}
     if app.config["LOG_JSON"] and not request_log.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -320,10 +319,9 @@ def healthz():
 
 
 def readyz():
-    state = current_app.extensions["edge_demo"]
-    if not state["ready"]:
-        return error_body(503, "not_ready", "Models are still loading.")
-    svc = state["service"]
+    """200 with the loaded tiers: an app exists only once its models are loaded and warmed up
+    (create_app does both before it returns; `edge-demo serve` answers only after that)."""
+    svc = _service()
     return jsonify({"status": "ready", "device": svc.device.name,
                     "cloud": svc.cloud.name if svc.cloud else None})
 

@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from dermedge.files import write_bytes
+
 log = logging.getLogger("edge_demo.assets")
 
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -209,10 +211,7 @@ class AssetStore:
                     return  # changed on disk since it was hashed: the next request hashes anew
             out = (_brotli().compress(data, quality=level) if enc == "br"
                    else gzip.compress(data, compresslevel=level, mtime=0))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(out)
-            os.replace(tmp, path)
+            write_bytes(path, out)
             self._ready.pop((asset.sha256, enc), None)
 
     # --- responses -----------------------------------------------------------------------

@@ -15,18 +15,18 @@ a new site should calibrate on a labelled sample of its own.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime as _dt
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dermedge.labels import MELANOMA_DX
 from dermedge.numerics import balanced_accuracy
+from dermedge.splits import Sample, read_labelled
 
 from . import __version__
 from .errors import CalibrationError, RequestError
@@ -34,52 +34,14 @@ from .imaging import load_path
 from .policy import REFER, Policy
 from .tiers import Tier
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 COVERAGE_RATES: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 BAND_HALF_WIDTHS: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 
 
-@dataclass(frozen=True)
-class Sample:
-    image_id: str
-    path: Path
-    dx: str
-
-
 def read_samples(data: str | Path, split: str = "val") -> list[Sample]:
-    """A run's ``splits.csv`` (rows of ``split``) or a folder with one sub-folder per class."""
-    p = Path(data).expanduser()
-    if p.is_dir():
-        samples = [Sample(f.stem, f, d.name) for d in sorted(p.iterdir()) if d.is_dir()
-                   for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-        if not samples:
-            raise CalibrationError(f"{p} holds no class sub-folders with images ({IMAGE_SUFFIXES}"
-                                   "). Pass a run's splits.csv or a folder-per-class tree.")
-        return samples
-    if not p.is_file():
-        raise CalibrationError(f"Labelled data not found: {p}. Pass a run directory's"
-                               " splits.csv (columns image_id,dx,melanoma,path,split) or a"
-                               " folder with one sub-folder per class.")
-    with p.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        need = {"image_id", "dx", "path", "split"}
-        missing = need - set(reader.fieldnames or ())
-        if missing:
-            raise CalibrationError(f"{p} lacks the columns {sorted(missing)} (found"
-                                   f" {reader.fieldnames}); pass a run's splits.csv.")
-        rows = list(reader)
-    splits = sorted({r["split"] for r in rows})
-    samples = []
-    for r in rows:
-        if r["split"] != split:
-            continue
-        path = Path(r["path"])
-        samples.append(Sample(r["image_id"], path if path.is_absolute() else p.parent / path,
-                              r["dx"]))
-    if not samples:
-        raise CalibrationError(f"{p} has no rows with split={split!r} (splits present:"
-                               f" {splits}). Pass --split with one of them.")
-    return samples
+    """A run's ``splits.csv`` (rows of ``split``) or a folder with one sub-folder per class
+    (dermedge.splits.read_labelled)."""
+    return read_labelled(data, split, error=CalibrationError)
 
 
 def run_tiers(samples: Sequence[Sample], device: Tier, cloud: Tier | None,
@@ -129,7 +91,7 @@ def evaluate(policy: Policy, results: Sequence[dict[str, Any]], device: Tier,
         final_pred.append(final["top"]["label"])
         fell.append(d.wants_fallback)
         refer.append(d.decision == REFER)
-        is_mel.append(r["sample"].dx == "mel")
+        is_mel.append(r["sample"].dx == MELANOMA_DX)
     n = len(y)
     if n == 0:
         raise CalibrationError("No readable images in the labelled set.")
@@ -228,7 +190,7 @@ def _refer_threshold(policy: Policy, results, device: Tier, cloud: Tier | None,
         wants = any(c.fired for c in policy.fallback_checks(r["device"]))
         final = r["cloud"] if (wants and cloud is not None) else r["device"]
         finals.append(final["melanoma"])
-        is_mel.append(r["sample"].dx == "mel")
+        is_mel.append(r["sample"].dx == MELANOMA_DX)
     mel_scores = np.sort(np.asarray(finals)[np.asarray(is_mel, bool)])
     if mel_scores.size == 0:
         return None

@@ -25,13 +25,14 @@ import logging
 import os
 import sqlite3
 import stat
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dermedge.files import write_bytes
 
 from .caseid import is_case_id, normalize_short_code, short_code
 from .errors import EdgeDemoError
@@ -243,14 +244,6 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
 
@@ -359,18 +352,7 @@ class CaseLog:
         dest = self.photos / name
         if dest.exists():
             return name
-        fd, tmp = tempfile.mkstemp(prefix=".photo.", dir=self.photos)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, dest)
-            _fsync_dir(self.photos)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes(dest, data, mode=0o600, durable=True)  # on disk before the row commits
         return name
 
     def add(self, case: CaseFields, response: dict[str, Any], *, endpoint: str,

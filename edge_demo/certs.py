@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dermedge.files import write_bytes
+
 from .errors import EdgeDemoError
 
 CA_DAYS = 3650
@@ -56,15 +58,7 @@ def _x509():
 
 def _write(path: Path, data: bytes, private: bool) -> None:
     """Atomic write (temp file then rename); a private file is 0600 from its first byte."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes(path, data, mode=0o600 if private else 0o644)
 
 
 @dataclass(frozen=True)

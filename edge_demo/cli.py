@@ -11,20 +11,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dermedge.cli import HelpFormatter
+from dermedge.cli import Parser, print_error
 from dermedge.errors import DermedgeError
 
 from .errors import EdgeDemoError
 from .server import CONNECTION_LIMIT, IDLE_TIMEOUT_S, REQUEST_TIMEOUT_S
 from .service import DEFAULT_DECODE_MIN_CROP
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors name the program once: ``edge-demo: error: ...``."""
-
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"edge-demo: error: {message}\n")
 
 
 def _port(text: str) -> int:
@@ -88,13 +80,13 @@ def _tls_name(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="edge-demo", formatter_class=HelpFormatter, description=(
+    p = Parser(prog="edge-demo", description=(
         "The dermedge phone-to-cloud demo: an on-device LiteRT tier, a cloud tier and an"
         " explicit fallback policy. Research tool, not a diagnosis."))
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser(
-        "serve", formatter_class=HelpFormatter,
+        "serve",
         help="serve the page and the JSON API with waitress",
         description="Serve the demo page and the JSON API (docs/SERVING.md: limits, timeouts,"
                     " what touches the disk). Uploads stay in memory; nothing is stored unless"
@@ -176,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " best")
 
     r = sub.add_parser(
-        "predict", formatter_class=HelpFormatter, help="classify image files and print JSON",
+        "predict", help="classify image files and print JSON",
         description="Classify each image with the same pipeline as the server and print one"
                     " JSON object per image. An unreadable image is reported on stderr and the"
                     " rest still run; the exit status is 1 when any image failed.")
@@ -195,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP)")
 
     c = sub.add_parser(
-        "calibrate", formatter_class=HelpFormatter,
+        "calibrate",
         help="choose policy thresholds on a labelled set",
         description="Run both tiers on a labelled validation set and choose the fallback and"
                     " referral thresholds for a target fallback rate and melanoma sensitivity;"
@@ -227,27 +219,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, type=Path, help="policy JSON to write")
 
     k = sub.add_parser(
-        "cases", formatter_class=HelpFormatter, help="the site's case log: labels, export, delete",
+        "cases", help="the site's case log: labels, export, delete",
         description="Work on the case log of `edge-demo serve --cases DIR` (it may be serving:"
                     " the log takes concurrent writers).")
-    ksub = k.add_subparsers(dest="cases_command", required=True, parser_class=_Parser)
-    ki = ksub.add_parser("import", formatter_class=HelpFormatter,
+    ksub = k.add_subparsers(dest="cases_command", required=True)
+    ki = ksub.add_parser("import",
                          help="import reference diagnoses from a CSV",
                          description="Read labels.csv (columns case, diagnosis, other, source,"
                                      " date; case is the XXXX-XXXX code the page showed) and"
                                      " store every row, or none when a row is wrong.")
     ki.add_argument("labels", type=Path, help="the labels CSV")
-    ke = ksub.add_parser("export", formatter_class=HelpFormatter,
+    ke = ksub.add_parser("export",
                          help="write the cases with labels and both tiers' answers as CSV")
     ke.add_argument("--out", type=Path, help="CSV to write (default: standard output)")
-    kd = ksub.add_parser("delete", formatter_class=HelpFormatter,
+    kd = ksub.add_parser("delete",
                          help="delete cases: their rows, labels and photos")
     kd.add_argument("refs", nargs="+", metavar="CASE", help="case codes (XXXX-XXXX) or ids")
     for sp in (ki, ke, kd):
         sp.add_argument("--cases", required=True, metavar="DIR", help="the case log folder")
 
     f = sub.add_parser(
-        "report", formatter_class=HelpFormatter, help="write the field report (HTML + JSON)",
+        "report", help="write the field report (HTML + JSON)",
         description="Summarise a case log against the policy's promise: cases over time,"
                     " fallback/referral/gate rates with prediction intervals (drift flags),"
                     " device/cloud agreement, sensitivity and specificity on labelled cases,"
@@ -566,17 +558,11 @@ def cases_cmd(args: argparse.Namespace) -> int:
         if args.out is None:
             n = export_csv(log, sys.stdout)
         else:
-            import tempfile
+            from dermedge.files import atomic_open
 
             out = args.out.expanduser()
-            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
-            try:
-                with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-                    n = export_csv(log, fh)
-                os.replace(tmp, out)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_open(out, mode=0o600, newline="") as fh:  # health data: private
+                n = export_csv(log, fh)
             print(f"wrote {n} cases to {out}", file=sys.stderr)
     else:
         ids = [log.resolve(ref) for ref in args.refs]  # every code checked before any delete
@@ -620,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except DermedgeError as exc:
-        print(f"edge-demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print_error("edge-demo", exc)
         return 2
     except OSError as exc:  # a file or socket the operator named cannot be used
         where = f" {exc.filename}" if exc.filename else ""

@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dermedge.errors import DermedgeError
+from dermedge.labels import HEADS
+
 from .errors import BundleError, EdgeDemoError, RequestError
 from .imaging import center_crop_resize
 
@@ -48,14 +51,13 @@ class Explainer:
                               "model_card.json). Pass the --out folder of a finished `trainer "
                               "fit`; export bundles (.tflite) cannot give Grad-CAM gradients.")
         try:
-            from trainer.errors import DermedgeError
             from trainer.explain import GradCAM
             from trainer.run import load_run
 
             try:
                 model, card = load_run(path)
-                labels = card["heads"]["diagnosis"]["labels"]
-                self._gradcam = GradCAM(model, labels, backbone=card.get("backbone"))
+                labels = card.diagnosis_labels
+                self._gradcam = GradCAM(model, labels, backbone=card.backbone)
             except (DermedgeError, KeyError) as exc:
                 raise BundleError(f"--explain {path}: {exc}") from exc
         except ImportError as exc:
@@ -64,7 +66,7 @@ class Explainer:
                 "runs on the float Keras model. Install them (pip install -e . in the dermedge "
                 "checkout), or start the server without --explain.") from exc
         self.run = path.resolve()
-        self.name = str(card.get("name") or path.name)
+        self.name = str(card.name or path.name)
         self.labels = tuple(str(v) for v in labels)
         self.image_size = self._gradcam.size
         self.layer = self._gradcam.layer
@@ -95,7 +97,7 @@ class Explainer:
         from PIL import Image
 
         blank = Image.new("RGB", (self.image_size, self.image_size))
-        for head in ("diagnosis", "melanoma"):
+        for head in HEADS:
             self.explain(blank, head)
 
     def summary(self) -> dict[str, Any]:

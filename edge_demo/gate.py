@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dermedge import quality
+from dermedge.labels import OOD  # the device model's optional output: atypicality in [0, 1]
 
 from .errors import PolicyError, RequestError
 from .policy import GATE_RULES_FILE, _digits, _f
@@ -26,7 +27,6 @@ from .policy import gate_rules as rules
 __all__ = ["GATE_RULES_FILE", "Gate", "GateCheck", "GateOutcome", "evaluate", "rules"]
 
 RETAKE = "retake"
-OOD = "ood"  # the device model's optional output: atypicality in [0, 1]
 MIN_SIDE = "min_side"  # its default is the model's input side
 VALUES: tuple[str, ...] = (*quality.MEASURES, OOD)
 OFF_MESSAGE = ("The input gate is off (--no-gate, for research): photos the model cannot judge"

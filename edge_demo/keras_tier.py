@@ -45,7 +45,7 @@ class KerasTier:
             raise BundleError(f"{path} has no {CARD_FILE}; pass a run directory written by"
                               " `trainer fit`.")
         card = read_card(path, error=BundleError)  # validated: dermedge.card
-        self.card = card.to_dict()
+        self.card = card
         self.bundle = path.resolve()
         self.name = name or str(card.name or path.name)
         data = (path / KERAS_FILE).read_bytes()

@@ -14,6 +14,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from dermedge.labels import MELANOMA_DX
+
 from .errors import RequestError
 
 FIELDS = ("age", "sex", "site")
@@ -84,7 +86,7 @@ def adjust(answer: dict[str, Any], prior: Mapping[str, Any],
     top = max(logp)
     z = sum(math.exp(v - top) for v in logp)
     diagnosis = {lab: math.exp(v - top) / z for lab, v in zip(labels, logp, strict=True)}
-    mel = labels.index("mel")
+    mel = labels.index(MELANOMA_DX)
     pi = [float(p) for p in prior["class_prior"]]
     rest = sum(p for i, p in enumerate(pi) if i != mel)
     not_mel = sum(math.exp(v) * p / rest for i, (v, p) in enumerate(zip(ll, pi, strict=True))
@@ -101,7 +103,7 @@ def adjust(answer: dict[str, Any], prior: Mapping[str, Any],
 def tables(card: Mapping[str, Any]) -> dict[str, Any] | None:
     """The card's tables when they are usable here (HAM10000 labels with melanoma)."""
     prior = card.get("metadata_prior")
-    if not isinstance(prior, Mapping) or "mel" not in prior.get("labels", ()):
+    if not isinstance(prior, Mapping) or MELANOMA_DX not in prior.get("labels", ()):
         return None
     return dict(prior)
 

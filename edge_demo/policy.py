@@ -26,19 +26,20 @@ import functools
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
+
+from dermedge.files import write_text
+from dermedge.labels import HEADS
 
 from .errors import PolicyError
 
 POLICY_VERSION = 2
 READABLE_POLICY_VERSIONS: tuple[int, ...] = (1, 2)
 TIERS: tuple[str, ...] = ("device", "cloud")
-TEMPERATURE_HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
+TEMPERATURE_HEADS: tuple[str, ...] = HEADS
 NO_ACTION, REFER = "no_action", "refer"
 DISCLAIMER = ("Research tool, not a diagnosis. The model can be wrong; anyone worried about a"
               " skin lesion should see a doctor.")
@@ -338,16 +339,7 @@ class Policy:
     def save(self, path: str | Path) -> Path:
         """Write the policy atomically (temp file then rename)."""
         p = Path(path).expanduser()
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text(p, json.dumps(self.to_dict(), indent=2) + "\n")
         return p
 
     # --- the rules --------------------------------------------------------------------

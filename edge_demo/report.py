@@ -14,13 +14,13 @@ import datetime as _dt
 import html
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dermedge.files import write_text
 
 from .calibrate import wilson
 from .caselog import CaseLog
@@ -374,22 +374,11 @@ share of labelled melanomas, in bins (95 % intervals); expected calibration erro
 """
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(rep: dict[str, Any], out: str | Path) -> list[Path]:
     """``report.json`` and ``report.html`` in ``out`` (created private: 0700)."""
     folder = Path(out).expanduser()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     paths = [folder / "report.json", folder / "report.html"]
-    _atomic_write(paths[0], json.dumps(rep, indent=2) + "\n")
-    _atomic_write(paths[1], render_html(rep))
+    write_text(paths[0], json.dumps(rep, indent=2) + "\n", mode=0o600)  # health data
+    write_text(paths[1], render_html(rep), mode=0o600)
     return paths

@@ -40,7 +40,7 @@ from . import temperature as temp
 from .calibrate import Sample, _search, wilson
 from .caselog import DIAGNOSES, CaseLog
 from .errors import CalibrationError
-from .policy import REFER, Policy
+from .policy import REFER, TIERS, Policy
 
 CONFIDENCE = 0.95
 RETAKE = "retake"
@@ -322,7 +322,7 @@ def calibrate_site(results: Sequence[dict[str, Any]], *, device_threshold: float
         if any(r.get("cloud") is None for r in results):
             raise CalibrationError("Refitting the fallback rules needs both tiers' answers on"
                                    " every case.")
-        temps, details["temperature_fit"] = (fit_temperatures(results, ("device", "cloud"))
+        temps, details["temperature_fit"] = (fit_temperatures(results, TIERS)
                                              if fit_temperature else ({}, {}))
         pol0 = dataclasses.replace(base, temperature=temps, source="calibrated")
         scaled_results = scaled(results, temps)

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from export.bundle import BUNDLE_FILES, dumps, export_card, sha256_bytes, usage_md, write_bundle
+from dermedge.card import ModelCard, with_export, with_section
+from dermedge.labels import HEADS, OOD, SIGNATURE
+from dermedge.litert import LiteModel
+from export.bundle import BUNDLE_FILES, dumps, sha256_bytes, usage_md, write_bundle
 from export.config import QuantizationConfig, Tolerances
-from export.gate import OOD
-from export.litert import SIGNATURE, Bundle, LiteModel, load_bundle, run_tflite
 from export.refused import REFUSED_NOTICE, refused_notice
 from export.rundir import (
     Run,
@@ -30,8 +31,8 @@ from export.rundir import (
 from export.tflite_metadata import mediapipe_python, with_metadata
 from export.validate import to_markdown
 
-__all__ = ["BundleResult", "export_run", "load_bundle", "run_tflite", "default_out",
-           "keras_predict", "QuantizationConfig", "Tolerances", "Bundle", "LiteModel"]
+__all__ = ["BundleResult", "export_run", "default_out", "keras_predict", "QuantizationConfig",
+           "Tolerances"]
 
 VALIDATION_BATCH = 16
 COMPACT_CHECK_IMAGES = 8  # calibration images the compacted file must reproduce bit for bit
@@ -44,7 +45,7 @@ class BundleResult:
     path: Path
     mode: str
     passed: bool | None
-    card: dict
+    card: ModelCard
     report: dict
     tflite_bytes: int
     seconds: float
@@ -74,7 +75,7 @@ def _summary(v: dict, where: str | None) -> dict:
 def keras_predict(model, images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
     """The float model's outputs by name (the heads, and ``ood`` when it has one), in
     batches, no progress bar."""
-    names = ["melanoma", "diagnosis"] + ([OOD] if OOD in model.output else [])
+    names = [*HEADS] + ([OOD] if OOD in model.output else [])
     outs: dict[str, list] = {k: [] for k in names}
     for i in range(0, len(images), batch_size):
         res = model(np.asarray(images[i:i + batch_size], np.float32), training=False)
@@ -135,7 +136,7 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
     if gate:
         gate_section, gate_check = _measure_gate(run, model, shipped, fit, val_rows, where,
                                                  tolerances, gate_note, say)
-    meta_card = run.card if gate_section is None else {**run.card, "gate": gate_section}
+    meta_card = run.card if gate_section is None else with_section(run.card, "gate", gate_section)
     shipped = _metadata_step(shipped, meta_card, check, say, md_python)
     ptq = _metadata_step(ptq, meta_card, check, say, md_python) if ptq is not None else None
     report = _report(run, config, where, shipped)
@@ -145,14 +146,14 @@ def export_run(run_dir: str | Path, config: QuantizationConfig | None = None,
         passed = _add_gate_check(report, gate_check)
     section = _card_section(config, shipped, ptq, qat_info, report, where, validate=validate,
                             passed=passed)
-    card = export_card(run.card, section)
+    card = with_export(run.card, section)  # validated by dermedge.card
     if gate_section is not None:
-        card["gate"] = gate_section
+        card = with_section(card, "gate", gate_section)
     files = {
         "model.tflite": shipped.conv.tflite,
         "labels_diagnosis.txt": "\n".join(run.diagnosis_labels) + "\n",
         "labels_melanoma.txt": "\n".join(run.melanoma_labels) + "\n",
-        "model_card.json": dumps(card),
+        "model_card.json": dumps(card.to_dict()),
         "validation.json": dumps(report),
         "validation.md": (to_markdown(report, f"{run.name} → {label}") + _qat_md(report)
                           if validate else f"# Validation: {run.name} → {label}\n\n"
@@ -220,8 +221,8 @@ def _convert(run: Run, model, config: QuantizationConfig, rep, *, debug: bool, q
     if config.qat is not None:
         from export.qat import check_qat_support, graph_spec
 
-        check_qat_support(graph_spec(model), run.card.get("backbone"))
-    say(f"converting {run.name} ({run.card.get('backbone')}) to {config.mode}")
+        check_qat_support(graph_spec(model), run.card.backbone)
+    say(f"converting {run.name} ({run.card.backbone}) to {config.mode}")
     conv, bias = (convert_model(model, config, rep, debug=debug)
                   if config.bias_correction not in ("on", "kernel") else None), None
     if config.bias_correction != "off":  # on a second copy: validation compares with float

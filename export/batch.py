@@ -41,7 +41,8 @@ def _rewrite(tflite: bytes, batch: int) -> tuple[bytes, int]:
 
 def batch_size(tflite: bytes) -> int | None:
     """The input ``image``'s batch dimension as the signature declares it (None if dynamic)."""
-    from export.litert import INPUT_NAME, SIGNATURE, make_interpreter
+    from dermedge.labels import INPUT_NAME, SIGNATURE
+    from dermedge.litert import make_interpreter
 
     interp = make_interpreter(tflite)
     detail = interp.get_signature_runner(SIGNATURE).get_input_details()[INPUT_NAME]

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge.artifacts import read_bundle
+from dermedge.labels import INPUT_NAME
+from dermedge.litert import LiteModel
 from export.errors import BundleError
-from export.litert import INPUT_NAME, SIGNATURE, LiteModel, load_bundle, quantize_input
 
 
 def _rss_peak_mb() -> float:
@@ -32,8 +34,8 @@ def resolve_model(path: str | Path) -> tuple[Path, str]:
     """A bundle folder or a .tflite file → (model path, mode or '?')."""
     path = Path(path)
     if path.is_dir():
-        b = load_bundle(path)
-        return b.model_path, str(b.card.get("export", {}).get("mode", "?"))
+        b = read_bundle(path)
+        return b.model_path, str(b.mode or "?")
     if not path.is_file():
         raise BundleError(f"{path} is neither a bundle folder nor a .tflite file. Pass the --out "
                           "folder of `python -m export tflite` or a model.tflite path.")
@@ -49,18 +51,16 @@ def bench(path: str | Path, *, runs: int = 50, warmup: int = 5, threads: int | N
     model_path, mode = resolve_model(path)
     rss0 = _rss_now_mb()
     model = LiteModel.load(model_path, threads)
-    info = model.io["inputs"][INPUT_NAME]
     rng = np.random.default_rng(seed)
-    img = rng.integers(0, 256, size=[1, *info["shape"][1:]], dtype=np.uint8)
-    x = quantize_input(img, info)
-    runner = model.interpreter.get_signature_runner(SIGNATURE)
+    x = model.feed(rng.integers(0, 256, size=[1, *model.input_shape[1:]], dtype=np.uint8))
     for _ in range(warmup):
-        runner(**{INPUT_NAME: x})
+        model.invoke(x)
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        runner(**{INPUT_NAME: x})
+        model.invoke(x)
         times.append((time.perf_counter() - t) * 1000.0)
+    info = model.io["inputs"][INPUT_NAME]
     times.sort()
     p90 = times[min(len(times) - 1, int(np.ceil(0.9 * len(times))) - 1)]
     return {"model": str(model_path), "mode": mode, "size_bytes": model_path.stat().st_size,

@@ -1,16 +1,19 @@
-# ruff: noqa: E501  (the USAGE.md template holds Kotlin/Swift lines as they should read)
-"""Writing the export bundle (docs/ARTIFACTS.md), atomically: temp dir next to --out, then rename."""
+"""Writing the export bundle (docs/ARTIFACTS.md) atomically (a temp dir beside --out, then a
+rename), and its USAGE.md from the templates in export/snippets/."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
-from dermedge.card import with_export
+from dermedge.files import replace_dir
+from dermedge.labels import INPUT_NAME
 
 BUNDLE_FILES: tuple[str, ...] = ("model.tflite", "labels_diagnosis.txt", "labels_melanoma.txt",
                                  "model_card.json", "validation.json", "validation.md", "USAGE.md")
@@ -18,11 +21,6 @@ BUNDLE_FILES: tuple[str, ...] = ("model.tflite", "labels_diagnosis.txt", "labels
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def export_card(run_card: dict, export_section: dict) -> dict:
-    """The bundle's card: the run's card plus ``export`` (validated by dermedge.card)."""
-    return with_export(run_card, export_section).to_dict()
 
 
 def _patient_md(prior: dict | None) -> str:
@@ -49,6 +47,7 @@ Missing or unknown fields change nothing; the formula is in dermedge's docs/ARTI
 
 
 SNIPPETS = Path(__file__).with_name("snippets")
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
 def threshold_text(thr: float) -> str:
@@ -56,11 +55,23 @@ def threshold_text(thr: float) -> str:
     return f"{float(thr):.4g}"
 
 
-def usage_md(card: dict) -> str:
+def render(template: str, **values) -> str:
+    """``export/snippets/TEMPLATE`` with each ``{{name}}`` replaced by ``values[name]``; every
+    placeholder needs a value and every value a placeholder."""
+    text = (SNIPPETS / template).read_text()
+    wanted = set(PLACEHOLDER.findall(text))
+    if wanted != set(values):
+        raise ValueError(f"{template}: placeholders {sorted(wanted)} but values for "
+                         f"{sorted(values)}")
+    return PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
+
+
+def usage_md(card: Mapping) -> str:
     """USAGE.md: the input contract, then MediaPipe Tasks (Kotlin, Swift, Python, web), plain
-    LiteRT and Android Studio ML Model Binding snippets, from the card's tensor details."""
+    LiteRT and Android Studio ML Model Binding snippets, from the card's tensor details. The
+    text and the code are templates in export/snippets/."""
     ex = card["export"]
-    img = ex["inputs"]["image"]
+    img = ex["inputs"][INPUT_NAME]
     s = card["input"]["shape"][0]
     k = len(card["heads"]["diagnosis"]["labels"])
     thr = threshold_text(card["heads"]["melanoma"]["threshold"])
@@ -83,185 +94,51 @@ def usage_md(card: dict) -> str:
         f"{o['quantization']['scale']:.8g} | {o['quantization']['zero_point']} |"
         for n, o in sorted(ex["outputs"].items(),
                            key=lambda kv: order.index(kv[0]) if kv[0] in order else 9))
-    labels = ", ".join(card["heads"]["diagnosis"]["labels"])
-    buf_kt = ("ByteBuffer.allocateDirect(1 * S * S * 3)" if in_dt != "float32"
-              else "ByteBuffer.allocateDirect(4 * S * S * 3)")
     mq = ex["outputs"]["melanoma"]["quantization"]
     sc, zp = f"{mq['scale']:.8g}", mq["zero_point"]
-    read_kt = {"float32": "melanoma.float",
-               "uint8": f"{sc}f * ((melanoma.get().toInt() and 0xFF) - {zp})",
-               "int8": f"{sc}f * (melanoma.get().toInt() - {zp})"}[ex["outputs"]["melanoma"]["dtype"]]
-    read_sw = {"float32": "mel.data.withUnsafeBytes { $0.load(as: Float32.self) }",
-               "uint8": f"Float({sc}) * (Float(mel.data[0]) - Float({zp}))",
-               "int8": f"Float({sc}) * (Float(Int8(bitPattern: mel.data[0])) - Float({zp}))"
-               }[ex["outputs"]["melanoma"]["dtype"]]
-    patient = _patient_md(card.get("metadata_prior"))
-    py_mp = (SNIPPETS / "mediapipe_classify.py").read_text().rstrip()
+    mel_dt = ex["outputs"]["melanoma"]["dtype"]
+    comment = "" if out_dt == "float32" else "   // real = scale * (q - zeroPoint)"
     metadata = (f"`TFLITE_METADATA` ({md.get('metadata_bytes', 0):,} bytes, written by "
                 f"{md.get('writer', 'MediaPipe')}) and the label files "
                 f"{', '.join(f'`{f}`' for f in md.get('associated_files', []))}, zipped after "
                 "the flatbuffer" if md else "**no TFLite metadata** (exported before dermedge "
                 "embedded it: re-export for MediaPipe Tasks and ML Model Binding)")
-    return f"""# Using this model
-
-`model.tflite` ({ex['mode']}, {ex['size_bytes']:,} bytes, sha256 `{ex['sha256'][:16]}…`) from run
-`{card.get('name')}` ({card.get('backbone')}). Validation: **{
-        'passed' if ex['validation'].get('passed') else 'FAILED' if ex['validation'].get('passed')
-        is False else 'not run'}** (see `validation.md`).
-
-The file carries TFLite Model Metadata: {metadata}. MediaPipe Tasks `ImageClassifier`
-(Android, iOS, web, Python) and Android Studio's ML Model Binding read the heads, their labels
-and the input normalisation from it; `python -m export inspect model.tflite` prints it all.
-
-## Input contract
-
-* Signature `{ex['signature']}`, one input named **`image`**, shape `[1, {s}, {s}, 3]`
-  (`{img['dtype']}`): {feed}.
-* Resize every photo like training did (`input.resize` = `{card['input'].get('resize')}`): apply
-  EXIF orientation, convert to 8-bit RGB, crop the **centred square** of side min(width, height),
-  resize to {s}×{s} with bilinear filtering. Normalisation happens **inside** the model.
-  MediaPipe and ML Model Binding **stretch** the whole photo unless given that square: pass it
-  as the region of interest (below), or crop the bitmap first.
-* Outputs, **read them by name** (never by index: TFLite does not keep the Keras order); {deq}.
-  The index is the subgraph's output order, MediaPipe's `headIndex`:
-
-| index | output | dtype | shape | scale | zero point |
-|---|---|---|---|---|---|
-{outs}
-
-* `melanoma[0]` = P(melanoma); call it positive when ≥ **{thr}** (`heads.melanoma.threshold`,
-  also in the metadata's custom entry `dermedge`). MediaPipe applies one global score threshold
-  to every head, so leave its `scoreThreshold` unset and compare in the app.
-* `diagnosis[0]` = {k} probabilities in the order of `labels_diagnosis.txt`: {labels}.
-
-## MediaPipe Tasks `ImageClassifier`
-
-No pre- or post-processing code: heads come back by name (`melanoma`, `diagnosis`) with their
-labels and dequantized scores. The only two lines the app adds are the centred-square region of
-interest and the threshold. On pre-cropped {s}×{s} pixels MediaPipe's scores are LiteRT's; on a
-larger photo they differ slightly, as MediaPipe resizes without antialiasing (dermedge's
-benchmarks/tflite_metadata.md measures it; stretching the photo instead is further off).
-
-### Kotlin (Android, `com.google.mediapipe:tasks-vision`)
-
-```kotlin
-val classifier = ImageClassifier.createFromOptions(context,
-    ImageClassifier.ImageClassifierOptions.builder()
-        .setBaseOptions(BaseOptions.builder().setModelAssetPath("model.tflite").build())
-        .build())
-// bitmap: upright RGB (ImageDecoder applies the EXIF orientation)
-val w = bitmap.width; val h = bitmap.height; val side = minOf(w, h)
-val left = (w - side) / 2; val top = (h - side) / 2
-val roi = RectF(left / w.toFloat(), top / h.toFloat(), (left + side) / w.toFloat(), (top + side) / h.toFloat())
-val result = classifier.classify(BitmapImageBuilder(bitmap).build(),
-    ImageProcessingOptions.builder().setRegionOfInterest(roi).build())
-val heads = result.classificationResult().classifications().associateBy {{ it.headName().get() }}
-val pMelanoma = heads.getValue("melanoma").categories()[0].score()
-val isMelanoma = pMelanoma >= {thr}f                      // the app applies the model's threshold
-val diagnosis = heads.getValue("diagnosis").categories().maxBy {{ it.score() }}.categoryName()
-```
-
-### Swift (iOS, `MediaPipeTasksVision`)
-
-```swift
-let options = ImageClassifierOptions()
-options.baseOptions.modelAssetPath = Bundle.main.path(forResource: "model", ofType: "tflite")!
-let classifier = try ImageClassifier(options: options)
-let image = try MPImage(uiImage: photo)               // keeps photo.imageOrientation
-let w = Double(image.width), h = Double(image.height), side = min(w, h)
-let roi = CGRect(x: floor((w - side) / 2) / w, y: floor((h - side) / 2) / h,
-                 width: side / w, height: side / h)
-let result = try classifier.classify(image: image, regionOfInterest: roi)
-let heads = Dictionary(uniqueKeysWithValues:
-    result.classificationResult.classifications.map {{ ($0.headName ?? "", $0.categories) }})
-let pMelanoma = heads["melanoma"]![0].score
-let isMelanoma = pMelanoma >= {thr}                      // the app applies the model's threshold
-let diagnosis = heads["diagnosis"]!.max {{ $0.score < $1.score }}!.categoryName
-```
-
-### Python (`mediapipe`)
-
-```python
-{py_mp}
-```
-
-### Web (`@mediapipe/tasks-vision`)
-
-```js
-import {{ FilesetResolver, ImageClassifier }} from "@mediapipe/tasks-vision";
-const vision = await FilesetResolver.forVisionTasks(
-  "https://cdn.jsdelivr.net/npm/@mediapipe/tasks-vision@0.10.21/wasm");
-const classifier = await ImageClassifier.createFromOptions(vision, {{
-  baseOptions: {{ modelAssetPath: "model.tflite" }}, runningMode: "IMAGE" }});
-const img = document.getElementById("photo");           // a loaded <img>
-const w = img.naturalWidth, h = img.naturalHeight, side = Math.min(w, h);
-const left = Math.floor((w - side) / 2), top = Math.floor((h - side) / 2);
-const result = classifier.classify(img, {{ regionOfInterest:
-  {{ left: left / w, top: top / h, right: (left + side) / w, bottom: (top + side) / h }} }});
-const heads = Object.fromEntries(result.classifications.map(c => [c.headName, c.categories]));
-const pMelanoma = heads.melanoma[0].score;
-const isMelanoma = pMelanoma >= {thr};                   // the app applies the model's threshold
-```
-
-## Android Studio ML Model Binding
-
-*File → New → Other → TensorFlow Lite Model* on `model.tflite` generates a class `Model` from
-the metadata: `process(image: TensorImage)` (RGB, normalisation mean 0 / std 1 taken from the
-metadata, the resize done for you) and one getter per head, named after the metadata:
-`outputs.melanomaAsCategoryList` and `outputs.diagnosisAsCategoryList` (labels attached). Its
-resize stretches the whole bitmap, so hand it the centred square:
-
-```kotlin
-val model = Model.newInstance(context)
-val side = minOf(bitmap.width, bitmap.height)
-val square = Bitmap.createBitmap(bitmap, (bitmap.width - side) / 2, (bitmap.height - side) / 2, side, side)
-val outputs = model.process(TensorImage.fromBitmap(square))
-val pMelanoma = outputs.melanomaAsCategoryList[0].score
-val isMelanoma = pMelanoma >= {thr}f
-val diagnosis = outputs.diagnosisAsCategoryList.maxBy {{ it.score }}.label
-model.close()
-```
-
-## Plain LiteRT
-
-For those who want the interpreter without MediaPipe: resize as the contract says, feed
-`image`, read the outputs by name and dequantize them yourself.
-
-### Kotlin (LiteRT `Interpreter`, signature runner)
-
-```kotlin
-val interpreter = Interpreter(FileUtil.loadMappedFile(context, "model.tflite"))
-val S = {s}
-val input = {buf_kt}.order(ByteOrder.nativeOrder())
-// fill `input` with the centred-square, resized RGB pixels, row-major, R,G,B per pixel ({in_dt})
-val melanoma = ByteBuffer.allocateDirect({1 if out_dt != 'float32' else 4}).order(ByteOrder.nativeOrder())
-val diagnosis = ByteBuffer.allocateDirect({k if out_dt != 'float32' else 4 * k}).order(ByteOrder.nativeOrder())
-interpreter.runSignature(mapOf("image" to input),
-                         mapOf("melanoma" to melanoma, "diagnosis" to diagnosis), "{ex['signature']}")
-melanoma.rewind()
-val pMelanoma = {read_kt}{'' if out_dt == 'float32' else '   // real = scale * (q - zeroPoint)'}
-val isMelanoma = pMelanoma >= {thr}f
-```
-
-### Swift (TensorFlowLite / LiteRT `SignatureRunner`)
-
-```swift
-let interpreter = try Interpreter(modelPath: Bundle.main.path(forResource: "model", ofType: "tflite")!)
-let runner = try interpreter.signatureRunner(with: "{ex['signature']}")
-try runner.allocateTensors()
-try runner.invoke(with: ["image": pixels])   // Data: {s}x{s}x3 {in_dt} RGB, row-major
-let mel = try runner.output(named: "melanoma")    // {ex['outputs']['melanoma']['dtype']}
-let dx = try runner.output(named: "diagnosis")    // {out_dt}, {k} values
-let pMelanoma = {read_sw}{'' if out_dt == 'float32' else '   // real = scale * (q - zeroPoint)'}
-let isMelanoma = pMelanoma >= {thr}
-```
-
-### Python (ai-edge-litert, numpy, pillow only)
-
-```bash
-python run_bundle.py BUNDLE_DIR photo.jpg   # export/snippets/run_bundle.py in dermedge
-```
-{patient}"""
+    passed = ex["validation"].get("passed")
+    code = {
+        "mediapipe_classify_kt": render("mediapipe_classify.kt", threshold=thr),
+        "mediapipe_classify_swift": render("mediapipe_classify.swift", threshold=thr),
+        "mediapipe_classify_js": render("mediapipe_classify.js", threshold=thr),
+        "model_binding_kt": render("model_binding.kt", threshold=thr),
+        "litert_runner_kt": render(
+            "litert_runner.kt", size=s, threshold=thr, input_dtype=in_dt,
+            signature=ex["signature"], dequantize_comment=comment,
+            input_buffer_kotlin=("ByteBuffer.allocateDirect(1 * S * S * 3)" if in_dt != "float32"
+                                 else "ByteBuffer.allocateDirect(4 * S * S * 3)"),
+            melanoma_bytes=1 if out_dt != "float32" else 4,
+            diagnosis_bytes=k if out_dt != "float32" else 4 * k,
+            read_melanoma_kotlin={
+                "float32": "melanoma.float",
+                "uint8": f"{sc}f * ((melanoma.get().toInt() and 0xFF) - {zp})",
+                "int8": f"{sc}f * (melanoma.get().toInt() - {zp})"}[mel_dt]),
+        "litert_runner_swift": render(
+            "litert_runner.swift", size=s, threshold=thr, input_dtype=in_dt,
+            signature=ex["signature"], dequantize_comment=comment, melanoma_dtype=mel_dt,
+            output_dtype=out_dt, n_classes=k,
+            read_melanoma_swift={
+                "float32": "mel.data.withUnsafeBytes { $0.load(as: Float32.self) }",
+                "uint8": f"Float({sc}) * (Float(mel.data[0]) - Float({zp}))",
+                "int8": f"Float({sc}) * (Float(Int8(bitPattern: mel.data[0])) - Float({zp}))",
+            }[mel_dt]),
+    }
+    return render(
+        "USAGE.md", **code, mode=ex["mode"], size_bytes=f"{ex['size_bytes']:,}",
+        sha256_prefix=ex["sha256"][:16], run_name=card.get("name"), backbone=card.get("backbone"),
+        validation="passed" if passed else "FAILED" if passed is False else "not run",
+        metadata=metadata, signature=ex["signature"], size=s, input_dtype=in_dt, feed=feed,
+        resize=card["input"].get("resize"), dequantize=deq, outputs_table=outs, threshold=thr,
+        n_classes=k, labels=", ".join(card["heads"]["diagnosis"]["labels"]),
+        python_mediapipe=(SNIPPETS / "mediapipe_classify.py").read_text().rstrip(),
+        patient=_patient_md(card.get("metadata_prior")))
 
 
 def write_bundle(out: Path, files: dict[str, bytes | str], *, overwrite: bool = True) -> Path:
@@ -283,23 +160,15 @@ def write_bundle(out: Path, files: dict[str, bytes | str], *, overwrite: bool = 
             raise ExportError(f"--out {out} already exists; remove it or pass another folder.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
     try:
         for name, content in files.items():
             data = content.encode("utf-8") if isinstance(content, str) else content
             (tmp / name).write_bytes(data)
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
+        replace_dir(tmp, out, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():
-            os.replace(old, out)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -16,7 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from dermedge.cli import HelpFormatter, error_text, quiet_tensorflow
+from dermedge.cli import Parser, error_text, quiet_tensorflow
+from dermedge.files import write_json
 from export.config import (
     BIAS_CORRECTION,
     DEFAULT_QAT_EPOCHS,
@@ -34,27 +35,13 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 2, 3
 PROG = "python -m export"
 
 
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):  # one paragraph, exit 2 (argparse's default is also 2)
-        sub = self.prog.split()[1:]
-        raise _UsageError(f"{message}. See `{PROG} {' '.join(sub + ['--help'])}`.")
-
-
-class _UsageError(Exception):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true",
                         help="show TensorFlow's start-up and C++ log lines")
-    p = _Parser(prog=PROG, parents=[common],
-                description="Export a trained run to validated TFLite bundles (docs/EXPORT.md).")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog=PROG, parents=[common],
+               description="Export a trained run to validated TFLite bundles (docs/EXPORT.md).")
+    sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("tflite", help="convert a run directory to a validated TFLite bundle",
                        parents=[common],
                        description="Convert a run directory to a TFLite bundle and validate it "
@@ -80,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="N", help="int8 calibration images from the train split (default "
                    f"{DEFAULT_REPRESENTATIVE_IMAGES})")
     t.add_argument("--data", type=Path, default=None,
-                   help="validate on this labelled set instead of the run's split")
+                   help="validate on this labelled set instead of the run's split: another "
+                   "splits.csv (its --split rows) or a folder with one sub-folder per diagnosis")
     t.add_argument("--split", default="val", help="split of splits.csv to validate on")
     t.add_argument("--tolerance", nargs="+", default=[], metavar="NAME=VALUE",
                    help="override a gate, e.g. diagnosis_agreement=0.97 (or NAME=none)")
@@ -262,8 +250,9 @@ def _precheck_tflite(args, config) -> None:
 
     run = open_run(args.run)  # no TensorFlow: the card, model file and splits are checked
     if args.data is not None and not args.data.exists():
-        raise DermedgeError(f"--data {args.data} not found. Pass a labelled dataset (folder or "
-                            "CSV), or drop --data to validate on the run's own split.")
+        raise DermedgeError(f"--data {args.data} not found. Pass a splits.csv or a folder with "
+                            "one sub-folder per diagnosis, or drop --data to validate on the "
+                            "run's own split.")
     label = "int8-qat" if config.qat is not None else config.mode
     check_out(Path(args.out) if args.out is not None else default_out(run, label))
 
@@ -364,10 +353,7 @@ def cmd_bench(args) -> int:
                for m in args.model]
     print(bench_table(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        write_json(args.json, results, allow_nan=True)
     return EXIT_OK
 
 
@@ -385,11 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``export`` / ``python -m export``; returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help
+    except SystemExit as exc:  # --help (0), or a usage error the parser printed (2)
         return int(exc.code or 0)
-    except _UsageError as exc:
-        print(error_text(PROG, exc), file=sys.stderr)
-        return EXIT_BAD_INPUT
     try:
         commands = {"tflite": cmd_tflite, "bench": cmd_bench, "qat-setup": cmd_qat_setup,
                     "inspect": cmd_inspect, "metadata-setup": cmd_metadata_setup}

@@ -93,7 +93,7 @@ def share_vectors(tflite: bytes) -> tuple[bytes, dict]:
 
 def same_outputs(a: bytes, b: bytes, images: np.ndarray) -> tuple[bool, str]:
     """Whether two .tflite files give bit-identical outputs (by signature name) on ``images``."""
-    from export.litert import LiteModel
+    from dermedge.litert import LiteModel
 
     try:
         ma, mb = LiteModel.load(a), LiteModel.load(b)

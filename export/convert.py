@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge.labels import SIGNATURE
+from dermedge.litert import check_signature, make_interpreter, signature_io
 from export.config import QuantizationConfig
 from export.errors import ExportError, QuantizationCheckError
-from export.litert import check_signature, make_interpreter, signature_io
 
 DEBUG_TOP = 10
 DEBUG_SAMPLES = 32
@@ -64,7 +65,7 @@ def export_saved_model(model, directory: Path) -> Path:
 def _converter(saved_model: Path, config: QuantizationConfig, representative: np.ndarray | None):
     tf = _tf()
     conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model),
-                                                    signature_keys=["serving_default"])
+                                                    signature_keys=[SIGNATURE])
     if config.mode == "float16":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.target_spec.supported_types = [tf.float16]

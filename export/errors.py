@@ -1,7 +1,6 @@
 """Export errors. CLIs print them as one paragraph: exit 2 for bad input, 3 for a failed gate."""
 
-from dermedge.errors import BundleError, DermedgeError
-from trainer.errors import RunDirError
+from dermedge.errors import BundleError, DermedgeError, RunDirError
 
 __all__ = ["DermedgeError", "RunDirError", "ExportError", "CalibrationError",
            "QuantizationCheckError", "BundleError"]

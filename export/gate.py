@@ -34,15 +34,14 @@ from typing import Any
 import numpy as np
 
 from dermedge import quality
+from dermedge.labels import OOD, OOD_LABELS
 
-OOD = "ood"
 POOL_LAYER = "pool"  # trainer.model's global-average-pooling layer: the features modelled
 COMPONENTS = 32
 FIT_IMAGES = 2000
 ANCHOR = 12.0  # the logit the anchor pins the int8 range to: sigmoid(12) = 0.999994
 # The gate table is the demo's (edge_demo/static/gate_rules.json); the export reads it as data.
 RULES_FILE = Path(__file__).resolve().parents[1] / "edge_demo" / "static" / "gate_rules.json"
-OOD_LABELS = ("not_dermoscopy",)
 GATE_VERSION = 1
 
 

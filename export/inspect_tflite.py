@@ -47,7 +47,7 @@ def _flatbuffer_metadata(data: bytes) -> dict[str, int]:
 
 def inspect_model(target: str | Path, *, mediapipe: bool = True) -> dict:
     """Everything ``inspect`` prints, as a dict (``--json``)."""
-    from export.litert import make_interpreter, signature_io
+    from dermedge.litert import make_interpreter, signature_io
     from export.tflite_metadata import (
         MetadataError,
         mediapipe_classify,

@@ -228,7 +228,7 @@ def qat_support(model, backbone: str | None = None) -> str | None:
 # ----------------------------------------------------------------------------- the worker
 def _training_settings(run) -> dict:
     """The run's augmentation, class balancing and loss settings, as ``trainer fit`` used them."""
-    from trainer.config import ConfigError, RunConfig
+    from export.training import ConfigError, RunConfig
 
     try:
         cfg = RunConfig.from_dict(run.card.get("config") or {})
@@ -266,8 +266,7 @@ def run_qat(run, model, config: QuantizationConfig, representative: np.ndarray, 
     Returns ``(Converted, info)``: the verified int8 model and what the worker did.
     """
     from export.convert import Converted, verify_mode
-    from trainer.data import cache_images
-    from trainer.pipeline import labels_from_dx, predict_arrays
+    from export.training import cache_images, labels_from_dx, predict_arrays
 
     say = log or (lambda msg: None)
     if config.qat is None or config.mode != "int8":
@@ -275,7 +274,7 @@ def run_qat(run, model, config: QuantizationConfig, representative: np.ndarray, 
                        "(QuantizationConfig.int8_qat).")
     exe = find_qat_python(python)
     spec = graph_spec(model)
-    check_qat_support(spec, run.card.get("backbone"))
+    check_qat_support(spec, run.card.backbone)
     settings = _training_settings(run)
     splits = run.splits()
     train = splits[splits["split"] == "train"].reset_index(drop=True)
@@ -305,7 +304,7 @@ def run_qat(run, model, config: QuantizationConfig, representative: np.ndarray, 
                "epochs": config.qat.epochs,
                "steps_per_epoch": config.qat.steps_per_epoch, "lr": config.qat.lr,
                "target": config.qat.target,
-               "rebuild_tolerance": REBUILD_TOLERANCE, "backbone": run.card.get("backbone")}
+               "rebuild_tolerance": REBUILD_TOLERANCE, "backbone": run.card.backbone}
         (tmp / "job.json").write_text(json.dumps(job, indent=2))
         say(f"QAT: {config.qat.epochs} epoch(s) on {len(train)} train images in {exe}")
         result = _run_worker(exe, tmp, src, say)

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge.files import write_bytes, write_json
+from dermedge.labels import HEADS, INPUT_NAME, SIGNATURE
+
 NEEDS = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "keras", "pandas", "PIL")
-HEADS = ("melanoma", "diagnosis")
 CALIBRATION_BATCH = 16
 BASE_LAYER_KWARGS = frozenset({"name", "trainable", "dtype"})
 
@@ -42,9 +44,7 @@ def say(msg: str) -> None:
 
 
 def _write(work: Path, result: dict) -> None:
-    tmp = work / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    tmp.replace(work / "result.json")
+    write_json(work / "result.json", result, default=float, allow_nan=True)
 
 
 # ----------------------------------------------------------------------------- rebuild
@@ -313,8 +313,7 @@ def train(tfk, qmodel, job: dict, teacher=None) -> tuple[list[dict], int]:
     """
     import keras
 
-    from trainer.model import build_augmenter
-    from trainer.pipeline import CachedDataset
+    from export.training import CachedDataset, build_augmenter
 
     keras.utils.set_random_seed(int(job["seed"]))
     images = np.load(job["train_images"], mmap_mode="r")
@@ -329,8 +328,7 @@ def train(tfk, qmodel, job: dict, teacher=None) -> tuple[list[dict], int]:
         loss = {"melanoma": tfk.losses.BinaryCrossentropy(),
                 "diagnosis": tfk.losses.CategoricalCrossentropy()}
     elif job["class_balance"] == "logit_adjust":  # the run's logit-adjusted losses (keras.ops)
-        from trainer.config import TrainConfig
-        from trainer.losses import head_losses
+        from export.training import TrainConfig, head_losses
 
         loss = head_losses(TrainConfig(class_balance="logit_adjust",
                                   logit_adjust_tau=job["logit_adjust_tau"],
@@ -374,13 +372,13 @@ def convert(tf, qmodel, job: dict, representative: np.ndarray, work: Path) -> by
     size = int(job["input_size"])
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32,
-                                                name="image")])
+                                                name=INPUT_NAME)])
     def serve(image):
         out = qmodel(image, training=False)
         return {k: out[k] for k in HEADS}
 
     sm = work / "saved_model"
-    tf.saved_model.save(qmodel, str(sm), signatures={"serving_default": serve})
+    tf.saved_model.save(qmodel, str(sm), signatures={SIGNATURE: serve})
     config = QuantizationConfig.int8(len(representative), io_dtype=job["io_dtype"],
                                      output_dtype=job.get("output_dtype"))
     try:
@@ -438,8 +436,7 @@ def run(work: Path) -> dict:
     fq_after = max_head_diff(qmodel(x_probe, training=False), probe)
     t_conv = time.perf_counter()
     tflite = convert(tf, qmodel, job, representative, work)
-    (work / "model.tflite.tmp").write_bytes(tflite)
-    (work / "model.tflite.tmp").replace(work / "model.tflite")
+    write_bytes(work / "model.tflite", tflite)
     say(f"converted to int8 ({len(tflite):,} bytes) in {time.perf_counter() - t_conv:.0f} s")
     return {"ok": True, "versions": versions, "rebuild_max_abs_diff": diff,
             "dropped_config_keys": dropped, "frozen_layers": len(frozen),

@@ -1,104 +1,66 @@
-"""Reading a run directory (docs/ARTIFACTS.md): the card, the Keras model, the splits."""
+"""Reading a run directory for export (docs/ARTIFACTS.md): the typed run (dermedge.artifacts),
+its Keras model checked against the card, and its splits."""
 
 from __future__ import annotations
 
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dermedge.card import card_from_dict, read_card
+from dermedge.artifacts import RunDir, read_run
 from dermedge.image import load_image
+from dermedge.labels import HEADS, INPUT_NAME, MELANOMA_DX, OOD, OPTIONAL_OUTPUTS
+from dermedge.splits import EXTRA_COLUMNS, SPLIT_COLUMNS, read_labelled, read_splits
 from export.errors import ExportError, RunDirError
 
-HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
-# Outputs a model may have beside the heads: the input gate's ``ood`` (the export adds it).
-OPTIONAL_OUTPUTS: tuple[str, ...] = ("ood",)
 
-
-@dataclass(frozen=True)
-class Run:
-    """A validated run directory; the model itself is loaded on demand."""
-
-    path: Path
-    card: dict
-
-    @property
-    def name(self) -> str:
-        return str(self.card.get("name") or self.path.name)
+class Run(RunDir):
+    """A validated run directory (its typed card); the model itself is loaded on demand."""
 
     @property
     def input_size(self) -> int:
-        return int(self.card["input"]["shape"][0])
+        return self.card.input_size
 
     @property
     def diagnosis_labels(self) -> tuple[str, ...]:
-        return tuple(self.card["heads"]["diagnosis"]["labels"])
+        return self.card.diagnosis_labels
 
     @property
     def melanoma_labels(self) -> tuple[str, ...]:
-        return tuple(self.card["heads"]["melanoma"].get("labels") or ["melanoma"])
+        return self.card.melanoma.labels
 
     @property
     def backbone_layer(self) -> str | None:
         """The feature-extractor sub-model's name, from the card (None for an ensemble)."""
-        return card_from_dict(self.card).backbone_layer
+        return self.card.backbone_layer
 
     @property
     def melanoma_threshold(self) -> float:
-        return float(self.card["heads"]["melanoma"]["threshold"])
+        return self.card.melanoma_threshold
 
     def load_model(self):
         """The float Keras model, checked against the card (input ``image``, named heads)."""
-        import keras
-
-        path = self.path / "model.keras"
-        if path.is_file() and not zipfile.is_zipfile(path):  # Keras would say "File not found"
-            raise RunDirError(
-                f"Cannot load {path}: it exists ({path.stat().st_size:,} bytes) but is not a"
-                " complete .keras file (not a readable zip archive: truncated or corrupt)."
-                " Restore it or re-run `trainer fit`.")
-        try:
-            model = keras.saving.load_model(path, compile=False)
-        except Exception as exc:  # noqa: BLE001 - any load failure means a bad file
-            raise RunDirError(
-                f"Cannot load {path} ({type(exc).__name__}: {str(exc)[:300]}). The file is corrupt "
-                "or was not written by `trainer fit`; re-run training or restore the file."
-            ) from exc
-        _check_model(model, self, path)
+        model = self.load_keras(error=RunDirError)
+        _check_model(model, self, self.model_path)
         return model
 
     def splits(self):
-        from trainer.data import read_splits
+        """``splits.csv`` (dermedge.splits) as a table, one row per image, in file order."""
+        import pandas as pd
 
-        path = self.path / "splits.csv"
-        if not path.is_file():
+        if not self.splits_path.is_file():
             raise RunDirError(f"The run directory {self.path} has no splits.csv; int8 calibration "
                               "and validation read their images from it. Re-run `trainer fit` or "
                               "pass --data for validation.")
-        return read_splits(path)
+        rows = read_splits(self.splits_path, error=RunDirError)
+        return pd.DataFrame([r.as_dict() for r in rows],
+                            columns=[*SPLIT_COLUMNS, *EXTRA_COLUMNS])
 
 
 def open_run(path: str | Path) -> Run:
     """Check that ``path`` is a run directory with a usable card and a model file."""
-    path = Path(path)
-    if not path.exists():
-        raise RunDirError(f"The run directory {path} does not exist. Pass the folder written by "
-                          "`trainer fit` (it holds model.keras and model_card.json).")
-    if not path.is_dir():
-        raise RunDirError(f"{path} is a file, not a run directory. Pass the folder written by "
-                          "`trainer fit` (it holds model.keras and model_card.json).")
-    card_path = path / "model_card.json"
-    if not card_path.is_file():
-        raise RunDirError(f"The run directory {path} has no model_card.json, so the input size, "
-                          "labels and melanoma threshold are unknown. Export needs a complete run: "
-                          "re-run `trainer fit`, or point at the right folder.")
-    card = read_card(card_path, error=RunDirError).to_dict()
-    if not (path / "model.keras").is_file():
-        raise RunDirError(f"The run directory {path} has no model.keras. Training may not have "
-                          "finished; re-run `trainer fit` (or `--resume`).")
-    return Run(path.resolve(), card)
+    run = read_run(path, error=RunDirError)
+    return Run(run.path, run.card)
 
 
 def _check_model(model, run: Run, path: Path) -> None:
@@ -106,9 +68,9 @@ def _check_model(model, run: Run, path: Path) -> None:
     outputs = model.output
     problems = []
     if len(model.inputs) != 1:
-        problems.append(f"it has {len(model.inputs)} inputs, expected one named 'image'")
-    elif not str(names[0]).startswith("image"):
-        problems.append(f"its input is named {names[0]!r}, expected 'image'")
+        problems.append(f"it has {len(model.inputs)} inputs, expected one named {INPUT_NAME!r}")
+    elif not str(names[0]).startswith(INPUT_NAME):
+        problems.append(f"its input is named {names[0]!r}, expected {INPUT_NAME!r}")
     else:
         shape = tuple(model.inputs[0].shape[1:])
         if shape != (run.input_size, run.input_size, 3):
@@ -124,8 +86,8 @@ def _check_model(model, run: Run, path: Path) -> None:
         if tuple(outputs["melanoma"].shape[1:]) != (1,):
             problems.append(f"melanoma has shape {tuple(outputs['melanoma'].shape)}, expected "
                             "(N, 1)")
-        if "ood" in outputs and tuple(outputs["ood"].shape[1:]) != (1,):
-            problems.append(f"ood has shape {tuple(outputs['ood'].shape)}, expected (N, 1)")
+        if OOD in outputs and tuple(outputs[OOD].shape[1:]) != (1,):
+            problems.append(f"ood has shape {tuple(outputs[OOD].shape)}, expected (N, 1)")
         if tuple(outputs["diagnosis"].shape[1:]) != (n,):
             problems.append(f"diagnosis has shape {tuple(outputs['diagnosis'].shape)}, expected "
                             f"(N, {n}) for the card's {n} labels")
@@ -171,12 +133,15 @@ def representative_records(run: Run, n: int, *, seed: int = 0):
 
 
 def validation_records(run: Run, data: str | Path | None = None, split: str = "val"):
-    """The labelled rows to validate on: the run's ``split`` or a labelled set at ``data``."""
+    """The labelled rows to validate on: the run's ``split``, or ``data``: another splits.csv
+    (its rows of ``split``) or a folder with one sub-folder per diagnosis."""
     if data is not None:
-        from trainer.data import load_records
+        import pandas as pd
 
-        df = load_records(data)
-        where = str(data)
+        df = pd.DataFrame([{"image_id": x.image_id, "path": str(x.path), "dx": x.dx,
+                            "melanoma": int(x.dx == MELANOMA_DX)}
+                           for x in read_labelled(data, split, error=ExportError)])
+        where = f"{data} split={split}" if Path(data).is_file() else str(data)
     else:
         df = run.splits()
         if split not in set(df["split"]):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge.labels import HEADS, OOD, OOD_LABELS
 from export.errors import ExportError
 from export.venvs import PinnedVenv
 
@@ -46,9 +47,7 @@ MEDIAPIPE_REQUIREMENTS: tuple[str, ...] = (
     "python-dateutil==4.0.0", "tzdata==2026.6")
 METADATA_NAME = "TFLITE_METADATA"
 CUSTOM_NAME = "dermedge"  # the subgraph's custom metadata entry: threshold + preprocessing
-LABEL_FILES = {"melanoma": "labels_melanoma.txt", "diagnosis": "labels_diagnosis.txt",
-               "ood": "labels_ood.txt"}
-OOD_LABELS = ["not_dermoscopy"]  # the input gate's output, one score (export/gate.py)
+LABEL_FILES = {name: f"labels_{name}.txt" for name in (*HEADS, OOD)}
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: reproducible bytes
 NORM_MEAN, NORM_STD = [0.0], [1.0]  # the model takes RGB 0-255; normalisation is in the graph
 WORKER = Path(__file__).with_name("tflite_metadata_worker.py")
@@ -118,7 +117,8 @@ def run_worker(mode: str, spec: dict, workdir: Path, *, python: Path | None = No
 # ----------------------------------------------------------------------------- the file
 def output_order(tflite: bytes) -> list[str]:
     """The signature's output names in the subgraph's output order (what metadata follows)."""
-    from export.litert import SIGNATURE, make_interpreter
+    from dermedge.labels import SIGNATURE
+    from dermedge.litert import make_interpreter
 
     interp = make_interpreter(tflite)
     by_index = {d["index"]: name for name, d in
@@ -166,7 +166,7 @@ def metadata_spec(card: dict, mode: str, order: list[str]) -> dict:
               "preprocessing": preprocessing(size)}
     if gate.get("thresholds"):
         custom["gate"] = {"thresholds": gate["thresholds"], "params": gate.get("params"),
-                          "output": "ood" if "ood" in order else None,
+                          "output": OOD if OOD in order else None,
                           "rules": "a photo is refused when side < min_side, mean_luma <"
                                    " mean_luma_min, dark_share > dark_share_max,"
                                    " clipped_share > clipped_share_max, sharpness <"

@@ -32,7 +32,7 @@ def agreement_by_margin(pf: np.ndarray, pl: np.ndarray) -> list[dict]:
 
 
 def _metrics(y, probs, mel_y, p_mel, labels, threshold) -> dict:
-    from trainer.metrics import classification_metrics
+    from dermedge.metrics import classification_metrics
 
     return classification_metrics(y, probs, mel_y, p_mel, labels, mel_threshold=threshold)
 
@@ -44,7 +44,7 @@ def compare(float_out: dict, lite_out: dict, dx: list[str], mel_true, labels: tu
 
     ``class_offsets`` (K, in ``labels`` order): the run's per-class diagnosis offsets, when
     they were fitted on these very images (``trainer calibrate --class-bias``). Then the
-    balanced-accuracy gate uses the **cross-fitted** drop (trainer.calibration.crossfit_pair):
+    balanced-accuracy gate uses the **cross-fitted** drop (dermedge.metrics.crossfit_pair):
     in sample, where the offsets put the class boundaries among these very images swings the
     drop of a quantized copy either way by more than the tolerance, however label-blind its
     errors. Both figures are reported."""
@@ -108,7 +108,7 @@ def compare(float_out: dict, lite_out: dict, dx: list[str], mel_true, labels: tu
 
     crossfit = None
     if class_offsets is not None:
-        from trainer.calibration import crossfit_pair
+        from dermedge.metrics import crossfit_pair
 
         crossfit = crossfit_pair(pf_d, pl_d, y, class_offsets)
     if crossfit is not None:

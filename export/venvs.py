@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dermedge.files import cache_dir, replace_dir
+
 
 @dataclass(frozen=True)
 class PinnedVenv:
@@ -33,10 +35,8 @@ class PinnedVenv:
     pip_timeout: int = 1800
 
     def directory(self) -> Path:
-        from trainer.data import default_cache_dir
-
         key = hashlib.sha256("\n".join(self.requirements).encode()).hexdigest()[:10]
-        return default_cache_dir() / (f"{self.slug}-venv-py{sys.version_info[0]}"
+        return cache_dir() / (f"{self.slug}-venv-py{sys.version_info[0]}"
                                       f"{sys.version_info[1]}-{key}")
 
     def cached_python(self) -> Path | None:
@@ -90,9 +90,7 @@ class PinnedVenv:
             (tmp / ".installed").write_text("\n".join(self.requirements) + "\n")
             if self.cached_python() is not None and not force:  # another process built it
                 return py
-            if venv.exists():
-                shutil.rmtree(venv)
-            tmp.rename(venv)
+            replace_dir(tmp, venv, overwrite=True)
         except subprocess.TimeoutExpired as exc:
             raise self.error(f"Building the {self.label} environment timed out "
                              f"({exc.timeout:.0f} s for {' '.join(map(str, exc.cmd[:4]))} ...); "

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from dermedge.card import build_card
-from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
+from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 
 # One distinct colour per class, so a tiny CNN learns the task in a few epochs.
 CLASS_COLOURS = {"akiec": (200, 60, 60), "bcc": (60, 200, 60), "bkl": (60, 60, 200),

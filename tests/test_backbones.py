@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci import need
 
 from trainer import backbones
 from trainer.backbones import get_backbone, list_backbones, preprocessing_layers
@@ -240,8 +241,8 @@ def test_preprocessing_converts_to_tflite_exactly(mode, tmp_path):
     """The in-graph preprocessing survives SavedModel -> TFLite with the same numbers."""
     import keras
 
-    tf = pytest.importorskip("tensorflow")
-    litert = pytest.importorskip("ai_edge_litert.interpreter")
+    tf = need("tensorflow", "the train extra installs it")
+    litert = need("ai_edge_litert.interpreter", "the core install has it")
 
     image = keras.Input((8, 8, 3), name="image")
     y = image

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from ci import need
 
 from trainer.calibration import (
     apply_sigmoid,
@@ -73,7 +74,7 @@ def test_multi_pass_fit_and_one_class_melanoma():
 
 
 def test_calibrate_folds_into_the_heads_exactly_and_reports_ece():
-    keras = pytest.importorskip("keras")
+    keras = need("keras", "the train extra installs it")
     from trainer.model import build_model
     from trainer.pipeline import predict_arrays
 

@@ -142,11 +142,12 @@ def test_documented_reader_checks_are_the_readers():
 
 def test_documented_files_are_the_ones_written():
     from export.bundle import BUNDLE_FILES
+    from export.refused import REFUSED_NOTICE
     from trainer.run import RUN_FILES
 
     run_files = doc_table_names("## The run directory")
     assert set(RUN_FILES) <= set(run_files)
-    assert doc_table_names("## The export bundle") == list(BUNDLE_FILES)
+    assert doc_table_names("## The export bundle") == [*BUNDLE_FILES, REFUSED_NOTICE]
 
 
 def test_backbone_layer_comes_from_the_card_with_the_v1_default():

@@ -8,15 +8,11 @@ import json
 
 import numpy as np
 import pytest
+from ci import need
 
-from trainer.calibration import (
-    _balanced_nll,
-    apply_softmax,
-    calibrate,
-    class_bias_section,
-    fit_class_bias,
-)
-from trainer.labels import DIAGNOSIS_LABELS
+from dermedge.labels import DIAGNOSIS_LABELS
+from dermedge.numerics import _balanced_nll, fit_class_bias
+from trainer.calibration import apply_softmax, calibrate, class_bias_section
 
 
 def _balanced_posteriors(n=30000, k=7, seed=0):
@@ -37,7 +33,7 @@ def test_fit_recovers_a_known_per_class_drift():
     assert abs(b.mean()) < 1e-9  # offsets are defined up to a constant: reported centred
     np.testing.assert_allclose(b, -(drift - drift.mean()), atol=0.1)
     # with the offsets the balanced accuracy is back to that of the true posterior
-    from trainer.metrics import balanced_accuracy
+    from dermedge.metrics import balanced_accuracy
 
     fixed = apply_softmax(probs, 1.0, b)
     assert balanced_accuracy(y, fixed.argmax(1), 7) == pytest.approx(
@@ -52,7 +48,7 @@ def test_fit_recovers_a_known_per_class_drift():
 
 
 def test_fit_matches_a_general_optimiser_with_passes_and_a_temperature():
-    optimize = pytest.importorskip("scipy.optimize")
+    optimize = need("scipy.optimize", "scikit-learn (the dev extra) installs scipy")
     rng = np.random.default_rng(3)
     z = rng.normal(size=(4, 300, 7)) * 1.5  # 4 passes averaged, as in an ensemble
     y = np.concatenate([np.arange(7), rng.integers(0, 7, 293)])
@@ -87,7 +83,7 @@ def test_calibrate_folds_the_offsets_into_the_head_exactly():
     from trainer.model import build_model
     from trainer.pipeline import predict_arrays
 
-    keras = pytest.importorskip("keras")
+    keras = need("keras", "the train extra installs it")
     keras.utils.set_random_seed(0)
     model = build_model("tiny_cnn", input_size=32, weights=None)
     head = model.get_layer("diagnosis")
@@ -113,13 +109,13 @@ def test_calibrate_folds_the_offsets_into_the_head_exactly():
             < _balanced_nll(np.log(t_only)[None], y, w, np.zeros(7))[0] - 1e-3)
     assert report["shift"]["diagnosis"] == 0.0  # the offsets have their own entry
     # the calibration errors describe the model as it is now, offsets included
-    from trainer.metrics import expected_calibration_error as ece
+    from dermedge.metrics import expected_calibration_error as ece
 
     assert report["ece_after"]["diagnosis"] == pytest.approx(ece(probs2, y), abs=1e-5)
 
 
 def json_balanced(y, probs):
-    from trainer.metrics import balanced_accuracy
+    from dermedge.metrics import balanced_accuracy
 
     return balanced_accuracy(y, probs.argmax(1), 7)
 
@@ -205,7 +201,7 @@ def _softmax(z):
 
 
 def test_crossfit_pair_scores_both_models_with_offsets_they_were_not_fitted_on():
-    from trainer.calibration import crossfit_pair
+    from dermedge.metrics import crossfit_pair
 
     z, y = _val_like()
     b = fit_class_bias(_softmax(z), y)

@@ -75,7 +75,7 @@ def test_int8_file_shrinks_and_reads_back_identically(converted):
     assert _tables(small) == _tables(int8)
     ok, why = same_outputs(int8, small, images)
     assert ok, why
-    from export.litert import LiteModel
+    from dermedge.litert import LiteModel
 
     a = LiteModel.load(int8).predict(images, batch_size=8)
     b = LiteModel.load(small).predict(images, batch_size=8)

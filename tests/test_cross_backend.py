@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci import unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING_BACKEND = 3
@@ -60,7 +61,8 @@ def test_model_trained_on_other_backend_loads_under_tensorflow(backend, tmp_path
     import keras
 
     if keras.backend.backend() != "tensorflow":
-        pytest.skip("the test process must run the TensorFlow backend")
+        unavailable(f"the test process must run the TensorFlow backend, not "
+                    f"{keras.backend.backend()!r}: unset KERAS_BACKEND")
     env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run(
@@ -72,7 +74,9 @@ def test_model_trained_on_other_backend_loads_under_tensorflow(backend, tmp_path
         timeout=300,
     )
     if proc.returncode == MISSING_BACKEND:
-        pytest.skip(f"KERAS_BACKEND={backend} unavailable: {proc.stderr.strip().splitlines()[-1]}")
+        why = proc.stderr.strip().splitlines()[-1]
+        unavailable(f"needs PyTorch: {why}" if backend == "torch"
+                    else f"KERAS_BACKEND={backend} unavailable: {why}")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     loaded = keras.saving.load_model(tmp_path / "model.keras")

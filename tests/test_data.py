@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from ci import need
 from PIL import Image
 
+from dermedge.labels import DIAGNOSIS_LABELS, ISIC_COLUMNS
 from trainer import data as D
 from trainer.errors import DataError
-from trainer.labels import DIAGNOSIS_LABELS, ISIC_COLUMNS
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -339,7 +340,7 @@ def test_class_weights_methods():
     np.testing.assert_allclose(inv[:3], 100 / (3 * np.array([60, 30, 10])))
     assert inv[3] == 0.0
     np.testing.assert_array_equal(D.class_weights(y, 4, method="none"), np.ones(4))
-    sk = pytest.importorskip("sklearn.utils.class_weight")
+    sk = need("sklearn.utils.class_weight", "the dev extra installs scikit-learn")
     np.testing.assert_allclose(inv[:3], sk.compute_class_weight("balanced", classes=np.arange(3),
                                                                  y=y))
     with pytest.raises(ValueError, match="did you mean 'inverse'"):

@@ -10,8 +10,9 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from ci import need
 
-keras = pytest.importorskip("keras")
+keras = need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
 from test_cli import _assert_one_paragraph_error, _run  # noqa: E402
 from test_fit import tiny_config, toy_data_fixture, trained_run_fixture  # noqa: E402,F401

@@ -22,13 +22,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from ci import unavailable
 from test_cli import _assert_one_paragraph_error, _no_run_dirs
 from test_fit import toy_data_fixture  # noqa: F401 - session fixture
 
+from dermedge.artifacts import partial_dir
+from dermedge.errors import RunDirError
 from trainer import distribute as dist
 from trainer.config import ConfigError, RunConfig
-from trainer.errors import RunDirError
-from trainer.run import RUN_FILES, partial_dir
+from trainer.run import RUN_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING_BACKEND = 3
@@ -98,7 +100,7 @@ def _run(commands: list[list[str]], cwd: Path, env: dict[str, str]) -> None:
     proc = subprocess.run([sys.executable, "-c", RUNNER, *map(json.dumps, commands)], env=env,
                           cwd=cwd, capture_output=True, text=True, timeout=300)
     if proc.returncode == MISSING_BACKEND:
-        pytest.skip(f"KERAS_BACKEND={env['KERAS_BACKEND']} unavailable: "
+        unavailable(f"KERAS_BACKEND={env['KERAS_BACKEND']} unavailable: "
                     f"{proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -354,7 +356,7 @@ def test_global_batch_must_split_over_the_replicas():
 
 
 def test_lr_scaling_rules():
-    from trainer.fit import lr_at
+    from trainer.schedule import lr_at
 
     base = {"train.batch_size": 128, "train.head_lr": 1e-3, "train.lr": 1e-4,
             "train.head_epochs": 1, "train.epochs": 2, "train.schedule": "constant"}

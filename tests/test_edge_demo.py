@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci import need
 from demo_fixtures import SIZE, THRESHOLD, jpeg_bytes, tiny_bundles
 from PIL import Image
 
+from dermedge.image import load_image
 from edge_demo.app import create_app
 from edge_demo.cli import main
 from edge_demo.errors import BundleError, PolicyError
@@ -319,8 +321,9 @@ def test_odd_modes_are_accepted(client, case):
     assert decode_upload(data, max_pixels=10**6).mode == "RGB"
 
 
-def test_center_crop_resize_matches_trainer(tmp_path):
-    data_mod = pytest.importorskip("trainer.data", reason="trainer is not importable here")
+def test_upload_decode_then_crop_equals_load_image_of_the_file(tmp_path):
+    """The server's path (bytes -> decode_upload -> center_crop_resize) gives the pixels of
+    the reference file path training uses (dermedge.image.load_image)."""
     cases = {"wide.png": encode(asym_image(67, 45)), "tall.jpg": encode(asym_image(31, 70),
              "JPEG"), "grey16.png": encode(Image.fromarray(
                  np.arange(50 * 40, dtype=np.uint16).reshape(40, 50) * 31))}
@@ -332,15 +335,14 @@ def test_center_crop_resize_matches_trainer(tmp_path):
         p.write_bytes(data)
         for size in (SIZE, 224):
             ours = center_crop_resize(decode_upload(data, max_pixels=10**7), size)
-            np.testing.assert_array_equal(ours, data_mod.load_image(p, size), err_msg=name)
+            np.testing.assert_array_equal(ours, load_image(p, size), err_msg=name)
 
 
 @pytest.mark.shared
-def test_center_crop_resize_matches_trainer_on_real_photo(shared_dir):
-    data_mod = pytest.importorskip("trainer.data", reason="trainer is not importable here")
+def test_upload_decode_then_crop_equals_load_image_on_a_real_photo(shared_dir):
     photo = sorted((shared_dir / "data/ham10000_raw_600x450/images").glob("*.jpg"))[0]
     ours = center_crop_resize(decode_upload(photo.read_bytes(), max_pixels=10**7), 224)
-    np.testing.assert_array_equal(ours, data_mod.load_image(photo, 224))
+    np.testing.assert_array_equal(ours, load_image(photo, 224))
 
 
 # --- tiers ------------------------------------------------------------------------------
@@ -582,7 +584,7 @@ def test_edge_demo_never_imports_tensorflow(bundles):
 
 def test_keras_run_dir_as_cloud_tier(bundles):
     """Optional: the cloud tier may be a run directory's model.keras when TF is installed."""
-    pytest.importorskip("keras")
+    need("keras", "the train extra installs it")
     client = make_app(bundles, CLOUD_BUNDLE=str(bundles["keras_run"])).test_client()
     assert client.get("/api/v1/models").get_json()["cloud"]["mode"] == "keras"
     keras_body = post_image(client, jpeg_bytes(), url="/api/v1/cloud/classify").get_json()

@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from ci import need
 
-pytest.importorskip("flask")
-pytest.importorskip("ai_edge_litert")
+need("flask", "the demo extra installs it")
+need("ai_edge_litert", "the core install has it")
 
 from demo_fixtures import (  # noqa: E402
     META_THRESHOLD,
@@ -19,10 +20,10 @@ from demo_fixtures import (  # noqa: E402
     with_metadata_tables,
 )
 
+from dermedge.labels import DIAGNOSIS_LABELS  # noqa: E402
 from edge_demo.app import create_app  # noqa: E402
 from edge_demo.cli import main as demo_main  # noqa: E402
 from edge_demo.metadata import adjust, parse  # noqa: E402
-from trainer.labels import DIAGNOSIS_LABELS  # noqa: E402
 from trainer.metadata import apply_prior  # noqa: E402
 
 

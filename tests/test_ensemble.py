@@ -10,16 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from ci import need
 from PIL import Image
 
-keras = pytest.importorskip("keras")
+keras = need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
 from test_fit import tiny_config, toy_data_fixture, trained_run_fixture  # noqa: E402,F401
 
+from dermedge.labels import DIAGNOSIS_LABELS  # noqa: E402
 from trainer.cli import main  # noqa: E402
 from trainer.ensemble import build_ensemble, ensemble_runs, flip  # noqa: E402
 from trainer.errors import DermedgeError  # noqa: E402
-from trainer.labels import DIAGNOSIS_LABELS  # noqa: E402
 from trainer.pipeline import predict_arrays  # noqa: E402
 from trainer.run import RUN_FILES, load_run  # noqa: E402
 

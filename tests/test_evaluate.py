@@ -7,14 +7,16 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from ci import need
 
-pytest.importorskip("keras")
+need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
-from test_fit import toy_data_fixture, trained_run_fixture  # noqa: F401 - session fixtures
+from test_fit import toy_data_fixture, trained_run_fixture  # noqa: E402,F401 - session fixtures
 
-from trainer.errors import DataError, RunDirError  # noqa: E402
+from dermedge.errors import RunDirError  # noqa: E402
+from dermedge.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, ISIC_COLUMNS  # noqa: E402
+from trainer.errors import DataError  # noqa: E402
 from trainer.evaluate import evaluate  # noqa: E402
-from trainer.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, ISIC_COLUMNS  # noqa: E402
 
 ISIC_HEADER = ["image", *ISIC_COLUMNS]
 
@@ -86,8 +88,8 @@ def test_operating_threshold_sits_between_scores_not_on_one():
     import numpy as np
     import pandas as pd
 
+    from dermedge.metrics import sens_spec_at, threshold_youden
     from trainer.evaluate import choose_threshold
-    from trainer.metrics import sens_spec_at, threshold_youden
 
     rng = np.random.default_rng(0)
     dx = np.where(rng.random(200) < 0.2, "mel", "nv")

@@ -18,13 +18,15 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from ci import need
 from PIL import Image
 
-keras = pytest.importorskip("keras")
+keras = need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
 from demo_fixtures import jpeg_bytes, tiny_bundles  # noqa: E402
 from export_fixtures import card_for, train_quickly  # noqa: E402
 
+from dermedge.labels import DIAGNOSIS_LABELS  # noqa: E402
 from trainer.backbones import REGISTRY, get_backbone  # noqa: E402
 from trainer.cli import main as trainer_main  # noqa: E402
 from trainer.errors import DermedgeError  # noqa: E402
@@ -36,7 +38,6 @@ from trainer.explain import (  # noqa: E402
     heatmap_on_photo,
     pick_gallery,
 )
-from trainer.labels import DIAGNOSIS_LABELS  # noqa: E402
 from trainer.model import backbone_submodel, build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -364,10 +365,10 @@ def test_gallery_is_skipped_with_a_reason_under_another_backend(monkeypatch, tmp
 def test_gradcam_under_another_backend_says_how_to_fix(tmp_path):
     code = ("import os\nos.environ['KERAS_BACKEND'] = 'jax'\n"
             "from trainer.model import build_model\nfrom trainer.explain import GradCAM\n"
-            "from trainer.labels import DIAGNOSIS_LABELS\n"
+            "from dermedge.labels import DIAGNOSIS_LABELS\n"
             "m = build_model('tiny_cnn', input_size=32, weights=None)\n"
             "try:\n    GradCAM(m, DIAGNOSIS_LABELS)\nexcept ValueError as e:\n    print(e)\n")
-    pytest.importorskip("jax")
+    need("jax", "the dev extra installs it")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert "needs the TensorFlow backend" in out.stdout and "'jax'" in out.stdout, out.stderr

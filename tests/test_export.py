@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from export_fixtures import make_run_dir, set_constant_heads
 
-from export.api import QuantizationConfig, Tolerances, export_run, load_bundle, run_tflite
+from dermedge.artifacts import read_bundle
+from dermedge.labels import DIAGNOSIS_LABELS
+from dermedge.litert import LiteModel, run_tflite
+from export.api import QuantizationConfig, Tolerances, export_run
 from export.cli import main
 from export.errors import DermedgeError, QuantizationCheckError
-from export.litert import LiteModel
-from trainer.labels import DIAGNOSIS_LABELS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:tensorflow.lite.*")
 
@@ -174,7 +175,7 @@ def test_run_tflite_matches_keras(bundles, run_dir):
     model = keras.saving.load_model(run_dir / "model.keras")
     ref = model(imgs.astype(np.float32), training=False)
     for mode, tol in (("float32", 1e-5), ("int8", 0.05)):
-        out = run_tflite(load_bundle(bundles[mode].path), imgs, batch_size=4)
+        out = run_tflite(read_bundle(bundles[mode].path), imgs, batch_size=4)
         for head in ("melanoma", "diagnosis"):
             np.testing.assert_allclose(out[head], np.asarray(ref[head]), atol=tol)
 
@@ -233,7 +234,6 @@ def test_int8_io_choice(run_dir, tmp_path):
 
 def test_int8_uint8_in_float32_out(run_dir, tmp_path):
     """Camera pixels in, dequantized probabilities out: a full-integer body, float outputs."""
-    from export.litert import run_tflite
 
     res = export_run(run_dir, QuantizationConfig.int8(20, output_dtype="float32"),
                      tmp_path / "mixed", validate=True)

@@ -18,7 +18,9 @@ import pytest
 from ci import unavailable
 from export_fixtures import make_run_dir
 
-from export.api import QuantizationConfig, export_run, run_tflite
+from dermedge.files import cache_dir
+from dermedge.litert import run_tflite
+from export.api import QuantizationConfig, export_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:tensorflow.lite.*")
 
@@ -28,8 +30,7 @@ SNIPPET = Path(__file__).resolve().parents[1] / "export" / "snippets" / "run_bun
 
 def _litert_venv() -> Path:
     key = "-".join(p.replace("==", "").replace("-", "") for p in PACKAGES)
-    root = Path(os.environ.get("DERMEDGE_CACHE") or Path.home() / ".cache" / "dermedge")
-    env = root / f"litert-venv-py{sys.version_info.major}{sys.version_info.minor}-{key}"
+    env = cache_dir() / f"litert-venv-py{sys.version_info.major}{sys.version_info.minor}-{key}"
     py = env / "bin" / "python"
     if (env / ".complete").is_file():
         return py

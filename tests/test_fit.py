@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from ci import need
 
-keras = pytest.importorskip("keras")
+keras = need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
+from dermedge.artifacts import partial_dir  # noqa: E402
+from dermedge.labels import DIAGNOSIS_LABELS  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
 from trainer.data import class_weights, resample_indices  # noqa: E402
-from trainer.fit import fit, lr_at  # noqa: E402
-from trainer.labels import DIAGNOSIS_LABELS  # noqa: E402
-from trainer.run import RUN_FILES, partial_dir  # noqa: E402
+from trainer.fit import fit  # noqa: E402
+from trainer.run import RUN_FILES  # noqa: E402
+from trainer.schedule import lr_at  # noqa: E402
 
 TOTAL_EPOCHS = 4  # 1 head + 3 fine-tune
 
@@ -170,7 +173,7 @@ def test_splits_are_lesion_grouped(trained_run):
 
 
 def test_existing_run_needs_overwrite(trained_run, toy_data, tmp_path):
-    from trainer.errors import RunDirError
+    from dermedge.errors import RunDirError
 
     cfg = tiny_config(toy_data, tmp_path / "cache")
     with pytest.raises(RunDirError, match="--overwrite"):
@@ -199,7 +202,7 @@ def test_resume_continues_from_the_last_epoch(toy_data, tmp_path):
     assert (work / "checkpoints" / "last.keras").is_file()
     assert len(pd.read_csv(work / "history.csv")) == 2
 
-    from trainer.errors import RunDirError
+    from dermedge.errors import RunDirError
 
     with pytest.raises(RunDirError, match="--resume"):
         fit(cfg, out, verbose=0)  # a fresh start would silently discard the checkpoint

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from ci import unavailable
+from ci import need, unavailable
 from conftest import demo_server
 
 from edge_demo import certs
@@ -341,7 +341,7 @@ def _when_compressed(url, ctx, encoding, timeout=120):
 
 
 def test_compressed_copies_decompress_to_the_original_and_revalidate(https_server):
-    brotli = pytest.importorskip("brotli")
+    brotli = need("brotli", "the demo extra installs it")
     port, _, ctx, _ = https_server
     base = f"https://localhost:{port}"
     _, cfg = _page_config(base, ctx)

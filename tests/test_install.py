@@ -25,6 +25,8 @@ from ci import unavailable
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
+from dermedge.files import cache_dir
+
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 TF_WHEELS = {"tensorflow", "tensorflow-cpu"}
@@ -67,8 +69,7 @@ def test_gpu_extra_replaces_the_cpu_wheel_instead_of_stacking():
 # ---- the demo extra in a clean venv ---------------------------------------------------------
 def _demo_venv() -> Path:
     key = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:12]
-    root = Path(os.environ.get("DERMEDGE_CACHE") or Path.home() / ".cache" / "dermedge")
-    env = root / f"demo-venv-py{sys.version_info.major}{sys.version_info.minor}-{key}"
+    env = cache_dir() / f"demo-venv-py{sys.version_info.major}{sys.version_info.minor}-{key}"
     py = env / "bin" / "python"
     if (env / ".complete").is_file():
         return py

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from ci import unavailable
 
+from dermedge.files import cache_dir as default_cache_dir
+from dermedge.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, MELANOMA_DX
 from trainer import metrics as M
-from trainer.data import default_cache_dir, read_isic_csv, write_isic_predictions
-from trainer.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, MELANOMA_DX
+from trainer.data import read_isic_csv, write_isic_predictions
 
 SCORER = "isic-challenge-scoring"
 # 5.8.0 needs Python >= 3.13; with an older interpreter fall back to the last release for it.

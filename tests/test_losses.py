@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ci import need
 
-keras = pytest.importorskip("keras")
+keras = need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
 from trainer.config import ConfigError, RunConfig  # noqa: E402
 from trainer.losses import (  # noqa: E402

@@ -42,7 +42,7 @@ _unavailable = unavailable  # skip outside CI; under CI=true a failure with the 
 
 
 def _tasks_vision() -> Path:
-    from trainer.data import default_cache_dir
+    from dermedge.files import cache_dir as default_cache_dir
 
     root = default_cache_dir() / "npm-tasks-vision-0.10.21"
     if (root / ".complete").is_file():

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from test_fit import toy_data_fixture, trained_run_fixture  # noqa: F401 - session fixtures
 
+from dermedge.labels import DIAGNOSIS_LABELS
 from trainer.errors import DermedgeError
-from trainer.labels import DIAGNOSIS_LABELS
 from trainer.metadata import (
     age_bin,
     apply_prior,

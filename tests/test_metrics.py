@@ -1,4 +1,4 @@
-"""trainer.metrics against scikit-learn (a dev dependency) and against hand-worked cases."""
+"""dermedge.metrics against scikit-learn (a dev dependency) and against hand-worked cases."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import warnings
 
 import numpy as np
 import pytest
+from ci import need
 
-from trainer import metrics as M
-from trainer.labels import DIAGNOSIS_LABELS
+from dermedge import metrics as M
+from dermedge.labels import DIAGNOSIS_LABELS
 
-skm = pytest.importorskip("sklearn.metrics", reason="scikit-learn (dev extra) not installed")
+skm = need("sklearn.metrics", "the dev extra installs scikit-learn")
 
 
 def _sk_balanced(y, pred):

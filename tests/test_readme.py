@@ -21,9 +21,12 @@ def test_readme_starts_with_two_setup_commands():
         assert command.startswith("python3.11 -m venv .venv && ")
 
 
-def test_ci_runs_the_readme_test_command_verbatim():
-    ci = (REPO / ".ci" / "run").read_text().splitlines()
-    assert _readme_commands()[1] in ci
+def test_ci_runs_the_readme_test_command_verbatim_then_the_slow_tests():
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith("#")]
+    readme = _readme_commands()[1]
+    assert readme in ci
+    assert ci[ci.index(readme) + 1] == ".venv/bin/python -m pytest --run-slow -m slow"
 
 
 def test_quickstart_script_exists_and_is_strict():

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci import need
 
-keras = pytest.importorskip("keras")
+keras = need("keras", "the train extra installs it: pip install -e '.[train,demo,dev]'")
 
 from test_fit import toy_data_fixture  # noqa: E402, F401 - session fixture
 

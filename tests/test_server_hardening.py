@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci import skip_unless
 from demo_fixtures import jpeg_bytes, tiny_bundles
 from PIL import Image
 
@@ -125,7 +126,7 @@ def encode(im: Image.Image, fmt: str, **kw) -> bytes:
 
 
 # --- 1. nothing of an upload touches the disk; the body limit is the server's ------------
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
+@skip_unless(Path("/proc/self/fd").is_dir(), "needs Linux /proc")
 @pytest.mark.parametrize("form", ["multipart", "body"])
 def test_a_5mb_upload_creates_no_file(live, form):
     photo = noisy_png(5 * 1024 * 1024)
@@ -275,7 +276,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+@skip_unless(Path("/proc/self/status").is_file(), "needs Linux /proc")
 def test_eight_large_jpegs_at_once_stay_small_in_memory(live):
     """A 24 MP phone-size JPEG is decoded at 1/8 scale for a 32-px model; eight at once
     used to cost 72 MB each."""

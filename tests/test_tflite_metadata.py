@@ -14,7 +14,8 @@ import pytest
 from export_fixtures import make_run_dir, smooth_images
 from mediapipe_fixtures import mediapipe_env
 
-from export.api import QuantizationConfig, export_run, run_tflite
+from dermedge.litert import run_tflite
+from export.api import QuantizationConfig, export_run
 from export.tflite_metadata import (
     LABEL_FILES,
     ZIP_DATE,

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dermedge.labels import DIAGNOSIS_LABELS
 from trainer import data as D
 from trainer.errors import DataError
-from trainer.labels import DIAGNOSIS_LABELS
 from trainer.toy import class_counts, make_toy_dataset
 
 

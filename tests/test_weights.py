@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from ci import unavailable
 
+from dermedge.files import cache_dir
 from trainer.errors import DermedgeError
 
 REPO = Path(__file__).resolve().parents[1]
-WHEELS = Path(os.environ.get("DERMEDGE_CACHE", Path.home() / ".cache" / "dermedge")) / "wheels"
+WHEELS = cache_dir() / "wheels"
 GRACE_HOPPER_CLASS = 652  # "military uniform", the classic TF label_image example
 
 

@@ -37,30 +37,28 @@ from typing import Any
 import numpy as np
 
 from dermedge import numerics
-from dermedge.card import card_from_dict, recalibrated
+from dermedge.artifacts import partial_dir
+from dermedge.card import recalibrated
+from dermedge.errors import RunDirError
+from dermedge.files import write_json
+from dermedge.labels import DIAGNOSIS_LABELS
+from dermedge.metrics import CROSSFIT_REPEATS, balanced_accuracy_of
+from dermedge.metrics import expected_calibration_error as ece
+from dermedge.numerics import fit_class_bias, log_probs
 from trainer.data import cache_images, read_splits
-from trainer.errors import RunDirError
 from trainer.evaluate import write_outputs
-from trainer.labels import DIAGNOSIS_LABELS
 from trainer.metadata import score_on_val
 from trainer.metrics import card_metrics, choose_threshold, score
-from trainer.metrics import expected_calibration_error as ece
-from trainer.run import load_run, move_into_place, partial_dir, write_json_atomic
+from trainer.run import load_run, move_into_place, save_model
 
 # Clips before the logs (float64): softmax outputs may underflow to 0; a sigmoid's 1 - p needs
 # a margin from 1.
-SOFTMAX_EPS, SIGMOID_EPS = 1e-300, 1e-12
+SIGMOID_EPS = 1e-12
 # Temperatures searched: wide enough for any sane model, bounded so a degenerate split
 # (one class, perfect separation) cannot send T to 0 or infinity.
 T_MIN, T_MAX = 0.05, 20.0
 # Melanoma logit shifts searched (log-odds): class weights of up to ~e^6 : 1 are undone.
 SHIFT_MIN, SHIFT_MAX = -6.0, 6.0
-HEAD_LAYERS = {"diagnosis": "diagnosis", "melanoma": "melanoma"}
-
-
-def log_probs(probs: np.ndarray) -> np.ndarray:
-    """Probabilities -> logits (log p, clipped): softmax of the result gives ``probs`` back."""
-    return np.log(np.clip(np.asarray(probs, np.float64), SOFTMAX_EPS, 1.0))
 
 
 def _sigmoid_logits(p: np.ndarray) -> np.ndarray:
@@ -168,58 +166,6 @@ def apply_softmax(probs: np.ndarray, temperature: float,
     return _softmax(z, temperature)
 
 
-def _balanced_nll(z: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray):
-    """Class-balanced NLL of ``mean over passes of softmax(z + b)`` and its gradient in ``b``;
-    ``z`` is (P, N, K), ``w`` the per-image weights (1 / (classes * class count))."""
-    a = z + b
-    a = a - a.max(axis=-1, keepdims=True)
-    q = np.exp(a)
-    q /= q.sum(axis=-1, keepdims=True)  # (P, N, K) per-pass probabilities
-    rows = np.arange(len(y))
-    qy = q[:, rows, y]  # (P, N)
-    p_y = np.clip(qy.mean(axis=0), 1e-300, None)
-    f = float(-(w * np.log(p_y)).sum())
-    # d p_y / d b = mean_p q_py (e_y - q_p)
-    d = -(qy[..., None] * q).mean(axis=0)
-    d[rows, y] += qy.mean(axis=0)
-    g = -((w / p_y)[:, None] * d).sum(axis=0)
-    return f, g
-
-
-def fit_class_bias(probs: np.ndarray, y: np.ndarray, temperature: float = 1.0, *,
-                   iters: int = 2000, tol: float = 1e-9) -> np.ndarray:
-    """Per-class logit offsets ``b`` (K,), mean 0, minimising the class-balanced NLL of
-    ``mean over passes of softmax(log probs / T + b)`` (``probs`` (N, K) or (P, N, K)) for
-    class indices ``y``. Every class must occur in ``y``: a class without images would have its
-    offset pushed to minus infinity. Gradient descent with backtracking (the one-pass loss is
-    convex in ``b``; K parameters)."""
-    y = np.asarray(y, np.int64).reshape(-1)
-    z = log_probs(probs)
-    z = (z if z.ndim == 3 else z[None]) / temperature
-    k = z.shape[-1]
-    counts = np.bincount(y, minlength=k)
-    if (counts == 0).any():
-        raise ValueError("class-bias fitting needs every class in the labels; missing: "
-                         f"{np.flatnonzero(counts == 0).tolist()}")
-    w = 1.0 / (k * counts[y])
-    b = np.zeros(k)
-    f, g = _balanced_nll(z, y, w, b)
-    step = 1.0
-    for _ in range(iters):
-        while True:
-            nb = b - step * g
-            nf, ng = _balanced_nll(z, y, w, nb)
-            if nf <= f - 0.5 * step * float(g @ g) or step < 1e-12:
-                break
-            step /= 2
-        converged = f - nf < tol
-        b, f, g = nb, nf, ng
-        step *= 2
-        if converged:
-            break
-    return b - b.mean()
-
-
 def apply_sigmoid(p: np.ndarray, temperature: float, shift: float = 0.0) -> np.ndarray:
     """Calibrated (N,) probabilities from (N,) or (P, N) per-pass probabilities."""
     return _sigmoid(_sigmoid_logits(p), temperature, shift)
@@ -235,7 +181,7 @@ def fold_temperatures(heads_of, temperatures: dict[str, float],
     shifts = shifts or {}
     for model in models:
         for head, t in temperatures.items():
-            layer = model.get_layer(HEAD_LAYERS[head])
+            layer = model.get_layer(head)  # the head layers carry the head names
             kernel, bias = layer.get_weights()
             layer.set_weights([kernel / t, bias / t + shifts.get(head, 0.0)])
 
@@ -245,7 +191,7 @@ def fold_class_bias(heads_of, bias: np.ndarray) -> None:
     or in every model of a list (ensemble members)."""
     models = heads_of if isinstance(heads_of, list | tuple) else [heads_of]
     for model in models:
-        layer = model.get_layer(HEAD_LAYERS["diagnosis"])
+        layer = model.get_layer("diagnosis")
         kernel, b = layer.get_weights()
         layer.set_weights([kernel, (b + np.asarray(bias, np.float64)).astype(b.dtype)])
 
@@ -264,13 +210,6 @@ def strip_class_bias(model, card: dict) -> bool:
     if offsets is not None:
         fold_class_bias(model, -offsets)
     return offsets is not None
-
-
-def _balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
-    return numerics.balanced_accuracy(y, probs.argmax(axis=-1))
-
-
-CROSSFIT_REPEATS = 10
 
 
 def class_bias_section(probs: np.ndarray, y: np.ndarray, temperature: float, *, seed: int = 0,
@@ -314,12 +253,12 @@ def class_bias_section(probs: np.ndarray, y: np.ndarray, temperature: float, *, 
             crossfit[test_on] = apply_softmax(probs[:, test_on], t,
                                               fit_class_bias(probs[:, fit_on], y[fit_on], t))
         if crossfit is not None:
-            scores.append(_balanced_accuracy(y, crossfit))
+            scores.append(balanced_accuracy_of(y, crossfit))
             first = crossfit if first is None else first
     section.update({
         "offsets": {label: float(v) for label, v in zip(DIAGNOSIS_LABELS, bias, strict=True)},
-        "balanced_accuracy_before": _balanced_accuracy(y, before),
-        "balanced_accuracy_after": _balanced_accuracy(y, after),
+        "balanced_accuracy_before": balanced_accuracy_of(y, before),
+        "balanced_accuracy_after": balanced_accuracy_of(y, after),
         "balanced_accuracy_after_crossfit": float(np.mean(scores)) if scores else None,
         "balanced_accuracy_after_crossfit_sd": float(np.std(scores)) if scores else None,
         "crossfit_halvings": len(scores),
@@ -329,51 +268,6 @@ def class_bias_section(probs: np.ndarray, y: np.ndarray, temperature: float, *, 
     if not scores:
         section["crossfit_skipped"] = "no halving of the split kept every class on both sides"
     return bias, section, first
-
-
-def crossfit_pair(reference: np.ndarray, other: np.ndarray, y: np.ndarray, offsets: np.ndarray,
-                  *, seed: int = 0, repeats: int = CROSSFIT_REPEATS) -> dict[str, Any] | None:
-    """Balanced accuracy of two models of the same network (a float model and its quantized
-    copy, say) whose diagnosis outputs ``reference`` / ``other`` (N, K) both carry class
-    ``offsets`` (K,) that were fitted on these very images, cross-fitted.
-
-    In sample, the comparison depends on where the offsets, chosen for exactly these labels,
-    put the class boundaries among these images: a copy that answers a few near-ties
-    differently can lose (or gain) more than a quantization gate's tolerance with errors
-    that know nothing of the labels (measured by benchmarks/offsets_gate.py). So the offsets
-    are taken out of
-    both (exact for ``reference``: ``log p - offsets``), refitted from ``reference`` on one
-    half of the images and applied to **both** models on the other half, as
-    ``class_bias_section`` scores the float model; over ``repeats`` seeded halvings.
-    Returns ``{"reference", "other"}`` (mean balanced accuracies), ``"drop"`` (mean of
-    ``reference - other`` per halving), ``"drop_sd"`` and ``"halvings"``; None when no
-    halving kept every class on both sides."""
-    y = np.asarray(y, np.int64).reshape(-1)
-    offsets = np.asarray(offsets, np.float64).reshape(-1)
-    zr = log_probs(reference) - offsets
-    zo = log_probs(other) - offsets
-    pr = _softmax(zr, 1.0)
-    k = zr.shape[-1]
-    rng = np.random.default_rng(seed)
-    ref_scores, other_scores = [], []
-    for _ in range(repeats):
-        fold = rng.permutation(len(y)) % 2
-        a, b = np.empty_like(zr), np.empty_like(zo)
-        for half in (0, 1):
-            fit_on, test_on = fold != half, fold == half
-            if (np.bincount(y[fit_on], minlength=k) == 0).any():
-                break
-            bias = fit_class_bias(pr[fit_on], y[fit_on])
-            a[test_on], b[test_on] = zr[test_on] + bias, zo[test_on] + bias
-        else:
-            ref_scores.append(_balanced_accuracy(y, a))
-            other_scores.append(_balanced_accuracy(y, b))
-    if not ref_scores:
-        return None
-    drops = np.array(ref_scores) - np.array(other_scores)
-    return {"reference": float(np.mean(ref_scores)), "other": float(np.mean(other_scores)),
-            "drop": float(drops.mean()), "drop_sd": float(drops.std()),
-            "halvings": len(ref_scores)}
 
 
 def calibrate(model, p_mel: np.ndarray, probs: np.ndarray, y: np.ndarray, mel: np.ndarray,
@@ -472,13 +366,12 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
                           "twice would fit on predictions that already use them."
                           + ("" if class_bias else " (--class-bias adds only the per-class "
                              "offsets to a calibrated run.)"))
-    if card.get("backbone") == "ensemble":
+    if card.backbone == "ensemble":
         raise RunDirError(f"{run} is an ensemble: rebuild it with `trainer ensemble` (which "
                           "calibrates; --class-bias for the offsets) instead.")
     records = read_splits(run / "splits.csv")
     val = records[records["split"] == "val"].reset_index(drop=True)
-    size = int(card["input"]["shape"][0])
-    images = cache_images(val["path"].tolist(), size, None, progress=progress)
+    images = cache_images(val["path"].tolist(), card.input_size, None, progress=progress)
     y = labels_from_dx(val["dx"])
     p_mel, probs = predict_arrays(model, images, batch_size=batch_size)
     seed = int(card.get("config", {}).get("seed", 0) or 0)
@@ -512,18 +405,17 @@ def calibrate_run(run_dir, *, class_bias: bool = False, batch_size: int = 64,
     if card.get("metadata_prior"):  # same tables; its val scores used the old answers
 
         scores = score_on_val(card["metadata_prior"], val, p_mel, probs, threshold, spec)
-    card = recalibrated(card_from_dict(card, where=str(run / "model_card.json")),
-                        calibration=section, melanoma_threshold=threshold,
-                        metrics_val=card_metrics(metrics), metadata_scores=scores).to_dict()
+    card = recalibrated(card, calibration=section, melanoma_threshold=threshold,
+                        metrics_val=card_metrics(metrics), metadata_scores=scores)
     # Rewrite a copy and swap it in: an interruption leaves the run as it was.
     work = partial_dir(run)
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(run, work)
     try:
-        model.save(str(work / "model.keras"))
+        save_model(model, work)
         write_outputs(work, val, p_mel, probs, metrics, predictions=False, report=False)
-        write_json_atomic(work / "model_card.json", card)
+        write_json(work / "model_card.json", card.to_dict())
         move_into_place(work, run, overwrite=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -17,17 +17,18 @@ import keras
 import numpy as np
 import pandas as pd
 
+from dermedge.files import atomic_path, write_json
+from dermedge.labels import DIAGNOSIS_LABELS
+from dermedge.metrics import balanced_accuracy, roc_auc
 from trainer import distribute as dist
 from trainer.config import MAXIMISED_MONITORS, RunConfig
-from trainer.fit import lr_at, phase_of, val_loss
-from trainer.labels import DIAGNOSIS_LABELS
-from trainer.metrics import balanced_accuracy, roc_auc
+from trainer.losses import val_loss
 from trainer.pipeline import MEL_INDEX, predict_arrays
-from trainer.run import write_json_atomic
+from trainer.schedule import lr_at, phase_of
 
 
 class LearningRate(keras.callbacks.Callback):
-    """Sets each epoch's learning rate from the schedule (``trainer.fit.lr_at``)."""
+    """Sets each epoch's learning rate from the schedule (``trainer.schedule.lr_at``)."""
 
     def __init__(self, config: RunConfig, train_model):
         super().__init__()
@@ -82,9 +83,8 @@ class History(keras.callbacks.Callback):
         row.update({k: float(v) for k, v in logs.items() if k.startswith("val_")})
         row["time_s"] = round(time.time() - self._t0, 2)
         self.state["history"].append(row)
-        tmp = self.work / "history.csv.tmp"
-        pd.DataFrame(self.state["history"]).to_csv(tmp, index=False)
-        tmp.replace(self.work / "history.csv")
+        with atomic_path(self.work / "history.csv") as tmp:
+            pd.DataFrame(self.state["history"]).to_csv(tmp, index=False)
 
 
 class BestWeights(keras.callbacks.Callback):
@@ -126,9 +126,8 @@ class WeightAveraging(keras.callbacks.Callback):
         if done:
             with np.load(self.ckpt / "average_sum.npz") as z:
                 weights = [z[f"w{i:05d}"] + w for i, w in enumerate(weights)]
-        tmp = self.ckpt / "average_sum.tmp.npz"
-        np.savez(tmp, **{f"w{i:05d}": w for i, w in enumerate(weights)})
-        tmp.replace(self.ckpt / "average_sum.npz")
+        with atomic_path(self.ckpt / "average_sum.npz", suffix=".npz") as tmp:
+            np.savez(tmp, **{f"w{i:05d}": w for i, w in enumerate(weights)})
         done.append(epoch + 1)
 
 
@@ -166,7 +165,7 @@ class Checkpoint(keras.callbacks.Callback):
         self.state["phase"] = phase_of(self.config, epoch)
         self.state["wall_time_s"] = (self.state["wall_time_before_s"] + time.time()
                                      - self.t_start)
-        write_json_atomic(self.ckpt / "state.json", jsonable_state(self.state))
+        write_json(self.ckpt / "state.json", jsonable_state(self.state))
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -214,17 +213,15 @@ def save_last(model, train_model, ckpt: Path) -> None:
     Saving the training wrapper itself would be simpler, but Keras 3.15 cannot reload a
     ``RandomShear`` layer from a ``.keras`` file.
     """
-    tmp = ckpt / "last.tmp.keras"
-    model.save(str(tmp))
-    tmp.replace(ckpt / "last.keras")
+    with atomic_path(ckpt / "last.keras", suffix=".keras") as tmp:
+        model.save(str(tmp))
     _save_arrays(ckpt / "last_optimizer.npz", train_model.optimizer.variables)
     _save_arrays(ckpt / "last_rng.npz", rng_states(train_model))
 
 
 def _save_arrays(path: Path, variables) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **{f"v{i:05d}": np.asarray(v) for i, v in enumerate(variables)})
-    tmp.replace(path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **{f"v{i:05d}": np.asarray(v) for i, v in enumerate(variables)})
 
 
 def rng_states(train_model) -> list:

@@ -24,8 +24,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="show TensorFlow's start-up and C++ log lines")
     p = Parser(prog="trainer", parents=[common],
                description="Train and evaluate skin-lesion classifiers (docs/TRAINING.md).")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                           parser_class=Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, **kw) -> argparse.ArgumentParser:
         kw.setdefault("description", (kw.get("help") or "").capitalize() + ".")
@@ -231,11 +230,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _report_reproduction(recorded: str, new: Path, tolerance: float) -> int:
+    from dermedge.files import write_json
     from trainer.reproduce import EXIT_DIFFERS, REPORT_FILE, compare, format_report
-    from trainer.run import write_json_atomic
 
     report = compare(recorded, new, tolerance)
-    write_json_atomic(Path(new) / REPORT_FILE, report)
+    write_json(Path(new) / REPORT_FILE, report)
     print(f"\n{new} against the recorded run {recorded}:")
     print(format_report(report))
     return 0 if report["reproduced"] else EXIT_DIFFERS
@@ -399,15 +398,14 @@ def _need_dir(path: str | os.PathLike, what: str, fix: str) -> Path:
 
 
 def _need_run(path: str, option: str | None = None) -> None:
-    fix = "Pass a folder written by `trainer fit`."
-    p = _need_dir(path, "Run directory", f"{option} takes a folder written by `trainer fit`."
-                  if option else fix)
-    if not (p / "model.keras").is_file():
-        partial = p.with_name(p.name + ".partial")
-        hint = (f" An interrupted run is in {partial}: finish it with `trainer fit --out {p} "
-                "--resume`." if partial.is_dir() else "")
-        raise DermedgeError(f"{p} is not a finished run: it has no model.keras.{hint} Pass a "
-                            "folder written by `trainer fit` or `trainer ensemble`.")
+    """A complete run directory with a valid card (dermedge.artifacts.read_run)."""
+    from dermedge.artifacts import read_run
+    from dermedge.errors import RunDirError
+
+    try:
+        read_run(path)
+    except RunDirError as exc:
+        raise DermedgeError(f"{option}: {exc}" if option else str(exc)) from None
 
 
 def _need_new_out(out: str, *, overwrite: bool, resume: bool = False) -> None:
@@ -440,7 +438,7 @@ def precheck(args: argparse.Namespace) -> None:
             _need_run(args.distill_from, option="--distill-from (train.distill_from)")
         _need_new_out(args.out, overwrite=args.overwrite, resume=args.resume)
         if args.resume:
-            from trainer.run import partial_dir
+            from dermedge.artifacts import partial_dir
 
             if not partial_dir(args.out).is_dir():
                 raise DermedgeError(f"Nothing to resume for --out {args.out}: no interrupted "

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from dermedge.labels import HEADS
 from trainer.errors import ConfigError
 
 Optimizer = Literal["adam", "sgd"]
@@ -256,7 +257,7 @@ class RunConfig:
             raise ConfigError("`train.finetune_layers` must be 'all', a positive number of "
                               "top backbone layers, or the name of the first backbone layer to "
                               f"train. Received: {t.finetune_layers!r}.")
-        if set(t.loss_weights) != {"melanoma", "diagnosis"}:
+        if set(t.loss_weights) != set(HEADS):
             raise ConfigError("`train.loss_weights` needs exactly the keys melanoma and "
                               f"diagnosis. Received: {sorted(t.loss_weights)}.")
         melanoma_threshold_spec(t.melanoma_threshold)  # raises on a bad spec

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,16 +22,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dermedge import files
 from dermedge import image as image_contract
+from dermedge import splits as splits_file
 from dermedge.errors import ImageError
+from dermedge.files import atomic_path
+from dermedge.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, ISIC_COLUMNS, ISIC_TO_DX, MELANOMA_DX
+from dermedge.splits import EXTRA_COLUMNS, SPLIT_COLUMNS, SPLITS
 from trainer.errors import DataError
-from trainer.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, ISIC_COLUMNS, ISIC_TO_DX, MELANOMA_DX
 
 RECORD_COLUMNS: tuple[str, ...] = (
     "image_id", "path", "dx", "melanoma", "lesion_id", "age", "sex", "site",
 )
-SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "melanoma", "path", "split")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 LAYOUTS: tuple[str, ...] = ("auto", "ham10000", "isic", "folders")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 HAM_CSV_NAMES: tuple[str, ...] = ("HAM10000_metadata.csv", "labels.csv")
@@ -295,7 +296,8 @@ def write_isic_predictions(image_ids: Sequence[str], probs_diag: np.ndarray, pat
         raise ValueError(f"labels must be the seven codes {DIAGNOSIS_LABELS}; received {labels}.")
     col = {DX_TO_ISIC[lab]: probs[:, i] for i, lab in enumerate(labels)}
     df = pd.DataFrame({"image": ids, **{c: col[c] for c in ISIC_COLUMNS}})
-    _atomic_write_csv(df, Path(path))
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def _load_isic(data: Path, images: Path | None, missing_images: str) -> pd.DataFrame:
@@ -535,52 +537,24 @@ def split_records(records: pd.DataFrame, *, val_fraction: float = 0.15,
     return out
 
 
-def _atomic_write_csv(df: pd.DataFrame, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_splits(records_with_split: pd.DataFrame, path: str | Path) -> None:
-    """Write ``splits.csv``: image_id,lesion_id,dx,melanoma,path,split,age,sex,site (atomic)."""
+    """Write ``splits.csv`` (dermedge.splits): image_id,lesion_id,dx,melanoma,path,split, then
+    age,sex,site when the records have them (atomic)."""
     missing = [c for c in SPLIT_COLUMNS if c not in records_with_split.columns]
     if missing:
         raise DataError(f"write_splits needs the columns {', '.join(SPLIT_COLUMNS)}; missing "
                         f"{', '.join(missing)}. Call split_records() first.")
-    extra = [c for c in ("age", "sex", "site") if c in records_with_split.columns]
-    _atomic_write_csv(records_with_split[[*SPLIT_COLUMNS, *extra]], Path(path))
+    extra = [c for c in EXTRA_COLUMNS if c in records_with_split.columns]
+    splits_file.write_splits(records_with_split[[*SPLIT_COLUMNS, *extra]].to_dict("records"),
+                             path, extra=extra, error=DataError)
 
 
 def read_splits(path: str | Path) -> pd.DataFrame:
-    """Read a ``splits.csv`` back into records (RECORD_COLUMNS + ``split``), validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"The splits file {path} does not exist. It is written by `trainer fit` "
-                        "into the run directory.")
-    df = _read_csv(path)
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in SPLIT_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"The splits file {path} lacks the column(s) {', '.join(missing)}; "
-                        f"columns found: {', '.join(df.columns) or 'none'}. Expected "
-                        f"{','.join(SPLIT_COLUMNS)}.")
-    problems: list[str] = []
-    _check_labels(df["dx"], problems)
-    bad_split = df.loc[~df["split"].isin(SPLITS), "split"]
-    if len(bad_split):
-        problems.append(f"{len(bad_split)} rows have a split outside {', '.join(SPLITS)}: "
-                        f"{_first(bad_split.unique())}.")
-    mel = pd.to_numeric(df["melanoma"], errors="coerce")
-    if mel.isna().any() or not mel.isin((0, 1)).all():
-        problems.append("the melanoma column must be 0 or 1 on every row.")
-    _check_duplicates(df["image_id"], problems)
-    _raise_problems(problems, path, "Rewrite the file with write_splits().")
+    """A ``splits.csv`` (read and validated by dermedge.splits) as records: RECORD_COLUMNS +
+    ``split``; relative paths resolved against the file's folder."""
+    rows = splits_file.read_splits(path, error=DataError)
+    df = pd.DataFrame([r.as_dict() for r in rows], columns=[*SPLIT_COLUMNS, *EXTRA_COLUMNS],
+                      dtype=object)
     split = df["split"].astype(object)
     out = _finish(df.drop(columns=["melanoma"]))
     out["split"] = split.to_numpy()
@@ -596,10 +570,6 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         return image_contract.load_image(path, size)
     except ImageError as exc:
         raise DataError(str(exc)) from exc
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DERMEDGE_CACHE") or Path.home() / ".cache" / "dermedge")
 
 
 def cache_key(paths: Sequence[str], size: int) -> tuple[str, list[str]]:
@@ -654,7 +624,7 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | Path | None =
     if not paths:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
     key, abs_paths = cache_key(paths, size)
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else files.cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / f"images_{size}px_n{len(paths)}_{key}.npy"
     shape = (len(paths), size, size, 3)
@@ -665,13 +635,8 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | Path | None =
                 return arr
         except (OSError, ValueError):
             pass  # a corrupt cache file is rebuilt below
-    tmp = cache_dir / f".{final.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy"
-    try:
+    with atomic_path(final, suffix=".npy") as tmp:
         _build_cache(tmp, abs_paths, size, workers, progress)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return np.load(final, mmap_mode="r")
 
 

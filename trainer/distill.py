@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dermedge.files import atomic_path
 from trainer.errors import ConfigError
 
 TARGETS_VERSION = 1
@@ -38,15 +39,15 @@ TARGETS_VERSION = 1
 
 def check_teacher(teacher: str | Path) -> dict[str, Any]:
     """The teacher's model card; a clear error if it is not a finished run with both heads."""
-    from trainer.errors import RunDirError
-    from trainer.labels import DIAGNOSIS_LABELS
+    from dermedge.errors import RunDirError
+    from dermedge.labels import DIAGNOSIS_LABELS
     from trainer.run import read_card
 
     try:
         card = read_card(teacher)
     except RunDirError as e:
         raise ConfigError(f"train.distill_from: {e}") from None
-    labels = card.get("heads", {}).get("diagnosis", {}).get("labels")
+    labels = list(card.diagnosis_labels)
     if labels != list(DIAGNOSIS_LABELS):
         raise ConfigError(f"train.distill_from: {teacher}'s diagnosis head has labels {labels}; "
                           f"a teacher needs the HAM10000 order {list(DIAGNOSIS_LABELS)}.")
@@ -79,20 +80,21 @@ def teacher_answers(teacher: str | Path, paths: list[str], *, cache_dir: str | P
                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``(p_mel (N,), probs (N, 7), info)``: the teacher's answers on ``paths`` (one pass over
     the unaugmented images; an ensemble's flips are inside its model), cached on disk."""
-    from trainer.data import cache_images, cache_key, default_cache_dir
+    from dermedge.files import cache_dir as default_cache_dir
+    from trainer.data import cache_images, cache_key
     from trainer.pipeline import N_CLASSES, predict_arrays
     from trainer.run import load_run
 
     teacher = Path(teacher)
     card = check_teacher(teacher)
-    size = int(card["input"]["shape"][0])
+    size = card.input_size
     sha = hashlib.sha256((teacher / "model.keras").read_bytes()).hexdigest()  # as trainer ensemble
     key, _ = cache_key(paths, size)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"teacher_v{TARGETS_VERSION}_{sha[:16]}_{size}px_n{len(paths)}_{key}.npz"
-    info = {"teacher": str(teacher), "teacher_name": card.get("name"),
-            "teacher_backbone": card.get("backbone"), "teacher_sha256": sha,
+    info = {"teacher": str(teacher), "teacher_name": card.name,
+            "teacher_backbone": card.backbone, "teacher_sha256": sha,
             "teacher_input_size": size,
             "teacher_val": {k: card.get("metrics", {}).get("val", {}).get(k)
                             for k in ("balanced_accuracy", "melanoma_auc")},
@@ -117,12 +119,8 @@ def teacher_answers(teacher: str | Path, paths: list[str], *, cache_dir: str | P
             done = min(start + chunk, n)
             print(f"distill: teacher {teacher.name} answered {done}/{n} training images "
                   f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-    tmp = final.with_name(f".{final.stem}.{time.time_ns()}.tmp.npz")
-    try:
+    with atomic_path(final, suffix=".npz") as tmp:
         np.savez(tmp, p_mel=p_mel, probs=probs)
-        tmp.replace(final)
-    finally:
-        tmp.unlink(missing_ok=True)
     return p_mel, probs, {**info, "cached": False, "seconds": round(time.time() - t0, 1)}
 
 

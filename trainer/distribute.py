@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dermedge.errors import RunDirError
 from trainer.config import Distribute
-from trainer.errors import ConfigError, DermedgeError, RunDirError
+from trainer.errors import ConfigError, DermedgeError
 
 MODES = typing.get_args(Distribute)
 TF_CONFIG_EXAMPLE = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
@@ -329,7 +330,7 @@ def full_batch_dataset(plan: Plan, cls, *args, **kwargs):
 def work_dir(plan: Plan, out: Path, *, resume: bool) -> Path:
     """Where this process builds the run: the chief ``<out>.partial``; any other worker a
     private temporary directory (a copy of the chief's interrupted run when resuming)."""
-    from trainer.run import partial_dir
+    from dermedge.artifacts import partial_dir
 
     chief = partial_dir(out)
     if plan.is_chief:

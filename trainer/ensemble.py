@@ -22,24 +22,26 @@ from typing import Any
 
 import numpy as np
 
+from dermedge.artifacts import partial_dir
 from dermedge.card import build_card
+from dermedge.errors import RunDirError
+from dermedge.files import write_text
+from dermedge.labels import DIAGNOSIS_LABELS, INPUT_NAME, MELANOMA_LABELS
 from trainer.calibration import calibrate as fit_and_fold
 from trainer.calibration import strip_class_bias
 from trainer.data import cache_images, read_splits
-from trainer.errors import DermedgeError, RunDirError
+from trainer.errors import DermedgeError
 from trainer.evaluate import write_outputs
-from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
 from trainer.metadata import for_run as metadata_for_run
 from trainer.metrics import card_metrics, choose_threshold, score
 from trainer.run import (
     is_complete_run,
     load_run,
-    move_into_place,
     now_iso,
-    partial_dir,
+    publish_run,
+    save_model,
+    start_run,
     versions,
-    write_json_atomic,
-    write_text_atomic,
 )
 
 FLIPS = ("identity", "hflip", "vflip", "hvflip")
@@ -66,7 +68,7 @@ def build_ensemble(members: Sequence[Any], size: int, *, tta: bool = True,
 
     if not members:
         raise DermedgeError("An ensemble needs at least one member run.")
-    image = keras.Input((size, size, 3), name="image", dtype="float32")
+    image = keras.Input((size, size, 3), name=INPUT_NAME, dtype="float32")
     views = {"identity": image}
     if tta:
         views["hflip"] = flip(image, "h", size, "hflip")
@@ -146,13 +148,13 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
         raise RunDirError(f"--out {out} already holds {what}; pass --overwrite to replace it, "
                           "or choose another --out.")
     loaded = [load_run(r) for r in runs]
-    sizes = {int(card["input"]["shape"][0]) for _, card in loaded}
+    sizes = {card.input_size for _, card in loaded}
     if len(sizes) != 1:
         raise DermedgeError(f"Member runs take different input sizes ({sorted(sizes)}); an "
                             "ensemble needs one input size. Train the members at the same "
                             "model.input_size.")
     for run, (_, card) in zip(runs, loaded, strict=True):
-        if list(card["heads"]["diagnosis"]["labels"]) != list(DIAGNOSIS_LABELS):
+        if list(card.diagnosis_labels) != list(DIAGNOSIS_LABELS):
             raise DermedgeError(f"{run} has diagnosis labels {card['heads']['diagnosis']['labels']}"
                                 f"; an ensemble needs the HAM10000 order {list(DIAGNOSIS_LABELS)}.")
     size = sizes.pop()
@@ -184,18 +186,15 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
         shutil.rmtree(work)
     work.mkdir(parents=True)
     try:
-        tmp = work / "model.tmp.keras"
-        model.save(str(tmp))
-        tmp.replace(work / "model.keras")
-        shutil.copyfile(runs[0] / "splits.csv", work / "splits.csv")
-        write_text_atomic(work / "labels.txt", "\n".join(DIAGNOSIS_LABELS) + "\n")
         import yaml
 
         spec = {"ensemble": {"members": [str(r) for r in runs], "tta": bool(tta),
                              "calibrate": bool(calibrate),
                              "class_bias": bool(calibrate and class_bias)}}
-        write_text_atomic(work / "config.yaml", yaml.safe_dump(spec, sort_keys=False))
-        write_text_atomic(work / "history.csv", "epoch,phase\n")
+        # the members' splits (identical, checked above): the held-out images they never saw
+        start_run(work, records, yaml.safe_dump(spec, sort_keys=False))
+        save_model(model, work)
+        write_text(work / "history.csv", "epoch,phase\n")
         write_outputs(work, val, p_mel, probs, metrics, predictions=False, report=False)
         first = loaded[0][1]
         data = dict(first.get("data") or {})
@@ -211,7 +210,7 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
             ensemble={
                 "tta": list(FLIPS) if tta else ["identity"],
                 "passes": len(members) * (len(FLIPS) if tta else 1),
-                "members": [{"run": str(r), "name": c.get("name"), "backbone": c.get("backbone"),
+                "members": [{"run": str(r), "name": c.name, "backbone": c.backbone,
                              "sha256": hashlib.sha256((r / "model.keras").read_bytes())
                              .hexdigest(),
                              "val_balanced_accuracy": c.get("metrics", {}).get("val", {})
@@ -228,9 +227,8 @@ def ensemble_runs(run_dirs: Sequence[str | Path], out: str | Path, *, tta: bool 
             calibration=calibration, metrics_val=card_metrics(metrics), versions=versions(),
             # age/sex/site evidence (trainer.metadata), or None
             metadata_prior=metadata_for_run(records, p_mel, probs, threshold, "youden"),
-        ).to_dict()
-        write_json_atomic(work / "model_card.json", card)
-        move_into_place(work, out, overwrite=overwrite)
+        )
+        publish_run(work, out, card, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -2,7 +2,7 @@
 
 from dermedge.errors import DermedgeError
 
-__all__ = ["DermedgeError", "DataError", "ConfigError", "UnknownBackboneError", "RunDirError"]
+__all__ = ["DermedgeError", "DataError", "ConfigError", "UnknownBackboneError"]
 
 
 class DataError(DermedgeError):
@@ -15,7 +15,3 @@ class ConfigError(DermedgeError):
 
 class UnknownBackboneError(DermedgeError):
     """A backbone name that is not in the registry."""
-
-
-class RunDirError(DermedgeError):
-    """A run directory is missing, incomplete or corrupt."""

@@ -8,12 +8,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dermedge.files import write_json, write_text
+from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_DX
+from dermedge.metrics import roc_curve
 from trainer.data import cache_images, load_records, read_splits, write_isic_predictions
 from trainer.errors import DataError, DermedgeError
-from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 from trainer.metadata import apply_prior, has_metadata
-from trainer.metrics import card_metrics, choose_threshold, roc_curve, score
-from trainer.run import load_run, write_json_atomic, write_text_atomic
+from trainer.metrics import card_metrics, choose_threshold, score
+from trainer.run import load_run
 
 __all__ = ["card_metrics", "choose_threshold", "evaluate", "score", "summary_table",
            "write_outputs"]
@@ -33,7 +35,7 @@ def write_outputs(out_dir: str | Path, records: pd.DataFrame, p_mel: np.ndarray,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     if predictions:
         ids = records["image_id"].astype(str).tolist()
         write_isic_predictions(ids, probs, out / "predictions.csv")
@@ -44,9 +46,9 @@ def write_outputs(out_dir: str | Path, records: pd.DataFrame, p_mel: np.ndarray,
                              "pred_dx": np.asarray(DIAGNOSIS_LABELS)[probs.argmax(axis=1)]})
         for i, lab in enumerate(DIAGNOSIS_LABELS):
             full[f"p_{lab}"] = probs[:, i]
-        write_text_atomic(out / "predictions_full.csv", full.to_csv(index=False))
+        write_text(out / "predictions_full.csv", full.to_csv(index=False))
     if report:
-        write_text_atomic(out / "report.md", report_markdown(metrics, gallery=gallery))
+        write_text(out / "report.md", report_markdown(metrics, gallery=gallery))
     pdir = out / "plots"
     if history is not None and len(history):
         plots.plot_curves(history, pdir / "curves.png", best_epoch=best_epoch)
@@ -152,8 +154,8 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, layout: str
 
     run = Path(run_dir).expanduser().resolve()
     model, card = load_run(run)
-    size = int(card["input"]["shape"][0])
-    threshold = float(card["heads"]["melanoma"]["threshold"])
+    size = card.input_size
+    threshold = card.melanoma_threshold
     if data is not None:
         records = load_records(data, layout=layout, images=images)
         source, split_name = str(Path(data).expanduser().resolve()), "all"

@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from trainer.errors import DataError, DermedgeError, RunDirError
+from dermedge.errors import RunDirError
+from dermedge.labels import HEADS
+from trainer.errors import DataError, DermedgeError
 
 if TYPE_CHECKING:
     import keras
     import pandas as pd
 
-HEADS = ("diagnosis", "melanoma")
 INDEX_FILE = "index.csv"
 INDEX_COLUMNS = ("image", "png", "head", "class", "probability", "predicted",
                  "predicted_probability", "layer", "crop_left", "crop_top", "crop_side")
@@ -73,7 +74,7 @@ class GradCAM:
                  layer: str | None = None):
         import keras
 
-        from trainer.model import BACKBONE_NAME, HEAD_NAMES, backbone_submodel
+        from trainer.model import BACKBONE_NAME, backbone_submodel
 
         if keras.backend.backend() != "tensorflow":  # before TF is imported
             raise DermedgeError(
@@ -92,14 +93,14 @@ class GradCAM:
         image = keras.Input(tuple(model.inputs[0].shape[1:]), name="image", dtype="float32")
         x, fmap = image, None
         for lyr in model.layers:
-            if isinstance(lyr, keras.layers.InputLayer) or lyr.name in HEAD_NAMES:
+            if isinstance(lyr, keras.layers.InputLayer) or lyr.name in HEADS:
                 continue
             if lyr.name == BACKBONE_NAME:
                 fmap, x = features(x)
             else:
                 x = lyr(x)
         self._forward = keras.Model(image, [fmap, x], name="gradcam")
-        self._heads = {name: model.get_layer(name) for name in HEAD_NAMES}
+        self._heads = {name: model.get_layer(name) for name in HEADS}
         import tensorflow as tf
 
         # Traced once per head: ~5x faster than eager on a CPU.
@@ -222,7 +223,7 @@ def _shape(layer) -> tuple:
 
 def unexplainable(card: dict[str, Any]) -> str | None:
     """Why a run's model has no Grad-CAM (``None`` when it has one)."""
-    if card.get("backbone") == "ensemble":
+    if card.backbone == "ensemble":
         return ("an ensemble has no single feature map to explain; run `trainer evaluate` (or "
                 "`trainer explain`) on its member runs")
     return None
@@ -360,7 +361,7 @@ def explain_images(run_dir: str | Path, images: Sequence[str | Path], out: str |
 
     run = Path(run_dir).expanduser()
     card = read_card(run)
-    labels = list(card.get("heads", {}).get("diagnosis", {}).get("labels") or [])
+    labels = list(card.diagnosis_labels)
     if not labels:
         raise RunDirError(f"{run}/model_card.json has no heads.diagnosis.labels; the run "
                           "directory is corrupt.")
@@ -374,13 +375,13 @@ def explain_images(run_dir: str | Path, images: Sequence[str | Path], out: str |
         raise DermedgeError(f"max_side must be an integer >= 16 pixels; received {max_side!r}.")
     out = Path(out).expanduser().resolve()
     _check_out(out)
-    size = int(card["input"]["shape"][0])
+    size = card.input_size
     paths = [Path(p).expanduser() for p in images]
     photos = [open_photo(p) for p in paths]
     inputs = np.stack([load_image(p, size) for p in paths])
 
     model, card = load_run(run)
-    cam = GradCAM(model, labels, backbone=card.get("backbone"), layer=layer)
+    cam = GradCAM(model, labels, backbone=card.backbone, layer=layer)
     result = cam(inputs, head, class_name)
 
     rows: list[dict[str, Any]] = []
@@ -438,14 +439,14 @@ def write_gallery(out_dir: str | Path, model: keras.Model, card: dict[str, Any],
     """
     from trainer.plots import new_figure, save_figure
 
-    labels = list(card["heads"]["diagnosis"]["labels"])
+    labels = list(card.diagnosis_labels)
     index = {d: i for i, d in enumerate(labels)}
     true_idx = np.array([index[str(d)] for d in records["dx"]], np.int64)
     picks = pick_gallery(true_idx, np.asarray(probs), per_class)
     chosen = sorted({int(i) for p in picks.values() for v in p.values() for i in v})
     if not chosen:
         return {}
-    gradcam = GradCAM(model, labels, backbone=card.get("backbone"))
+    gradcam = GradCAM(model, labels, backbone=card.backbone)
     pred = np.asarray(probs).argmax(axis=1)
     crops = np.asarray(images[chosen])
     # Explain each case's predicted class (the answer the gallery captions show).

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import shutil
 import sys
 import time
@@ -28,7 +27,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermedge.card import build_card
+from dermedge.artifacts import partial_dir
+from dermedge.card import ModelCard, build_card
+from dermedge.errors import RunDirError
+from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
 from trainer import distribute as dist
 from trainer import provenance
 from trainer.backbones import get_backbone
@@ -41,12 +43,10 @@ from trainer.data import (
     load_records,
     read_splits,
     split_records,
-    write_splits,
 )
 from trainer.distill import agreement, check_no_leak, check_teacher, soft_targets, teacher_answers
-from trainer.errors import DataError, DermedgeError, RunDirError
+from trainer.errors import DataError, DermedgeError
 from trainer.evaluate import write_outputs
-from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_LABELS
 from trainer.losses import head_losses, log_prior
 from trainer.metadata import for_run as metadata_for_run
 from trainer.metrics import card_metrics, choose_threshold, score
@@ -62,11 +62,11 @@ from trainer.model import (
 from trainer.run import (
     is_complete_run,
     now_iso,
-    partial_dir,
+    publish_run,
     read_json,
+    save_model,
+    start_run,
     versions,
-    write_json_atomic,
-    write_text_atomic,
 )
 from trainer.toy import is_synthetic
 
@@ -79,7 +79,7 @@ STATE_VERSION = 1
 class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
-    card: dict[str, Any]
+    card: ModelCard
     history: pd.DataFrame
     best_epoch: int
     epochs_run: int
@@ -157,34 +157,6 @@ def prepare(config: RunConfig) -> tuple[Any, int, pd.DataFrame, str]:
     return spec, size, records, layout
 
 
-# ---------------------------------------------------------------------------- schedule
-def lr_at(config: RunConfig, epoch: int) -> float:
-    """Learning rate of global epoch ``epoch`` (0-based): head phase, then fine-tune, scaled
-    for the global batch by ``train.lr_scaling``."""
-    return _schedule(config, epoch) * dist.lr_factor(config.train)
-
-
-def _schedule(config: RunConfig, epoch: int) -> float:
-    t = config.train
-    if epoch < t.head_epochs:
-        return t.head_lr
-    e = epoch - t.head_epochs
-    if e < t.warmup_epochs:
-        return t.lr * (e + 1) / (t.warmup_epochs + 1)
-    e -= t.warmup_epochs
-    total = max(1, t.epochs - t.warmup_epochs)
-    if t.schedule == "cosine":
-        return t.lr * 0.5 * (1 + math.cos(math.pi * e / total))
-    if t.schedule == "step":
-        return t.lr * t.step_gamma ** (e // max(1, t.step_epochs))
-    return t.lr
-
-
-def phase_of(config: RunConfig, epoch: int) -> str:
-    """``head`` or ``finetune``: the phase global epoch ``epoch`` (0-based) belongs to."""
-    return "head" if epoch < config.train.head_epochs else "finetune"
-
-
 def gpu_status() -> tuple[bool, str | None]:
     """``(GPU visible, why the check failed or None)``: "no GPU" is ``(False, None)``."""
     import keras
@@ -209,24 +181,6 @@ def _gpu_visible() -> bool:
 def _mixed_precision(config: RunConfig) -> bool:
     mode = config.train.mixed_precision
     return mode == "on" or (mode == "auto" and _gpu_visible())
-
-
-def val_loss(head_losses: dict, mel_true, p_mel, y_true, probs, *,
-             loss_weights: dict[str, float]) -> float:
-    """The training loss (``head_losses``, without class weights) on validation predictions.
-
-    A Keras ``Loss`` object is evaluated through ``.call`` (per-sample values): its ``__call__``
-    divides by the replica count inside a distribution strategy's scope.
-    """
-    from trainer.pipeline import N_CLASSES
-
-    targets = {"melanoma": np.asarray(mel_true, np.float32).reshape(-1, 1),
-               "diagnosis": np.eye(N_CLASSES, dtype=np.float32)[y_true]}
-    preds = {"melanoma": np.asarray(p_mel, np.float32).reshape(-1, 1),
-             "diagnosis": np.asarray(probs, np.float32)}
-    per_sample = {k: getattr(fn, "call", fn) for k, fn in head_losses.items()}
-    return float(sum(loss_weights[k] * np.mean(np.asarray(per_sample[k](targets[k], preds[k])))
-                     for k in ("melanoma", "diagnosis")))
 
 
 def _restore_final(model, ckpt: Path, state: dict, mode: str) -> None:
@@ -376,9 +330,7 @@ def fit(config: RunConfig | None, out: str | Path, *, overwrite: bool = False,
         (work / "checkpoints").mkdir(parents=True)
     try:
         if not resume:
-            write_splits(records, work / "splits.csv")
-            write_text_atomic(work / "config.yaml", config.to_yaml())
-            write_text_atomic(work / "labels.txt", "\n".join(DIAGNOSIS_LABELS) + "\n")
+            start_run(work, records, config.to_yaml())
         result = _train_and_write(config, out, work, spec, size, records, layout, state,
                                   plan=plan, overwrite=overwrite, callbacks=callbacks,
                                   verbose=verbose, progress=progress, t_start=t_start)
@@ -602,9 +554,7 @@ def _save_model(config: RunConfig, size: int, model, work: Path, *, mixed: bool)
                             dropout=config.model.dropout)
         clean.set_weights(model.get_weights())
         model = clean
-    tmp = work / "model.tmp.keras"
-    model.save(str(tmp))
-    tmp.replace(work / "model.keras")
+    save_model(model, work)
 
 
 def _write_run(config, out, work, spec, size, records, layout, state, final: _Final, *, plan,
@@ -617,11 +567,13 @@ def _write_run(config, out, work, spec, size, records, layout, state, final: _Fi
     prior = metadata_for_run(records, final.p_mel, final.probs, final.threshold,
                              t.melanoma_threshold)
     card = _card(config, spec, size, records, layout, state, final.metrics, final.threshold,
-                 wall, mixed, plan=plan, prior=prior, repro=repro).to_dict()
-    write_json_atomic(work / "model_card.json", card)
+                 wall, mixed, plan=plan, prior=prior, repro=repro)
     if not t.keep_checkpoints:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    dist.finish(plan, work, out, overwrite=overwrite)  # only the chief writes <out>
+    if plan.is_chief:  # only the chief writes <out>
+        publish_run(work, out, card, overwrite=overwrite)
+    else:
+        dist.finish(plan, work, out, overwrite=overwrite)
     return RunResult(run_dir=out, metrics=final.metrics, card=card, history=final.history,
                      best_epoch=state["best_epoch"], epochs_run=len(final.history),
                      wall_time_s=wall, is_chief=plan.is_chief)

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dermedge.labels import HEADS
+
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
 
@@ -95,3 +97,22 @@ def head_losses(train: TrainConfig, train_labels: np.ndarray) -> dict[str, Any]:
     return {"melanoma": keras.losses.BinaryCrossentropy(),
             "diagnosis": keras.losses.CategoricalCrossentropy(
                 label_smoothing=train.label_smoothing)}
+
+
+def val_loss(losses: dict, mel_true, p_mel, y_true, probs, *,
+             loss_weights: dict[str, float]) -> float:
+    """The training loss (``losses``: :func:`head_losses`, without class weights) on validation
+    predictions.
+
+    A Keras ``Loss`` object is evaluated through ``.call`` (per-sample values): its ``__call__``
+    divides by the replica count inside a distribution strategy's scope.
+    """
+    from trainer.pipeline import N_CLASSES
+
+    targets = {"melanoma": np.asarray(mel_true, np.float32).reshape(-1, 1),
+               "diagnosis": np.eye(N_CLASSES, dtype=np.float32)[y_true]}
+    preds = {"melanoma": np.asarray(p_mel, np.float32).reshape(-1, 1),
+             "diagnosis": np.asarray(probs, np.float32)}
+    per_sample = {k: getattr(fn, "call", fn) for k, fn in losses.items()}
+    return float(sum(loss_weights[k] * np.mean(np.asarray(per_sample[k](targets[k], preds[k])))
+                     for k in HEADS))

@@ -29,12 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from dermedge.card import card_from_dict, with_section
+from dermedge.card import with_section, without_section
+from dermedge.errors import RunDirError
+from dermedge.files import write_json
+from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 from trainer.data import cache_images, read_splits
-from trainer.errors import DermedgeError, RunDirError
-from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
+from trainer.errors import DermedgeError
 from trainer.metrics import card_metrics, choose_threshold, score
-from trainer.run import load_run, now_iso, read_card, write_json_atomic
+from trainer.run import load_run, now_iso, read_card
 
 FIELDS: tuple[str, ...] = ("age", "sex", "site")
 AGE_BIN_YEARS = 10
@@ -223,19 +225,15 @@ def fit_run(run_dir, *, weight: float = DEFAULT_WEIGHT, smoothing: float = DEFAU
         raise RunDirError(f"The validation images of {run} carry no age, sex or site; the "
                           "metadata tables would change nothing there.")
     model, card = load_run(run)  # only once the splits are known to be usable
-    size = int(card["input"]["shape"][0])
-    images = cache_images(val["path"].tolist(), size, None, progress=progress)
+    images = cache_images(val["path"].tolist(), card.input_size, None, progress=progress)
     train_cfg = (card.get("config") or {}).get("train", {})
     # The predictions the run's threshold was chosen on (with flips if it was trained with tta).
     p_mel, probs = predict_arrays(model, images, batch_size=batch_size,
                                   tta=bool(train_cfg.get("tta", False)))
     spec = train_cfg.get("melanoma_threshold", "youden")
-    scored = score_on_val(section, val, p_mel, probs,
-                          float(card["heads"]["melanoma"]["threshold"]), spec)
+    scored = score_on_val(section, val, p_mel, probs, card.melanoma_threshold, spec)
     section.update(scored)
-    card = with_section(card_from_dict(card, where=str(run / "model_card.json")),
-                        "metadata_prior", section)
-    write_json_atomic(run / "model_card.json", card.to_dict())
+    write_json(run / "model_card.json", with_section(card, "metadata_prior", section).to_dict())
     return section
 
 
@@ -281,6 +279,5 @@ def remove_from_run(run_dir) -> bool:
     card = read_card(run)
     if "metadata_prior" not in card:
         return False
-    del card["metadata_prior"]
-    write_json_atomic(run / "model_card.json", card)
+    write_json(run / "model_card.json", without_section(card, "metadata_prior").to_dict())
     return True

@@ -9,15 +9,14 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from dermedge.labels import INPUT_NAME
 from trainer.backbones import PREPROCESS_PREFIX, get_backbone, preprocessing_layers
 from trainer.errors import DermedgeError
 
 if TYPE_CHECKING:
     import keras
 
-INPUT_NAME = "image"
 BACKBONE_NAME = "backbone"
-HEAD_NAMES = ("melanoma", "diagnosis")
 STAGES = ("head", "finetune")
 
 

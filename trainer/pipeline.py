@@ -9,8 +9,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from dermedge.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 from trainer.data import class_weights, resample_indices
-from trainer.labels import DIAGNOSIS_LABELS, MELANOMA_DX
 
 N_CLASSES = len(DIAGNOSIS_LABELS)
 MEL_INDEX = DIAGNOSIS_LABELS.index(MELANOMA_DX)

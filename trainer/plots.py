@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from dermedge.files import atomic_path
 
 
 def new_figure(**kw):
@@ -22,17 +22,12 @@ def new_figure(**kw):
 
 def save_figure(plt, fig, path: str | Path) -> None:
     """Write ``fig`` as a PNG atomically (temp file, then rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.png")
     try:
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.tight_layout()
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
 
 
 def plot_curves(history, path: str | Path, *, best_epoch: int | None = None) -> None:

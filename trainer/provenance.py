@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,7 @@ def record(config, work: Path, train_images: np.ndarray, val_images: np.ndarray,
     }
 
 
-def differences(recorded: dict, now: dict) -> list[tuple[str, Any, Any]]:
+def differences(recorded: Mapping, now: Mapping) -> list[tuple[str, Any, Any]]:
     """``(what, recorded, now)`` for each input that differs between two runs' cards: the
     ``reproducibility`` sections (the data path aside) and ``versions``."""
     a, b = recorded.get("reproducibility") or {}, now.get("reproducibility") or {}

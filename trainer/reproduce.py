@@ -17,6 +17,7 @@ from typing import Any
 
 from trainer.errors import DermedgeError
 from trainer.provenance import differences
+from trainer.run import read_card
 
 EXIT_DIFFERS = 3
 REPORT_FILE = "reproduction.json"
@@ -71,7 +72,7 @@ def figures(run_dir: str | Path) -> dict[str, float | None]:
     """The figures compared: the card's ``metrics.val``, the class offsets' before and
     cross-fitted balanced accuracy, and each class's recall (``metrics.json``)."""
     run = Path(run_dir)
-    card = json.loads((run / "model_card.json").read_text())
+    card = read_card(run)  # the typed card: a read-only mapping of its sections
     val = (card.get("metrics") or {}).get("val") or {}
     out: dict[str, float | None] = {k: val.get(k) for k in CARD_FIGURES}
     bias = ((card.get("calibration") or {}).get("class_bias")) or {}
@@ -91,8 +92,7 @@ def compare(recorded_run: str | Path, new_run: str | Path,
     """Figures and inputs of two runs side by side (what ``reproduction.json`` holds)."""
     a, b = figures(recorded_run), figures(new_run)
     rows = [Figure(k, a.get(k), b.get(k)) for k in list(a) + [k for k in b if k not in a]]
-    cards = [json.loads((Path(r) / "model_card.json").read_text())
-             for r in (recorded_run, new_run)]
+    cards = [read_card(r) for r in (recorded_run, new_run)]
     inputs = differences(*cards)
     worst = max((r for r in rows if r.difference is not None),
                 key=lambda r: abs(r.difference), default=None)

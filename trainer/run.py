@@ -1,32 +1,26 @@
-"""The run directory (docs/ARTIFACTS.md): paths, atomic writes, the model card, loading a run."""
+"""The run directory (docs/ARTIFACTS.md) as ``trainer`` writes and loads it; reading and
+checking one is dermedge.artifacts's (the export reads runs through it too)."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
-from dermedge.card import CARD_SCHEMA_VERSION
-from dermedge.card import read_card as read_model_card
-from trainer.errors import RunDirError
+from dermedge.artifacts import read_run
+from dermedge.card import CARD_FILE, CARD_SCHEMA_VERSION, ModelCard
+from dermedge.errors import RunDirError
+from dermedge.files import atomic_path, replace_dir, write_json, write_text
+from dermedge.labels import DIAGNOSIS_LABELS
 
 __all__ = ["CARD_SCHEMA_VERSION", "RUN_FILES", "is_complete_run", "load_run", "move_into_place",
-           "now_iso", "partial_dir", "read_card", "read_json", "versions", "write_json_atomic",
-           "write_text_atomic"]
+           "now_iso", "publish_run", "read_card", "read_json", "save_model", "start_run",
+           "versions"]
 # What makes a directory a complete run (written last: model_card.json).
 RUN_FILES = ("model.keras", "model_card.json", "config.yaml", "labels.txt", "splits.csv",
              "history.csv", "metrics.json")
-
-
-def partial_dir(out: str | Path) -> Path:
-    """Where an in-progress (or interrupted) ``trainer fit --out OUT`` lives: ``OUT.partial``."""
-    out = Path(out).expanduser().resolve()
-    return out.with_name(out.name + ".partial")
 
 
 def is_complete_run(path: str | Path) -> bool:
@@ -36,22 +30,6 @@ def is_complete_run(path: str | Path) -> bool:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
@@ -64,48 +42,15 @@ def read_json(path: str | Path) -> Any:
             from None
 
 
-def read_card(run_dir: str | Path) -> dict[str, Any]:
-    """The validated model card of a complete run directory."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        hint = ""
-        if partial_dir(run).is_dir():
-            hint = (f" An interrupted run exists at {partial_dir(run)}; finish it with "
-                    f"`trainer fit --out {run} --resume`.")
-        raise RunDirError(f"Run directory not found: {run}.{hint} Pass the --out folder of a "
-                          "finished `trainer fit`.")
-    missing = [f for f in ("model.keras", "model_card.json") if not (run / f).is_file()]
-    if missing:
-        raise RunDirError(f"{run} is not a complete run directory: missing "
-                          f"{', '.join(missing)}. Pass the --out folder of a finished "
-                          "`trainer fit`.")
-    return read_model_card(run, error=RunDirError).to_dict()
+def read_card(run_dir: str | Path) -> ModelCard:
+    """The validated, typed card of a complete run directory (dermedge.artifacts.read_run)."""
+    return read_run(run_dir).card
 
 
-def check_keras_file(path: Path) -> None:
-    """A present but truncated/corrupt ``.keras`` file is named as such (Keras itself answers
-    "File not found" for any file that is not a zip archive)."""
-    import zipfile
-
-    if path.is_file() and not zipfile.is_zipfile(path):
-        raise RunDirError(
-            f"Cannot load {path}: it exists ({path.stat().st_size:,} bytes) but is not a"
-            " complete .keras file (not a readable zip archive: truncated or corrupt). Restore"
-            " it or re-run `trainer fit`.")
-
-
-def load_run(run_dir: str | Path):
+def load_run(run_dir: str | Path) -> tuple[Any, ModelCard]:
     """``(keras model, card)`` of a run directory."""
-    import keras
-
-    card = read_card(run_dir)
-    check_keras_file(Path(run_dir) / "model.keras")
-    try:
-        model = keras.saving.load_model(Path(run_dir) / "model.keras", compile=False)
-    except Exception as e:  # noqa: BLE001 - any load failure means a corrupt artifact
-        raise RunDirError(f"Cannot load {Path(run_dir) / 'model.keras'} "
-                          f"({type(e).__name__}: {e}); the run directory is corrupt.") from None
-    return model, card
+    run = read_run(run_dir)
+    return run.load_keras(), run.card
 
 
 def versions() -> dict[str, str]:
@@ -138,14 +83,31 @@ def versions() -> dict[str, str]:
     return {**out, **package_versions()}
 
 
+def start_run(work: str | Path, records, config_yaml: str) -> None:
+    """The first step of writing a run directory (``trainer fit``, ``trainer ensemble``): its
+    inputs, which ``--resume`` reads back: splits.csv, config.yaml and labels.txt."""
+    from trainer.data import write_splits
+
+    work = Path(work)
+    write_splits(records, work / "splits.csv")
+    write_text(work / "config.yaml", config_yaml)
+    write_text(work / "labels.txt", "\n".join(DIAGNOSIS_LABELS) + "\n")
+
+
+def publish_run(work: str | Path, out: str | Path, card: ModelCard, *, overwrite: bool) -> None:
+    """The last step: ``model_card.json``, written last (a folder without one is not a run),
+    then ``work`` (``<out>.partial``) renamed to ``out``."""
+    write_json(Path(work) / CARD_FILE, card.to_dict())
+    move_into_place(Path(work), Path(out), overwrite=overwrite)
+
+
+def save_model(model, work: str | Path) -> None:
+    """``work/model.keras`` (the inference model), written atomically."""
+    with atomic_path(Path(work) / "model.keras", suffix=".keras") as tmp:
+        model.save(str(tmp))
+
+
 def move_into_place(work: Path, out: Path, *, overwrite: bool) -> None:
     """Rename ``work`` to ``out``; an existing ``out`` is replaced only with ``overwrite``."""
-    if out.exists():
-        if not overwrite:
-            raise RunDirError(f"{out} already exists; pass --overwrite to replace it.")
-        trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        out.rename(trash)
-        work.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        work.rename(out)
+    replace_dir(work, out, overwrite=overwrite, exists_error=RunDirError,
+                exists_message=f"{out} already exists; pass --overwrite to replace it.")

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from dermedge.files import replace_dir
+from dermedge.labels import DIAGNOSIS_LABELS
 from trainer.errors import DataError
-from trainer.labels import DIAGNOSIS_LABELS
 
 # HAM10000 class shares (of 10,015 images).
 HAM_SHARES: dict[str, float] = {
@@ -198,13 +199,7 @@ def make_toy_dataset(out_dir: str | Path, *, n_lesions: int = 420, size: int = 1
         (tmp / SYNTHETIC_MARKER).write_text(
             "Synthetic images made by `trainer toy-data` (not dermoscopy). A model trained on "
             "them is a toy: its card says data.synthetic = true.\n")
-        if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(trash)
-            tmp.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        replace_dir(tmp, out_dir, overwrite=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

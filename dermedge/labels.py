@@ -1,4 +1,5 @@
-"""The fixed label orders every artifact of the project uses."""
+"""The names every artifact uses, each defined once: the diagnosis labels and their order, the
+two heads, the model's input and its TFLite signature."""
 
 # HAM10000 diagnosis codes in the order of the `diagnosis` head (alphabetical, as in the
 # HAM10000 release). Recorded in every run's model card; consumers read it from there.
@@ -22,3 +23,15 @@ MELANOMA_DX = "mel"
 ISIC_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 ISIC_TO_DX: dict[str, str] = {c: c.lower() for c in ISIC_COLUMNS}
 DX_TO_ISIC: dict[str, str] = {v: k for k, v in ISIC_TO_DX.items()}
+
+# The model contract (docs/ARTIFACTS.md): one input of raw RGB pixels, two named heads, and
+# the TFLite signature that exposes them by name.
+INPUT_NAME = "image"
+HEADS: tuple[str, ...] = ("melanoma", "diagnosis")
+SIGNATURE = "serving_default"
+# A named output a model may add beside the heads (docs/ARTIFACTS.md): the input gate's
+# atypicality score in [0, 1], "this does not look like a dermoscopy photo" (export/gate.py).
+# Bundles without it load; the gate then checks photo quality only.
+OOD = "ood"
+OOD_LABELS: tuple[str, ...] = ("not_dermoscopy",)
+OPTIONAL_OUTPUTS: tuple[str, ...] = (OOD,)
