@@ -511,7 +511,10 @@ def _log_case(case: CaseFields, body: dict[str, Any], *, endpoint: str, raw: dic
     body["case"] = case.section(logged=store.logged, duplicate=False)
     stored = {k: v for k, v in body.items() if k != "explanation"}
     try:
-        store.add(case, stored, endpoint=endpoint, raw=raw, photo=photo, patient=meta)
+        added = store.add(case, stored, endpoint=endpoint, raw=raw, photo=photo, patient=meta)
+        if store.logged and not added:  # a row with this id was written meanwhile
+            body["case"] = {**body["case"], "logged": False,
+                            "error": "a case with this id is already in the case log"}
     except Exception as exc:  # noqa: BLE001 - the tester still gets the answer
         logging.getLogger("edge_demo").exception("could not log case %s", case.id)
         body["case"] = {**body["case"], "logged": False,

@@ -382,8 +382,7 @@ class CaseLog:
             "client_model_sha256": case.model_sha256,
             "client_policy_sha256": case.policy_sha256,
             "device_computed_on": (device or {}).get("computed_on", "server"),
-            # JSON null when there is no device output: a photo the page's input gate refused
-            # comes without one, and OR IGNORE would silently drop a row with a NULL here
+            # JSON null when there is no device output (a photo the page's input gate refused)
             "device_raw": _json(raw.get("device")) or "null", "cloud_raw": _json(raw.get("cloud")),
             "device_top": _top(device)[0], "device_melanoma": _top(device)[1],
             "cloud_top": _top(cloud)[0], "cloud_melanoma": _top(cloud)[1],
@@ -410,8 +409,10 @@ class CaseLog:
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self._transaction() as db:
-            cur = db.execute(f"INSERT OR IGNORE INTO cases ({cols}) VALUES ({marks})",
-                             tuple(row.values()))
+            # only a repeated id is ignored; any other constraint failure raises, and the
+            # answer then says logged: false
+            cur = db.execute(f"INSERT INTO cases ({cols}) VALUES ({marks})"
+                             " ON CONFLICT(id) DO NOTHING", tuple(row.values()))
             return cur.rowcount == 1
 
     # --- reading ------------------------------------------------------------------------
