@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import statistics
 import sys
 import tempfile
@@ -48,14 +47,11 @@ SCORE = {"blur": "sharpness", "dark": "mean_luma", "everyday": "ood"}
 LOW_IS_BAD = {"sharpness", "mean_luma"}
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
-    if n == 0:
-        return None
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)]
+def _ci(k: int, n: int) -> list[float] | None:
+    from dermedge.metrics import wilson
+
+    ci = wilson(k, n)
+    return None if ci is None else [round(v, 4) for v in ci]
 
 
 def auroc(bad: Sequence[float], good: Sequence[float]) -> float | None:
@@ -106,7 +102,7 @@ def refusal_row(name: str, rows: list[dict]) -> dict:
         for c in r["codes"]:
             per[c] = per.get(c, 0) + 1
     return {"set": name, "n": len(rows), "refused": k, "rate": round(k / len(rows), 4),
-            "ci95": wilson(k, len(rows)), "by_code": per}
+            "ci95": _ci(k, len(rows)), "by_code": per}
 
 
 def detection_row(kind: str, strength, rows: list[dict], clean: list[dict]) -> dict:
@@ -120,7 +116,7 @@ def detection_row(kind: str, strength, rows: list[dict], clean: list[dict]) -> d
         for c in r["codes"]:
             per[c] = per.get(c, 0) + 1
     out = {"kind": kind, "strength": strength, "n": len(rows), "refused": k,
-           "rate": round(k / len(rows), 4), "ci95": wilson(k, len(rows)),
+           "rate": round(k / len(rows), 4), "ci95": _ci(k, len(rows)),
            "auroc": auroc(bad, good), "score": score, "by_code": per}
     if clean and len(clean) == len(rows) and kind != "everyday":
         changed = sum(a["top"] != b["top"] for a, b in zip(rows, clean, strict=True))

@@ -329,3 +329,16 @@ def crossfit_pair(reference: np.ndarray, other: np.ndarray, y: np.ndarray, offse
     return {"reference": float(np.mean(ref_scores)), "other": float(np.mean(other_scores)),
             "drop": float(drops.mean()), "drop_sd": float(drops.std()),
             "halvings": len(ref_scores)}
+
+
+Z95 = 1.959964
+
+
+def wilson(k: float, n: float, z: float = Z95) -> list[float] | None:
+    """The 95 % Wilson score interval of ``k`` successes in ``n`` (None when n is 0)."""
+    if not n:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [0.0 if k <= 0 else max(0.0, centre - half), 1.0 if k >= n else min(1.0, centre + half)]

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from dermedge import quality
+from dermedge.metrics import wilson
 
-from .calibrate import wilson
 from .errors import RequestError
 from .metadata import tables
 from .policy import gate_rules, rules

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dermedge.labels import MELANOMA_DX
+from dermedge.metrics import wilson
 from dermedge.numerics import balanced_accuracy
 from dermedge.splits import Sample, read_labelled
 
@@ -62,19 +62,6 @@ def run_tiers(samples: Sequence[Sample], device: Tier, cloud: Tier | None,
 
 
 REFERRAL_BUDGETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-Z95 = 1.959964
-
-
-def wilson(k: float, n: float, z: float = Z95) -> list[float] | None:
-    """The 95 % Wilson score interval of ``k`` successes in ``n`` (None when n is 0)."""
-    if not n:
-        return None
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [0.0 if k <= 0 else max(0.0, centre - half), 1.0 if k >= n else min(1.0, centre + half)]
-
-
 def evaluate(policy: Policy, results: Sequence[dict[str, Any]], device: Tier,
              cloud: Tier | None) -> dict[str, Any]:
     """Replay ``policy`` on cached answers: the coverage-table row."""

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from dermedge.files import write_text
+from dermedge.metrics import wilson
 
-from .calibrate import wilson
 from .caselog import CaseLog
 from .errors import CalibrationError
 from .policy import REFER, Policy

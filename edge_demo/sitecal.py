@@ -35,9 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from dermedge.metrics import wilson
+
 from . import __version__
 from . import temperature as temp
-from .calibrate import Sample, _search, wilson
+from .calibrate import Sample, _search
 from .caselog import DIAGNOSES, CaseLog
 from .errors import CalibrationError
 from .policy import REFER, TIERS, Policy

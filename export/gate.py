@@ -35,6 +35,7 @@ import numpy as np
 
 from dermedge import quality
 from dermedge.labels import OOD, OOD_LABELS
+from dermedge.metrics import wilson
 
 POOL_LAYER = "pool"  # trainer.model's global-average-pooling layer: the features modelled
 COMPONENTS = 32
@@ -189,17 +190,6 @@ def with_ood_output(model, fit: OodFit, *, int8: bool = True):
 
 
 # ----------------------------------------------------------------------------- thresholds
-def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
-    """The Wilson 95 % interval of ``k`` of ``n``."""
-    if n == 0:
-        return None
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [max(0.0, mid - half), min(1.0, mid + half)]
-
-
 def photo_measures(paths) -> list[dict[str, float]]:
     """The quality measures of each image file as decoded (dermedge.quality)."""
     from PIL import Image

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from demo_fixtures import LABELS, jpeg_bytes, tiny_bundles
 
-from edge_demo.calibrate import wilson
+from dermedge.metrics import wilson
 from edge_demo.cli import main
 from edge_demo.policy import Policy
 

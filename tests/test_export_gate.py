@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dermedge.metrics import wilson
 from export import gate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:tensorflow.lite.*")
@@ -83,4 +84,4 @@ def test_thresholds_take_the_more_lenient_of_default_and_quantile():
     assert r["per_check"]["blurry"]["refused"] == 4 and r["per_check"]["not_dermoscopy"][
         "refused"] == 9
     assert r["total"]["rate"] <= 0.05 and r["total"]["ci95"][0] <= r["total"]["rate"]
-    assert gate.wilson(0, 10) == [0.0, pytest.approx(0.2775, abs=1e-4)]
+    assert wilson(0, 10) == [0.0, pytest.approx(0.2775, abs=1e-4)]
