@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from ci import unavailable
 
+from dermedge import metrics as M
 from dermedge.files import cache_dir as default_cache_dir
 from dermedge.labels import DIAGNOSIS_LABELS, DX_TO_ISIC, MELANOMA_DX
-from trainer import metrics as M
 from trainer.data import read_isic_csv, write_isic_predictions
 
 SCORER = "isic-challenge-scoring"

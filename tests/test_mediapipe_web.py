@@ -26,6 +26,7 @@ from ci import unavailable
 from export_fixtures import make_run_dir
 from mediapipe_fixtures import mediapipe_env
 
+from dermedge.labels import HEADS, OOD
 from export.api import QuantizationConfig, export_run
 
 pytestmark = [pytest.mark.browser,
@@ -142,10 +143,18 @@ def test_usage_md_web_snippet_classifies_in_chromium(tmp_path):
     assert "error" not in got, got.get("error")
     ref = mediapipe_classify(bundle / "model.tflite", [photo], roi=True)[0]
     card = json.loads((bundle / "model_card.json").read_text())
-    assert set(got["heads"]) == {"melanoma", "diagnosis"}
+    # the two heads, and the input gate's ``ood`` output that exports add by default
+    assert set(got["heads"]) == {*HEADS, OOD}
+    labels = {**{k: v["labels"] for k, v in card["heads"].items()},
+              OOD: card["gate"]["ood"]["labels"]}
     for name, cats in got["heads"].items():
         cats = sorted(cats)
-        assert [c[1] for c in cats] == ref[name]["labels"] == card["heads"][name]["labels"]
+        assert [c[1] for c in cats] == ref[name]["labels"] == labels[name]
+        if name == OOD:  # a density score: steep where a toy model's features are sparse, so
+            # the browser's JPEG decode moves it more than the heads; the gate's own agreement
+            # is checked on real images (test_browser_gate.py, the export's gate_agreement)
+            assert 0.0 <= cats[0][2] <= 1.0
+            continue
         np.testing.assert_allclose([c[2] for c in cats], ref[name]["scores"],
-                                   atol=WEB_TOLERANCE, rtol=0)
+                                   atol=WEB_TOLERANCE, rtol=0, err_msg=name)
     assert got["isMelanoma"] == (got["pMelanoma"] >= 0.3)
