@@ -244,6 +244,7 @@ def _two_workers(commands: list[list[str]], tmp_path: Path) -> list[str]:
     return [stdout for stdout, _ in logs]
 
 
+@pytest.mark.slow  # CI runs it in the slow line; keeps the default suite short
 def test_two_workers_train_one_run_directory(tf_runs, toy_data, cache, tmp_path):
     """Two `trainer fit --distribute multi-worker` processes on 127.0.0.1: the chief writes
     the run, the other worker leaves nothing behind, and the weights match one replica."""

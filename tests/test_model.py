@@ -157,6 +157,7 @@ def test_resnet50_train_save_load(tmp_path):
     _train_save_load(model, 64, tmp_path, fast=True)
 
 
+@pytest.mark.slow  # CI runs it in the slow line; keeps the default suite short
 def test_inception_resnet_v2_train_save_load(tmp_path):
     model = build_model("inception_resnet_v2", input_size=75, weights=None)
     _train_save_load(model, 75, tmp_path, fast=True)

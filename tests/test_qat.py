@@ -226,6 +226,7 @@ def test_qat_setup_prints_requirements(capsys):
 
 
 # ----------------------------------------------------------------------------- the QAT worker
+@pytest.mark.slow  # minutes with its environment: CI runs it in the slow line
 @pytest.mark.qat
 def test_qat_int8_bundle_is_valid_named_and_reported_beside_ptq(run_dir, qat_python, tmp_path,
                                                                 capsys, monkeypatch):
@@ -291,6 +292,7 @@ def test_qat_int8_bundle_is_valid_named_and_reported_beside_ptq(run_dir, qat_pyt
 
 
 @pytest.mark.qat
+@pytest.mark.slow  # minutes with its environment: CI runs it in the slow line
 def test_qat_setup_reuses_the_cached_environment(qat_python, capsys):
     if os.environ.get(ENV_VAR):
         unavailable(f"{ENV_VAR} names the QAT environment; qat-setup's cache is not used")

@@ -28,17 +28,29 @@ function askVersion(worker) {
   });
 }
 
+/** The version stored by the active worker, or by a new one that has stored its files and
+ * waits to take over; asks the server for a new worker again every few seconds meanwhile. */
 async function waitForVersion(reg, want, timeoutMs) {
   const t0 = performance.now();
+  let checked = t0;
   while (performance.now() - t0 < timeoutMs) {
-    const worker = reg.active;
-    if (worker) {
+    for (const worker of [reg.active, reg.waiting]) {
+      if (!worker) continue;
       const v = await askVersion(worker);
       if (v && v.cache === want) return v;
+    }
+    if (!reg.installing && performance.now() - checked > 5000) {
+      checked = performance.now();
+      reg.update().catch(() => {});
     }
     await new Promise((r) => setTimeout(r, 250));
   }
   return null;
+}
+
+function workers(reg) {
+  return ["installing", "waiting", "active"].map((k) => k + ": " +
+    (reg[k] ? reg[k].state : "none")).join(", ");
 }
 
 async function persist() {
@@ -94,7 +106,8 @@ async function register() {
     persist()]);
   if (!version) {
     say("error", "The page could not be stored for offline use yet (it needs one complete" +
-      " visit with the network); it will try again at the next visit.");
+      " visit with the network); it will try again at the next visit. (Workers: " +
+      workers(reg) + ".)");
     return null;
   }
   say("ready", "Works offline: this page, the model (sha256 " + config.sha256.slice(0, 12) +
