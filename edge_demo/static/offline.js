@@ -28,18 +28,23 @@ function askVersion(worker) {
   });
 }
 
-/** The version stored by the active worker, or by a new one that has stored its files and
- * waits to take over; asks the server for a new worker again every few seconds meanwhile. */
+/** The version the active worker stores. The active worker is asked once, then again only
+ * when another worker has taken over: a message is work for a worker, and a worker kept busy
+ * by questions every 250 ms is never replaced (the browser waits until it is idle). Asks the
+ * server for a new worker every 5 s meanwhile. */
 async function waitForVersion(reg, want, timeoutMs) {
   const t0 = performance.now();
   let checked = t0;
+  let asked = null;
   while (performance.now() - t0 < timeoutMs) {
-    for (const worker of [reg.active, reg.waiting]) {
-      if (!worker) continue;
+    const worker = reg.active;
+    if (worker && worker !== asked) {
+      asked = worker;
       const v = await askVersion(worker);
       if (v && v.cache === want) return v;
+      if (!v) asked = null;  // no answer (still starting): ask it again
     }
-    if (!reg.installing && performance.now() - checked > 5000) {
+    if (!reg.installing && !reg.waiting && performance.now() - checked > 5000) {
       checked = performance.now();
       reg.update().catch(() => {});
     }
