@@ -20,7 +20,10 @@ step "3/5 evaluate on the lesion-grouped validation split"
 "$BIN/trainer" evaluate "$OUT/run" --out "$OUT/run/eval-val"
 
 step "4/5 export: full-integer int8 (on-device tier) and float32 (cloud tier), each validated"
-"$BIN/python" -m export tflite "$OUT/run" --int8 --out "$OUT/bundle-int8"
+# the toy run has ~100 validation images and its gate threshold sits at their 1 % quantile,
+# so one image flipping across it moves the gate's agreement by 1 %: allow 5 % here
+"$BIN/python" -m export tflite "$OUT/run" --int8 --out "$OUT/bundle-int8" \
+    --tolerance gate_agreement=0.95
 "$BIN/python" -m export tflite "$OUT/run" --out "$OUT/bundle-float32"
 
 step "5/5 the edge demo's decision on three validation images"
