@@ -131,10 +131,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def demo_server(args: list[str], log: Path, timeout: float = 60, port: int | None = None):
+def demo_process(args: list[str], log: Path, timeout: float = 60, port: int | None = None):
     """``python -m edge_demo serve ARGS`` (the real waitress server) on a free port (or
-    ``port``: the same origin again, as a phone sees a restarted server); yields its URL once
-    /readyz answers 200, and fails with the server's log if it never does."""
+    ``port``: the same origin again, as a phone sees a restarted server); yields (process,
+    URL) once /readyz answers 200, and fails with the server's log if it never does."""
     port = port or free_port()
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -153,10 +153,18 @@ def demo_server(args: list[str], log: Path, timeout: float = 60, port: int | Non
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the demo server did not become ready:\n{log.read_text()}")
             time.sleep(0.2)
-        yield url
+        yield proc, url
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        if proc.poll() is None:  # a test may have killed it
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+@contextlib.contextmanager
+def demo_server(args: list[str], log: Path, timeout: float = 60, port: int | None = None):
+    """:func:`demo_process`, yielding only the URL."""
+    with demo_process(args, log, timeout, port) as (_, url):
+        yield url
 
 
 @pytest.fixture(scope="session")

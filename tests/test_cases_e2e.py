@@ -15,8 +15,6 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -25,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from conftest import demo_process
 from demo_fixtures import jpeg_bytes, tiny_bundles
 from test_browser_device import _start, _upload
 from test_browser_e2e import browser_bundles, chromium, ensure_runtime
@@ -36,34 +34,14 @@ from edge_demo.cli import main
 @contextlib.contextmanager
 def serve(args: list[str], log: Path, timeout: float = 90):
     """`python -m edge_demo serve` on a free port: yields (process, URL, token)."""
-    port = free_port()
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "edge_demo", "serve", *args,
-                                 "--port", str(port)], cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with demo_process(args, log, timeout) as (proc, url):
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the demo server did not become ready:\n{log.read_text()}")
-            time.sleep(0.2)
         found = None
         while found is None and time.monotonic() < deadline:
             found = re.search(r"/cases\?token=(\S+)", log.read_text())
             time.sleep(0.1)
         assert found, log.read_text()
         yield proc, url, found.group(1)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=20)
 
 
 def _rows(folder: Path) -> list[dict]:
